@@ -1,0 +1,151 @@
+"""Piecewise-polynomial activations: PUMA GeLU and the matching SiLU form.
+
+Both share one shape: ``0`` left of ``b0``, a low-degree polynomial ``A`` on ``[b0, b1)``,
+an even-plus-linear degree-6 polynomial ``B`` on ``[b1, b2)``, the identity from ``b2`` on.
+Under MPC a call costs:
+
+* one ``less_than_public`` call with the three breakpoints (one comparison pass),
+* three product passes for the powers: ``x^2``; ``(x^3, x^4)``; ``x^6 = x^4 * x^2``,
+* two ``dot_public`` calls (one truncation each) for ``A`` and ``B``,
+* one ``mul_many`` of the three 0/1 indicators with ``(A, B, x)`` (bit products).
+
+That is 4 product calls (``mul``, ``mul_many``, ``mul``, ``mul_many``) and 1 comparison call.
+The comparisons do not depend on the powers, so a backend may overlap them.
+
+Coefficients: PUMA (Dong et al. 2023), sec. 4.2, as quoted in ``shared/DESIGN.md`` sec. 4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from secure.approx.interface import SecureOps, T
+
+# ---- PUMA GeLU (PUMA sec. 4.2; DESIGN.md sec. 4) ----------------------------------------
+PUMA_GELU_BREAKS: tuple[float, float, float] = (-4.0, -1.95, 3.0)
+"""0 for x < -4; F0 on [-4, -1.95); F1 on [-1.95, 3); x for x >= 3."""
+
+PUMA_GELU_F0: tuple[float, ...] = (
+    -0.5054031199708174,
+    -0.42226581151983866,
+    -0.11807612951181953,
+    -0.011034134030615728,
+)
+"""F0 coefficients of x^0 .. x^3 (ascending degree)."""
+
+PUMA_GELU_F1: tuple[float, ...] = (
+    0.008526321541038084,
+    0.5,
+    0.3603292692789629,
+    0.0,
+    -0.037688200365904236,
+    0.0,
+    0.0018067462606141187,
+)
+"""F1 coefficients of x^0 .. x^6 (ascending degree; odd part is 0.5 x only)."""
+
+# ---- SiLU for LLaMA-style models (DESIGN.md sec. 4) --------------------------------------
+SILU_BREAKS: tuple[float, float, float] = (-8.0, -4.0, 4.0)
+"""0 for x < -8; Q on [-8, -4); P on [-4, 4); x for x >= 4."""
+
+SILU_Q: tuple[float, ...] = (-0.3067541139982155, -0.0819767021525476, -0.0055465625580307)
+"""Quadratic on [-8, -4): coefficients of x^0 .. x^2."""
+
+SILU_P: tuple[float, ...] = (
+    0.0085064025895951,
+    0.5,
+    0.2281430841728270,
+    0.0,
+    -0.011113046708173,
+    0.0,
+    0.0002743776353465,
+)
+"""Degree-6 even part plus 0.5 x on [-4, 4): coefficients of x^0 .. x^6."""
+
+
+def _poly(ops: SecureOps[T], powers: dict[int, T], coeffs: Sequence[float]) -> T:
+    """sum_k coeffs[k] x^k with the powers given (k >= 1), one ``dot_public``."""
+    terms: list[T] = []
+    weights: list[float] = []
+    for k, c in enumerate(coeffs):
+        if k == 0 or c == 0.0:
+            continue
+        terms.append(powers[k])
+        weights.append(c)
+    return ops.dot_public(terms, weights, bias=coeffs[0])
+
+
+def _zero_poly_poly_identity(
+    ops: SecureOps[T],
+    x: T,
+    breaks: Sequence[float],
+    left: Sequence[float],
+    middle: Sequence[float],
+) -> T:
+    """0 | left(x) | middle(x) | x on (-inf,b0) | [b0,b1) | [b1,b2) | [b2,inf).
+
+    ``left`` has degree <= 3, ``middle`` degree <= 6 with no x^3 / x^5 terms needed beyond
+    the powers computed here (x, x^2, x^3, x^4, x^6).
+    """
+    if len(breaks) != 3:
+        raise ValueError(f"expected three breakpoints, got {len(breaks)}")
+    if len(left) > 4 or len(middle) > 7 or (len(middle) > 5 and middle[5] != 0.0):
+        raise ValueError("left must have degree <= 3 and middle use only x, x^2, x^3, x^4, x^6")
+    # One comparison pass for all three thresholds: b_k = 1{x < breaks[k]}.
+    b0, b1, b2 = ops.less_than_public(x, list(breaks))
+    # Powers by squaring: three product passes.
+    x2 = ops.mul(x, x)
+    x3, x4 = ops.mul_many([(x2, x), (x2, x2)])
+    x6 = ops.mul(x4, x2)
+    powers = {1: x, 2: x2, 3: x3, 4: x4, 6: x6}
+    f_left = _poly(ops, powers, left)
+    f_middle = _poly(ops, powers, middle)
+    # Indicators as differences of bits (still exactly 0/1): free.
+    ind_left = ops.sub(b1, b0)  # b0 <= x < b1
+    ind_middle = ops.sub(b2, b1)  # b1 <= x < b2
+    # x * 1{x >= b2} = x - x * b2.
+    p_left, p_middle, x_below = ops.mul_many([(ind_left, f_left), (ind_middle, f_middle), (b2, x)])
+    return ops.add(ops.add(p_left, p_middle), ops.sub(x, x_below))
+
+
+def puma_gelu(ops: SecureOps[T], x: T) -> T:
+    """PUMA's piecewise GeLU (PUMA sec. 4.2).
+
+    Computes::
+
+        0                                   x < -4
+        F0(x) = sum_k PUMA_GELU_F0[k] x^k   -4 <= x < -1.95
+        F1(x) = sum_k PUMA_GELU_F1[k] x^k   -1.95 <= x < 3
+        x                                   x >= 3
+
+    (at x = 3 itself the identity is used: it is closer to GeLU(3) than F1(3) = 3.016).
+
+    Cost: 1 ``less_than_public`` (3 thresholds), 4 product calls (``mul``, ``mul_many``,
+    ``mul``, ``mul_many``; the last one of 0/1 bits), 2 ``dot_public``.
+
+    Measured on FloatOps (float64, 2.4M points on [-12, 12]): max abs error vs exact
+    (erf) GeLU 0.01991, approached as x -> 3 from below (F1(3) = 3.016 vs GeLU(3) = 2.996);
+    by piece: 1.3e-4 (x < -4), 7.5e-4 (F0), 0.0199 (F1), 4.0e-3 (x >= 3).
+    """
+    return _zero_poly_poly_identity(ops, x, PUMA_GELU_BREAKS, PUMA_GELU_F0, PUMA_GELU_F1)
+
+
+def puma_silu(ops: SecureOps[T], x: T) -> T:
+    """Piecewise SiLU (x * sigmoid(x)) for LLaMA-style models (DESIGN.md sec. 4).
+
+    Computes::
+
+        0                               x < -8
+        Q(x) = sum_k SILU_Q[k] x^k      -8 <= x < -4
+        P(x) = sum_k SILU_P[k] x^k      -4 <= x < 4
+        x                               x >= 4
+
+    Same cost as :func:`puma_gelu`: 1 ``less_than_public`` (3 thresholds), 4 product calls,
+    2 ``dot_public``.
+
+    Measured on FloatOps (float64, 2.4M points on [-12, 12]): max abs error 0.0719, just
+    above x = 4, where the identity replaces SiLU(4) = 3.928 (SiLU(x) - x = -x/(1+e^x));
+    by piece: 2.7e-3 (x < -8), 4.4e-3 (Q), 9.7e-3 (P), 0.0719 (x >= 4). The identity piece
+    dominates: its error is 0.072 at 4, 0.034 at 5, 0.015 at 6.
+    """
+    return _zero_poly_poly_identity(ops, x, SILU_BREAKS, SILU_Q, SILU_P)

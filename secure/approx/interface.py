@@ -1,0 +1,109 @@
+"""The small tensor interface that every secure form is written against.
+
+Each approximation (GeLU, softmax, LayerNorm, ...) is written once as a function
+``form(ops, x, ...)`` that only calls the methods below. Backends implement them:
+
+* :class:`secure.approx.float_backend.FloatOps` -- plaintext float torch (fidelity of a form),
+* :class:`secure.mpc.backend.MpcOps` -- replicated 3-party shares (one object per party,
+  the three parties run the same form in lockstep),
+* later a CKKS backend for the polynomial-only forms.
+
+Values of type ``T`` are secret (a float tensor in the float backend, a share in MPC).
+"Bits" returned by comparisons are values of the same type ``T`` holding exactly 0 or 1;
+multiplying by a bit through :meth:`SecureOps.mul` is exact (no truncation under MPC).
+
+Round cost matters under MPC, so the batched methods (``mul_many``,
+``less_than_public``) exist: a form should put independent products or comparisons of
+the same step in one call, which costs one pass of rounds however many there are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+Public = float | torch.Tensor
+"""A public value: a Python float or a float tensor that broadcasts against the secret."""
+
+
+class SecureOps(Protocol[T]):
+    """Operations a secure form may use. All shapes follow torch broadcasting."""
+
+    # ---- shape and linear operations (free under MPC) -----------------------------
+    def shape(self, x: T) -> torch.Size:
+        """Shape of the secret tensor (public in every backend)."""
+        ...
+
+    def map_shape(self, x: T, fn: Callable[[torch.Tensor], torch.Tensor]) -> T:
+        """Apply a shape-only torch function (view, reshape, transpose, slice) to a secret."""
+        ...
+
+    def add(self, x: T, y: T) -> T:
+        """x + y."""
+        ...
+
+    def sub(self, x: T, y: T) -> T:
+        """x - y."""
+        ...
+
+    def neg(self, x: T) -> T:
+        """-x."""
+        ...
+
+    def add_public(self, x: T, c: Public) -> T:
+        """x + c for a public c."""
+        ...
+
+    def mul_public(self, x: T, c: Public) -> T:
+        """x * c for a public real c (one truncation round under MPC unless c is integral)."""
+        ...
+
+    def sum(self, x: T, dim: int, keepdim: bool = False) -> T:
+        """Sum over one dimension."""
+        ...
+
+    def dot_public(self, terms: Sequence[T], coeffs: Sequence[float], bias: float = 0.0) -> T:
+        """bias + sum_k coeffs[k] * terms[k] (one truncation for the whole sum under MPC)."""
+        ...
+
+    # ---- products -------------------------------------------------------------------
+    def mul(self, x: T, y: T) -> T:
+        """Element-wise x * y (broadcasting)."""
+        ...
+
+    def mul_many(self, pairs: Sequence[tuple[T, T]]) -> list[T]:
+        """[x * y for x, y in pairs] in one pass of rounds."""
+        ...
+
+    def matmul(self, x: T, y: T) -> T:
+        """Batched matrix product x @ y."""
+        ...
+
+    # ---- comparisons ----------------------------------------------------------------
+    def less_than_public(self, x: T, thresholds: Sequence[float]) -> list[T]:
+        """[1{x < c} for c in thresholds] as 0/1 values, all in one pass of rounds."""
+        ...
+
+    def less_than(self, x: T, y: T) -> T:
+        """1{x < y} element-wise as a 0/1 value."""
+        ...
+
+    def max(self, x: T, dim: int = -1, keepdim: bool = True) -> T:
+        """Maximum along ``dim`` (a tree of comparisons under MPC)."""
+        ...
+
+    # ---- normalisation seed for reciprocal and inverse square root ------------------
+    def frexp(self, x: T, exponent_fn: Callable[[int], float]) -> tuple[T, T]:
+        """For x > 0 write x = m * 2**e with m in [0.5, 1) and e an integer.
+
+        Returns (m, exponent_fn(e)) where exponent_fn is any public function of the
+        exponent, evaluated obliviously (under MPC e is never opened).
+        """
+        ...
+
+
+Form = Callable[..., T]

@@ -1,0 +1,283 @@
+"""Reciprocal and inverse square root (PUMA sec. 4.3 / 4.5, SPU; DESIGN.md sec. 4).
+
+* :func:`reciprocal` -- 1/x for x > 0 through ``frexp`` and Goldschmidt on the mantissa.
+* :func:`reciprocal_bounded`, :func:`divide_bounded` -- 1/x (or n/x) for x in (0, upper]
+  with a public ``upper``: no comparison and no ``frexp`` at all (polynomial only, for HE
+  and for Power-Softmax).
+* :func:`rsqrt`, :func:`mul_rsqrt` -- 1/sqrt(x) (or n/sqrt(x)) for x > 0 through ``frexp``,
+  SPU's quartic seed on the mantissa and optional Newton steps on the mantissa.
+
+Round notes (MPC): a "pass" below is one ``mul``/``mul_many`` call (2 rounds);
+``frexp`` costs about 17 rounds.
+"""
+
+from __future__ import annotations
+
+from secure.approx.interface import SecureOps, T
+
+# ---- Goldschmidt reciprocal on [0.5, 1) (PUMA sec. 4.3; DESIGN.md sec. 4) ----------------
+GOLDSCHMIDT_START: tuple[float, float] = (2.9142, -2.0)
+"""w0 = 2.9142 - 2 m, the linear start for 1/m on [0.5, 1); |1 - m w0| <= 0.0858."""
+
+# ---- SPU rsqrt seed (DESIGN.md sec. 4, SPU fxp_approx) ---------------------------------
+SPU_RSQRT_SEED: tuple[float, ...] = (
+    4.14285016,
+    -15.47994394,
+    38.4714796,
+    -49.86605845,
+    26.02942339,
+)
+"""Coefficients of u^0 .. u^4; the polynomial approximates 1/sqrt(u) on u in [0.25, 0.5)
+(checked: max relative error 8.2e-5, at u = 0.5; it is NOT a fit on [0.5, 1): there its
+error reaches 230% at u = 1)."""
+
+# The same seed as a polynomial in frexp's mantissa m = 2u in [0.5, 1): q_k = c_k / 2^k.
+_RSQRT_SEED_IN_M: tuple[float, ...] = tuple(c / 2.0**k for k, c in enumerate(SPU_RSQRT_SEED))
+
+BOUNDED_RECIPROCAL_TOL: float = 1e-3
+"""Relative error the default start of :func:`reciprocal_bounded` is tuned for."""
+
+
+def _one_plus(ops: SecureOps[T], e: T) -> T:
+    return ops.add_public(e, 1.0)
+
+
+def _one_minus(ops: SecureOps[T], e: T) -> T:
+    return ops.add_public(ops.neg(e), 1.0)
+
+
+def reciprocal(ops: SecureOps[T], x: T, iterations: int = 3) -> T:
+    """1/x for x > 0 (PUMA's Goldschmidt reciprocal).
+
+    Math: ``x = m 2^e`` with m in [0.5, 1) (``frexp``, which also returns ``s = 2^-e``);
+    ``w0 = 2.9142 - 2m``, ``err0 = 1 - m w0`` (|err0| <= 0.0858 on [0.5, 1));
+    Goldschmidt ``w <- w (1 + err)``, ``err <- err^2``, so after k iterations
+    ``w = (1 - err0^(2^k)) / m`` and ``1/x = s w``. The factor ``s`` is multiplied into
+    ``w0`` in the same pass that forms ``m w0``, so no pass is spent on it at the end.
+
+    Relative error bound ``0.0858^(2^k)``: 7.4e-3 (k=1), 5.4e-5 (k=2), 2.9e-9 (k=3).
+    Measured on FloatOps (float64, x log-spaced on [1e-2, 1e4]): max relative error
+    5.0e-5 (k=2), 2.7e-9 (k=3).
+
+    Cost: 1 ``frexp``; ``1 + iterations`` product calls (1 ``mul_many`` of 2 then
+    ``iterations - 1`` ``mul_many`` of 2 and a last ``mul``).
+
+    Fixed point: 1/x is only as precise as the ring's 2^-f step; for f = 18 and x = 1e4
+    the result 1e-4 is 26 steps, about 4% relative. PUMA uses it for row sums in
+    [1, seq_len], where this is harmless.
+    """
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    m, scale = ops.frexp(x, lambda e: 2.0**-e)
+    w0 = ops.add_public(ops.mul_public(m, GOLDSCHMIDT_START[1]), GOLDSCHMIDT_START[0])
+    mw, w = ops.mul_many([(m, w0), (w0, scale)])
+    err = _one_minus(ops, mw)
+    for i in range(iterations):
+        if i == iterations - 1:
+            w = ops.mul(w, _one_plus(ops, err))
+        else:
+            w, err = ops.mul_many([(w, _one_plus(ops, err)), (err, err)])
+    return w
+
+
+def bounded_reciprocal_start(
+    upper: float,
+    iterations: int,
+    lower: float | None = None,
+    tol: float = BOUNDED_RECIPROCAL_TOL,
+) -> tuple[float, float, float]:
+    """Public helper: the fixed Goldschmidt start for 1/x on [lower, upper].
+
+    With ``c = x / upper`` and the start ``w0 = a`` (a public constant), after k iterations
+    the relative error is ``|1 - a c|^(2^k)``. On ``c in [c_lo, 1]`` the minimax start is
+    ``a = 2 / (1 + c_lo)``, giving the bound ``((1 - c_lo) / (1 + c_lo))^(2^k)``.
+
+    If ``lower`` is None it is chosen as the smallest value for which that bound equals
+    ``tol``: ``c_lo = (1 - r) / (1 + r)``, ``r = tol^(1 / 2^k)``. With tol = 1e-3:
+
+    ====  ===========  =====
+    k     lower/upper  a
+    ====  ===========  =====
+    6     0.0539       1.898
+    8     0.01349      1.973
+    10    0.003373     1.993
+    12    0.000843     1.998
+    ====  ===========  =====
+
+    Returns ``(a, lower, bound)``: the start, the lower end of the accuracy range and the
+    relative error bound on ``[lower, upper]``.
+    """
+    if upper <= 0.0:
+        raise ValueError(f"upper must be > 0, got {upper}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if lower is None:
+        r = tol ** (1.0 / 2**iterations)
+        c_lo = (1.0 - r) / (1.0 + r)
+    else:
+        if not 0.0 < lower <= upper:
+            raise ValueError(f"need 0 < lower <= upper, got lower={lower}, upper={upper}")
+        c_lo = lower / upper
+    a = 2.0 / (1.0 + c_lo)
+    bound = ((1.0 - c_lo) / (1.0 + c_lo)) ** (2**iterations)
+    return a, c_lo * upper, bound
+
+
+def divide_bounded(
+    ops: SecureOps[T],
+    numerator: T,
+    x: T,
+    upper: float,
+    iterations: int = 8,
+    *,
+    lower: float | None = None,
+) -> T:
+    """numerator / x for x in (0, upper] with a public bound ``upper``; no comparison.
+
+    Goldschmidt division with a public start ``k = a / upper`` (``a`` from
+    :func:`bounded_reciprocal_start`): ``N0 = numerator * k`` (public product),
+    ``err0 = 1 - k x`` (one ``dot_public``); then ``iterations`` times
+    ``N <- N (1 + err)``, ``err <- err^2``, so ``N = numerator (1 - err0^(2^k)) / x``.
+    ``numerator`` broadcasts against ``x`` (e.g. a row ``[..., L]`` over ``[..., 1]``).
+
+    Accuracy: relative error ``|1 - a x / upper|^(2^iterations)``, at most
+    ``BOUNDED_RECIPROCAL_TOL`` = 1e-3 on ``[lower, upper]`` where by default
+    ``lower = 0.0135 upper`` for 8 iterations, ``0.00337 upper`` for 10 (see
+    :func:`bounded_reciprocal_start`). Below ``lower`` the result is an underestimate
+    (never larger than the exact value; about ``2^k a / upper`` times the numerator as
+    x -> 0); above ``upper (1 + lower/upper)`` the iteration diverges, so ``upper`` must
+    really bound x. Measured on FloatOps: see :func:`reciprocal_bounded`.
+
+    Cost: 1 ``dot_public``, 1 ``mul_public``, ``iterations`` product calls (the last a
+    ``mul``, the others ``mul_many`` of 2). Multiplicative depth ``iterations`` (HE).
+    """
+    a, _, _ = bounded_reciprocal_start(upper, iterations, lower)
+    k = a / upper
+    err = ops.dot_public([x], [-k], bias=1.0)
+    n = ops.mul_public(numerator, k)
+    for i in range(iterations):
+        if i == iterations - 1:
+            n = ops.mul(n, _one_plus(ops, err))
+        else:
+            n, err = ops.mul_many([(n, _one_plus(ops, err)), (err, err)])
+    return n
+
+
+def reciprocal_bounded(
+    ops: SecureOps[T],
+    x: T,
+    upper: float,
+    iterations: int = 8,
+    *,
+    lower: float | None = None,
+) -> T:
+    """1/x for x in (0, upper] with a public bound ``upper``; no comparison, no ``frexp``.
+
+    Math: ``c = x / upper``, public start ``a`` (``bounded_reciprocal_start``), Goldschmidt
+    ``w0 = a / upper``, ``err0 = 1 - a c``; ``w <- w (1 + err)``, ``err <- err^2``; after k
+    iterations ``w = (1 - err0^(2^k)) / x``. The first update ``w1 = (a/upper)(1 + err0)``
+    is a public-coefficient ``dot_public`` (no product).
+
+    Accuracy range (relative error <= 1e-3, default ``lower``): ``[0.0135 upper, upper]``
+    for 8 iterations, ``[0.00337 upper, upper]`` for 10, ``[0.000843 upper, upper]`` for 12.
+    It converges slowly for x << upper (error ~ exp(-2^k a x / upper)); below the range
+    the result underestimates 1/x, above ``upper (1 + lower/upper)`` it diverges.
+    Measured on FloatOps (upper = 1, 8 iterations, x log-spaced on [0.0135, 1]): max
+    relative error 1.0e-3 (at both ends, equioscillating); at x = 0.05: 1e-11.
+
+    Cost: 2 ``dot_public``, ``iterations`` product calls for ``iterations >= 2`` (the first
+    only squares err0, since ``w1`` needs no product; 0 for ``iterations = 1``); depth
+    ``iterations``. To divide, :func:`divide_bounded` saves the final product.
+    """
+    a, _, _ = bounded_reciprocal_start(upper, iterations, lower)
+    k = a / upper
+    err = ops.dot_public([x], [-k], bias=1.0)
+    w = ops.dot_public([err], [k], bias=k)  # first update k (1 + err0): public coefficients
+    if iterations > 1:
+        err = ops.mul(err, err)
+    for i in range(1, iterations):
+        if i == iterations - 1:
+            w = ops.mul(w, _one_plus(ops, err))
+        else:
+            w, err = ops.mul_many([(w, _one_plus(ops, err)), (err, err)])
+    return w
+
+
+def _rsqrt_mantissa(ops: SecureOps[T], m: T, newton_iterations: int) -> T:
+    """z ~ 1/sqrt(m/2) for m in [0.5, 1): SPU's quartic seed plus Newton steps."""
+    m2 = ops.mul(m, m)
+    m3, m4 = ops.mul_many([(m2, m), (m2, m2)])
+    q = _RSQRT_SEED_IN_M
+    z = ops.dot_public([m, m2, m3, m4], list(q[1:]), bias=q[0])
+    for _ in range(newton_iterations):
+        # z <- z (3 - u z^2) / 2 with u = m/2: 1.5 z - 0.25 m z^3; every value is O(1).
+        mz, z2 = ops.mul_many([(m, z), (z, z)])
+        mz3 = ops.mul(mz, z2)
+        z = ops.dot_public([z, mz3], [1.5, -0.25])
+    return z
+
+
+def _rsqrt_exponent_factor(e: int) -> float:
+    # x = m 2^e = u 2^(e+1) with u = m/2 in [0.25, 0.5): 1/sqrt(x) = u^-1/2 * 2^(-(e+1)/2).
+    return 2.0 ** (-(e + 1) / 2.0)
+
+
+def rsqrt(ops: SecureOps[T], x: T, newton_iterations: int = 1) -> T:
+    """1/sqrt(x) for x > 0 (SPU's method, DESIGN.md sec. 4 / PUMA sec. 4.5).
+
+    Math: ``frexp`` gives ``x = m 2^e``, m in [0.5, 1), and ``s = 2^(-(e+1)/2)``; with
+    ``u = m/2`` in [0.25, 0.5), ``x = u 2^(e+1)`` and ``1/sqrt(x) = u^(-1/2) s``.
+    ``u^(-1/2)`` is seeded by SPU's quartic ``26.02942339u^4 - 49.86605845u^3 +
+    38.4714796u^2 - 15.47994394u + 4.14285016`` (evaluated as a polynomial in m), refined by
+    ``newton_iterations`` Newton steps ``z <- z (3 - u z^2) / 2`` on the mantissa (all values
+    O(1), so they are well conditioned in fixed point), then multiplied by ``s``.
+
+    Measured on FloatOps (float64, x log-spaced on [1e-3, 1e4]): max relative error
+    8.2e-5 with 0 Newton steps, 1.0e-8 with 1, 2.2e-16 with 2.
+
+    Cost: 1 ``frexp``; product calls ``3 + 2 * newton_iterations`` (``mul``, ``mul_many``,
+    [``mul_many``, ``mul``] per step, final ``mul`` by s); ``1 + newton_iterations``
+    ``dot_public``.
+    """
+    if newton_iterations < 0:
+        raise ValueError(f"newton_iterations must be >= 0, got {newton_iterations}")
+    m, scale = ops.frexp(x, _rsqrt_exponent_factor)
+    z = _rsqrt_mantissa(ops, m, newton_iterations)
+    return ops.mul(z, scale)
+
+
+def mul_rsqrt(ops: SecureOps[T], numerator: T, x: T, newton_iterations: int = 0) -> T:
+    """numerator / sqrt(x) for x > 0, one product pass cheaper than ``numerator * rsqrt(x)``.
+
+    Same math as :func:`rsqrt`; the exponent factor ``s`` is multiplied into the numerator
+    in the first pass (beside ``m^2``), so ``numerator * s`` times the mantissa part ``z`` is
+    the only extra product. ``numerator`` broadcasts against ``x`` (``[..., n]`` over
+    ``[..., 1]``). Error: as :func:`rsqrt` (relative, 8.2e-5 with 0 Newton steps).
+
+    Cost: 1 ``frexp``; ``3 + 2 * newton_iterations`` product calls.
+    """
+    if newton_iterations < 0:
+        raise ValueError(f"newton_iterations must be >= 0, got {newton_iterations}")
+    m, scale = ops.frexp(x, _rsqrt_exponent_factor)
+    m2, ns = ops.mul_many([(m, m), (numerator, scale)])
+    m3, m4 = ops.mul_many([(m2, m), (m2, m2)])
+    q = _RSQRT_SEED_IN_M
+    z = ops.dot_public([m, m2, m3, m4], list(q[1:]), bias=q[0])
+    for _ in range(newton_iterations):
+        mz, z2 = ops.mul_many([(m, z), (z, z)])
+        mz3 = ops.mul(mz, z2)
+        z = ops.dot_public([z, mz3], [1.5, -0.25])
+    return ops.mul(ns, z)
+
+
+__all__ = [
+    "BOUNDED_RECIPROCAL_TOL",
+    "GOLDSCHMIDT_START",
+    "SPU_RSQRT_SEED",
+    "bounded_reciprocal_start",
+    "divide_bounded",
+    "mul_rsqrt",
+    "reciprocal",
+    "reciprocal_bounded",
+    "rsqrt",
+]

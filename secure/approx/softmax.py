@@ -1,0 +1,170 @@
+"""Softmax forms: PUMA's clipped-exp softmax and Power-Softmax (DESIGN.md sec. 4)."""
+
+from __future__ import annotations
+
+import torch
+
+from secure.approx.exp import EXP_CLIP, clipped_exp
+from secure.approx.interface import Public, SecureOps, T
+from secure.approx.reciprocal import divide_bounded, reciprocal
+
+MASK_BIAS_FLOOR: float = -1.0e4
+"""Additive mask biases are clamped to >= this value (public operation). HF models use
+``finfo(float32).min`` = -3.4e38, which no 64-bit ring with f = 18 holds (|v| < 2^45 =
+3.5e13). -1e4 is far below the -14 clip after the row max is subtracted, and
+1e4 * 2^18 = 2.6e9 keeps probabilistic truncation failures negligible (~2^-32)."""
+
+SOFTMAX_EPS: float = 1e-6
+"""PUMA subtracts the row max and eps, so every exp input is < 0 (DESIGN.md sec. 4)."""
+
+POWER_SOFTMAX_EPS: float = 1e-6
+"""Default eps of Power-Softmax. DESIGN.md does not state the paper's value; 1e-6 is our
+choice: it only keeps an all-zero (fully masked) row finite, it does not affect rows whose
+mean x^p lies in the reciprocal's accuracy range."""
+
+
+def _check_last_dim(ops: SecureOps[T], x: T, dim: int) -> int:
+    ndim = len(ops.shape(x))
+    if dim not in (-1, ndim - 1):
+        raise ValueError(
+            f"secure softmax only works over the last dimension (dim=-1), got dim={dim}; "
+            "secret values cannot be transposed through SecureOps"
+        )
+    return ops.shape(x)[-1]
+
+
+def puma_softmax(
+    ops: SecureOps[T],
+    x: T,
+    dim: int = -1,
+    t: int = 8,
+    mask_bias: Public | None = None,
+    *,
+    eps: float = SOFTMAX_EPS,
+    reciprocal_iterations: int = 2,
+    clip: float = EXP_CLIP,
+    exp_order: int = 1,
+) -> T:
+    """PUMA's softmax over the last dimension (PUMA sec. 4.3).
+
+    Math, per row: ``z = x + clamp(mask_bias, -1e4) - max_j(x + bias) - eps`` (z < 0);
+    ``e = clipped_exp(z, t, clip)`` = 0 for z < -14 else ``(1 + z/2^t)^(2^t)``;
+    ``out = e * reciprocal(sum_j e)`` (one Goldschmidt reciprocal per row, broadcast by one
+    product). Masked entries (bias <= -1e4) come out exactly 0.
+
+    ``mask_bias`` is a public additive bias broadcasting against x (0 where attended, a
+    large negative value where masked, as HF builds it). ``reciprocal_iterations`` = 2
+    gives relative error 5.4e-5 on the row sum, well under the exp error.
+
+    Measured on FloatOps (float64, scores ~ N(0, 3^2), shape (2, 12, 32, 32), padding
+    mask): max abs error vs torch.softmax 3.9e-4 (t = 8), 3.2e-3 (t = 5); masked
+    entries exactly 0.
+
+    Cost: 1 ``max`` (log2(n) comparison passes), 1 ``less_than_public``, 1 ``dot_public``,
+    ``t + 1`` ``mul`` (exp), 1 ``frexp``, ``reciprocal_iterations + 1`` product calls
+    (reciprocal), 1 ``mul`` (broadcast).
+    """
+    _check_last_dim(ops, x, dim)
+    if mask_bias is not None:
+        if isinstance(mask_bias, torch.Tensor):
+            if mask_bias.dtype == torch.bool:
+                raise TypeError("mask_bias must be an additive float bias, not a boolean mask")
+            bias: Public = mask_bias.clamp(min=MASK_BIAS_FLOOR)
+        else:
+            bias = max(float(mask_bias), MASK_BIAS_FLOOR)
+        x = ops.add_public(x, bias)
+    row_max = ops.max(x, dim=-1, keepdim=True)
+    z = ops.add_public(ops.sub(x, row_max), -eps)
+    e = clipped_exp(ops, z, t=t, clip=clip, order=exp_order)
+    total = ops.sum(e, dim=-1, keepdim=True)
+    inv = reciprocal(ops, total, iterations=reciprocal_iterations)
+    return ops.mul(e, inv)
+
+
+def even_power(ops: SecureOps[T], x: T, p: int) -> T:
+    """x^p for an even p >= 2: ``x^2`` then square-and-multiply on it, the square and the
+    multiply of one step batched in one ``mul_many``. Exact (no approximation).
+
+    Product calls: 1 + ceil(log2(p/2)) plus one per extra set bit of p/2 that cannot share
+    a pass: p = 2: 1, p = 4: 2, p = 6: 3, p = 8: 3.
+    """
+    if p < 2 or p % 2:
+        raise ValueError(f"p must be an even integer >= 2, got {p}")
+    base = ops.mul(x, x)
+    q = p // 2
+    acc: T | None = None
+    while True:
+        take = q & 1
+        q >>= 1
+        pairs: list[tuple[T, T]] = []
+        mult_at: int | None = None
+        if take:
+            if acc is None:
+                acc = base
+            else:
+                mult_at = len(pairs)
+                pairs.append((acc, base))
+        if q:
+            pairs.append((base, base))
+        if pairs:
+            out = ops.mul_many(pairs) if len(pairs) > 1 else [ops.mul(*pairs[0])]
+            if mult_at is not None:
+                acc = out[mult_at]
+            if q:
+                base = out[-1]
+        if not q:
+            break
+    assert acc is not None
+    return acc
+
+
+def power_softmax(
+    ops: SecureOps[T],
+    x: T,
+    p: int = 4,
+    eps: float = POWER_SOFTMAX_EPS,
+    mask: Public | None = None,
+    upper: float = 1.0e3,
+    iterations: int = 10,
+    *,
+    lower: float | None = None,
+    dim: int = -1,
+) -> T:
+    """Power-Softmax (Zimerman et al. 2024) over the last dimension, no comparison at all.
+
+    Math, per row (DESIGN.md sec. 4): ``PS(x)_j = m_j x_j^p / (eps + (1/L) sum_i m_i x_i^p)``
+    with ``m`` the public 0/1 ``mask`` (1 = attend; broadcasting against x; all ones if None)
+    and ``L = sum_i m_i`` the number of attended entries of the row (``L = n`` without a
+    mask; a fully masked row gives all zeros). Note the rows sum to about L, not 1, as in
+    the formula DESIGN.md quotes.
+
+    The division is :func:`secure.approx.reciprocal.divide_bounded` with the public bound
+    ``upper`` on the denominator ``eps + mean(x^p)``: relative error <= 1e-3 for
+    denominators in ``[lower, upper]``, by default ``lower = 0.00337 upper`` with
+    10 iterations (``lower = 3.37`` for ``upper = 1e3``); smaller denominators give an
+    underestimate, denominators above ``upper (1 + lower/upper)`` diverge, so calibrate
+    ``upper`` on the (distilled) model's attention scores.
+
+    Measured on FloatOps (float64, scores ~ N(0, 2^2), shape (2, 4, 16, 16), p = 4,
+    padding mask, upper = 1e3, 10 iterations, all denominators in range): max relative
+    error 1.0e-3 vs the exact formula, masked entries exactly 0.
+
+    Cost: ``even_power`` (2 product calls for p = 4), 1 ``mul_public`` by the mask
+    (integral: free under MPC), 1 ``mul_public`` / ``dot_public`` for the mean,
+    ``iterations`` product calls. No ``max``, ``less_than_public`` or ``frexp``.
+    """
+    n = _check_last_dim(ops, x, dim)
+    xp = even_power(ops, x, p)
+    if mask is None:
+        total = ops.sum(xp, dim=-1, keepdim=True)
+        denom = ops.dot_public([total], [1.0 / n], bias=eps)
+    else:
+        m = torch.as_tensor(mask, dtype=torch.float64)
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError("mask must hold only 0 and 1 (1 = attend)")
+        xp = ops.mul_public(xp, m)
+        counts = torch.broadcast_to(m, ops.shape(x)).sum(dim=-1, keepdim=True)
+        inv_len = 1.0 / counts.clamp(min=1.0)
+        total = ops.sum(xp, dim=-1, keepdim=True)
+        denom = ops.add_public(ops.mul_public(total, inv_len), eps)
+    return divide_bounded(ops, xp, denom, upper, iterations, lower=lower)

@@ -1,0 +1,107 @@
+"""MPC backend of :class:`secure.approx.interface.SecureOps`: one object per party.
+
+The three parties each build ``MpcOps(party)`` and call the same form with their own
+shares; every method below is a lockstep protocol step (see ``secure.mpc``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from secure.approx.interface import Public
+from secure.mpc import arithmetic as ar
+from secure.mpc import compare as cmp
+from secure.mpc import shares as sh
+from secure.mpc.party import Party
+from secure.mpc.shares import AShare
+
+
+def _is_integral(c: Public) -> bool:
+    if isinstance(c, torch.Tensor):
+        return bool(torch.all(c == torch.round(c)))
+    return float(c).is_integer()
+
+
+class MpcOps:
+    """SecureOps over this party's replicated shares."""
+
+    def __init__(self, party: Party) -> None:
+        self.party = party
+
+    @property
+    def frac_bits(self) -> int:
+        return self.party.fp.frac_bits
+
+    def _encode(self, c: Public, frac_bits: int) -> torch.Tensor:
+        t = torch.as_tensor(c, dtype=torch.float64, device=self.party.device)
+        return torch.round(t * (1 << frac_bits)).to(torch.int64)
+
+    def shape(self, x: AShare) -> torch.Size:
+        return x.shape
+
+    def map_shape(self, x: AShare, fn: Callable[[torch.Tensor], torch.Tensor]) -> AShare:
+        return x.map(fn)
+
+    def add(self, x: AShare, y: AShare) -> AShare:
+        return sh.add(x, y)
+
+    def sub(self, x: AShare, y: AShare) -> AShare:
+        return sh.sub(x, y)
+
+    def neg(self, x: AShare) -> AShare:
+        return sh.neg(x)
+
+    def add_public(self, x: AShare, c: Public) -> AShare:
+        self.party.fp.encode(c)  # range check with a clear error
+        if x.frac_bits < self.frac_bits and not (x.frac_bits == 0 and _is_integral(c)):
+            x = sh.lift(x, self.frac_bits)  # an integer plus an integer stays integral (bits)
+        return sh.add_ring_public(x, self._encode(c, x.frac_bits), self.party.id)
+
+    def mul_public(self, x: AShare, c: Public) -> AShare:
+        if _is_integral(c):
+            return sh.mul_ring_public(x, self._encode(c, 0))
+        self.party.fp.encode(c)
+        c_ring = self._encode(c, self.frac_bits)
+        scaled = AShare(x.a * c_ring, x.b * c_ring, x.owner, x.frac_bits + self.frac_bits)
+        return ar.to_scale(self.party, [scaled])[0]
+
+    def sum(self, x: AShare, dim: int, keepdim: bool = False) -> AShare:
+        return sh.sum_share(x, dim, keepdim)
+
+    def dot_public(self, terms: Sequence[AShare], coeffs: Sequence[float], bias: float = 0.0
+                   ) -> AShare:
+        if len(terms) != len(coeffs):
+            raise ValueError(f"dot_public: {len(terms)} terms but {len(coeffs)} coefficients")
+        f = self.frac_bits
+        acc: AShare | None = None
+        for t, c in zip(terms, coeffs):
+            if t.frac_bits != f:
+                t = sh.lift(t, f) if t.frac_bits < f else ar.to_scale(self.party, [t])[0]
+            term = AShare(t.a * self._encode(c, f), t.b * self._encode(c, f), t.owner, 2 * f)
+            acc = term if acc is None else sh.add(acc, term)
+        assert acc is not None, "dot_public needs at least one term"
+        acc = sh.add_ring_public(acc, self._encode(bias, 2 * f), self.party.id)
+        return ar.to_scale(self.party, [acc])[0]
+
+    def mul(self, x: AShare, y: AShare) -> AShare:
+        return ar.mul(self.party, x, y)
+
+    def mul_many(self, pairs: Sequence[tuple[AShare, AShare]]) -> list[AShare]:
+        return ar.mul_many(self.party, pairs)
+
+    def matmul(self, x: AShare, y: AShare) -> AShare:
+        return ar.matmul(self.party, x, y)
+
+    def less_than_public(self, x: AShare, thresholds: Sequence[float]) -> list[AShare]:
+        return cmp.less_than_public(self.party, x, thresholds)
+
+    def less_than(self, x: AShare, y: AShare) -> AShare:
+        return cmp.less_than(self.party, x, y)
+
+    def max(self, x: AShare, dim: int = -1, keepdim: bool = True) -> AShare:
+        return cmp.max_along(self.party, x, dim, keepdim)
+
+    def frexp(self, x: AShare, exponent_fn: Callable[[int], float]) -> tuple[AShare, AShare]:
+        return cmp.frexp(self.party, x, exponent_fn)

@@ -1,0 +1,141 @@
+"""Comparison family on arithmetic shares, all built on one batched MSB.
+
+x < y is MSB(x - y), correct whenever |x - y| < 2^63 in ring units (for fixed point
+with f = 18: |x - y| < 3.5e13). Every function takes lists where batching helps, so
+all comparisons of one step cost a single 8-round MSB pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from secure.mpc import shares as sh
+from secure.mpc.arithmetic import mul_many, mul_many_exact, to_scale
+from secure.mpc.boolean import (
+    _DaBits,
+    bit_decompose,
+    bits_to_arith,
+    highest_bit_onehot,
+    msb_many,
+    open_bits_xor,
+)
+from secure.mpc.party import Party
+from secure.mpc.shares import AShare
+from secure.runtime.profiler import protocol
+
+
+@protocol("less_than")
+def less_than_many(party: Party, pairs: Sequence[tuple[AShare, AShare]]) -> list[AShare]:
+    """[1{x < y}] for each pair (broadcasting), as 0/1 shares at scale 0. 8 rounds in all."""
+    diffs = []
+    for x, y in pairs:
+        d = sh.sub(x, y)
+        diffs.append(d)
+    return msb_many(party, diffs)
+
+
+def less_than(party: Party, x: AShare, y: AShare) -> AShare:
+    """[1{x < y}] element-wise (see :func:`less_than_many`)."""
+    return less_than_many(party, [(x, y)])[0]
+
+
+def less_than_public(party: Party, x: AShare, thresholds: Sequence[float]) -> list[AShare]:
+    """[1{x < c}] for each public real c, one MSB pass for all thresholds."""
+    scale = 1 << x.frac_bits
+    diffs = [sh.add_ring_public(x, torch.tensor(-round(c * scale), dtype=torch.int64,
+                                                device=x.device), party.id)
+             for c in thresholds]
+    return msb_many(party, diffs)
+
+
+def relu_mask(party: Party, x: AShare) -> AShare:
+    """[1{x >= 0}] = 1 - MSB(x)."""
+    (m,) = msb_many(party, [x])
+    return bit_not(party, m)
+
+
+def bit_not(party: Party, b: AShare) -> AShare:
+    """[1 - b] for a 0/1 share b (local)."""
+    return sh.add_ring_public(sh.neg(b), torch.tensor(1 << b.frac_bits, device=b.device), party.id)
+
+
+@protocol("relu")
+def relu(party: Party, x: AShare) -> AShare:
+    """[max(x, 0)] = x * 1{x >= 0}: 9 rounds (MSB, then one exact product)."""
+    mask = relu_mask(party, x)
+    return mul_many_exact(party, [(mask, x)])[0]
+
+
+@protocol("select")
+def select_many(party: Party, items: Sequence[tuple[AShare, AShare, AShare]]) -> list[AShare]:
+    """[b ? x : y] = y + b (x - y) for each (b, x, y) with b a 0/1 share. One round in all."""
+    prods = mul_many_exact(party, [(b, sh.sub(x, y)) for b, x, y in items])
+    return [sh.add(y, p) for p, (_, _, y) in zip(prods, items)]
+
+
+def select(party: Party, b: AShare, x: AShare, y: AShare) -> AShare:
+    """[b ? x : y] (see :func:`select_many`)."""
+    return select_many(party, [(b, x, y)])[0]
+
+
+@protocol("equal")
+def equal(party: Party, x: AShare, y: AShare) -> AShare:
+    """[1{x == y}] = 1 - 1{x < y} - 1{y < x}: both comparisons in one 8-round pass."""
+    lt, gt = less_than_many(party, [(x, y), (y, x)])
+    return bit_not(party, sh.add(lt, gt))
+
+
+@protocol("max")
+def max_along(party: Party, x: AShare, dim: int = -1, keepdim: bool = True) -> AShare:
+    """Maximum along ``dim`` by a tree: ceil(log2 n) levels of one comparison pass and one
+    selection round each (9 rounds per level)."""
+    dim = dim % len(x.shape)
+    cur = x
+    n = cur.shape[dim]
+    if n == 0:
+        raise ValueError("max over an empty dimension")
+    while n > 1:
+        h = n // 2
+        lo = cur.map(lambda t, h=h: t.narrow(dim, 0, h))
+        hi = cur.map(lambda t, h=h: t.narrow(dim, h, h))
+        (lt,) = less_than_many(party, [(lo, hi)])
+        (best,) = select_many(party, [(lt, hi, lo)])
+        if n % 2:
+            best = sh.cat([best, cur.map(lambda t, h=h: t.narrow(dim, 2 * h, 1))], dim)
+        cur, n = best, best.shape[dim]
+    return cur if keepdim else cur.map(lambda t: t.squeeze(dim))
+
+
+@protocol("frexp")
+def frexp(party: Party, x: AShare, exponent_fn: Callable[[int], float],
+          extra_bits: int = 8) -> tuple[AShare, AShare]:
+    """For x > 0 at scale f: x = m * 2^e with m in [0.5, 1); returns ([m], [exponent_fn(e)]).
+
+    Bit decomposition (8 rounds), one-hot of the highest set bit (6), opening the one-hot
+    bits masked by daBits (1), then m = x * 2^-e (2). 17 rounds. Domain:
+    2^-f <= x < 2^(f + extra_bits) (3.8e-6 to 6.7e7 for f = 18); outside it the result is
+    meaningless. exponent_fn values are clamped to the fixed-point range.
+    """
+    (x,) = to_scale(party, [x])
+    f = party.fp.frac_bits
+    positions = 2 * f + extra_bits
+    dabits = _DaBits(party, torch.Size((*x.shape, positions)))
+    word = bit_decompose(party, x, dabits)
+    onehot = highest_bit_onehot(party, word)
+    j = torch.arange(positions, device=x.device)
+    onehot_bits = onehot.map(lambda t: (t.unsqueeze(-1) >> j) & 1)
+    opened = open_bits_xor(party, onehot_bits.a ^ dabits.binary.a)
+    b = bits_to_arith(party, opened, dabits)
+
+    scale_bits = f + extra_bits
+    inv_pow = torch.tensor([1 << (scale_bits + f - 1 - k) for k in range(positions)],
+                           dtype=torch.int64, device=x.device)
+    inv = AShare((b.a * inv_pow).sum(-1), (b.b * inv_pow).sum(-1), party.id, scale_bits)
+    limit = party.fp.max_abs / 4
+    table = [min(max(exponent_fn(k + 1 - f), -limit), limit) for k in range(positions)]
+    factor_ring = party.fp.encode(torch.tensor(table, dtype=torch.float64), x.device)
+    factor = AShare((b.a * factor_ring).sum(-1), (b.b * factor_ring).sum(-1), party.id, f)
+    (m,) = mul_many(party, [(x, inv)])
+    return m, factor

@@ -1,0 +1,235 @@
+"""Each three-party protocol against its plaintext result, with round counts and errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from secure.mpc import arithmetic as ar
+from secure.mpc import compare as cmp
+from secure.mpc import shares as sh
+from secure.mpc.boolean import msb_many
+from secure.mpc.engine import LocalCluster, PartyFailure
+from secure.mpc.party import ShareOwnershipError
+from secure.mpc.ring import FixedPoint, FixedPointOverflowError
+from secure.transport.base import PeerTimeoutError
+from secure.transport.inprocess import InProcessNetwork
+
+ULP = 2.0**-18
+
+
+def floats(lo: float = -1000.0, hi: float = 1000.0):
+    return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+
+
+def tensors(shape_strategy, lo=-1000.0, hi=1000.0):
+    return shape_strategy.flatmap(
+        lambda shape: st.lists(floats(lo, hi), min_size=_n(shape), max_size=_n(shape)).map(
+            lambda v: torch.tensor(v, dtype=torch.float64).reshape(shape)))
+
+
+def _n(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+shapes = st.sampled_from([(0,), (1,), (7,), (3, 5), (2, 3, 4)])
+
+
+@given(tensors(shapes), st.data())
+def test_add_sub_and_public_ops(runner, x, data):
+    y = data.draw(tensors(st.just(tuple(x.shape))))
+    X, Y = runner.share(x), runner.share(y)
+    s, d, n = runner.run(lambda p, a, b: [sh.add(a, b), sh.sub(a, b), sh.neg(a)], X, Y)
+    assert torch.allclose(s, x + y, atol=2 * ULP)
+    assert torch.allclose(d, x - y, atol=2 * ULP)
+    assert torch.allclose(n, -x, atol=ULP)
+
+
+@given(tensors(shapes, -300, 300), st.data())
+def test_mul_matches_plaintext(runner, x, data):
+    y = data.draw(tensors(st.just(tuple(x.shape)), -300, 300))
+    out = runner.run(lambda p, a, b: ar.mul(p, a, b), runner.share(x), runner.share(y))
+    # encoding error of each factor (|x| + |y|) * ulp/2 plus 1 ulp from truncation
+    tol = (x.abs() + y.abs()) * ULP / 2 + 2 * ULP
+    assert torch.all((out - x * y).abs() <= tol + 1e-9)
+
+
+def test_mul_broadcasts_and_handles_large_magnitudes(runner):
+    x = torch.tensor([[1e4], [-1e4], [3.5]], dtype=torch.float64)
+    y = torch.tensor([[2.0, -1e3, 1e-3]], dtype=torch.float64)
+    out = runner.run(lambda p, a, b: ar.mul(p, a, b), runner.share(x), runner.share(y))
+    assert out.shape == (3, 3)
+    assert torch.allclose(out, x * y, rtol=1e-6, atol=0.02)
+
+
+@given(st.sampled_from([(1, 1, 1), (4, 7, 3), (0, 3, 2), (3, 0, 2), (2, 5, 0)]),
+       st.integers(1, 3), st.data())
+def test_matmul_matches_plaintext(runner, dims, batch, data):
+    m, k, n = dims
+    x = data.draw(tensors(st.just((batch, m, k)), -30, 30))
+    y = data.draw(tensors(st.just((k, n)), -30, 30))
+    out = runner.run(lambda p, a, b: ar.matmul(p, a, b), runner.share(x), runner.share(y))
+    assert out.shape == (batch, m, n)
+    # each factor's encoding error (ulp/2) times the other factor's row/column mass
+    tol = (x.abs().sum(-1, keepdim=True) + y.abs().sum(0)) * ULP / 2 + 2 * ULP
+    assert torch.all((out - x @ y).abs() <= tol)
+
+
+def test_truncation_error_is_at_most_one_ulp(runner):
+    x = torch.randn(20000, dtype=torch.float64) * 100
+    X = sh.deal_shares(runner.fp.encode(x) << 10, 28)  # the value at scale 2^28
+    out = runner.run(lambda p, a: ar.truncate_many(p, [a], [10])[0], X)
+    err = (out - runner.fp.decode(runner.fp.encode(x))).abs()
+    assert float(err.max()) <= ULP + 1e-12
+
+
+def test_multiply_and_truncate_cost_one_round_each(runner):
+    x = runner.share(torch.randn(10, dtype=torch.float64))
+    assert runner.rounds_of(lambda p, a: ar.mul_many_exact(p, [(a, a)] * 3), x) == 1
+    assert runner.rounds_of(lambda p, a: ar.truncate_many(p, [a, a], [18, 18]), x) == 1
+    assert runner.rounds_of(lambda p, a: ar.mul(p, a, a), x) == 2
+    bits = runner.share(torch.tensor([0, 1, 1, 0] * 2 + [1, 0]), integral=True)
+    assert runner.rounds_of(lambda p, a, b: ar.mul(p, b, a), x, bits) == 1
+
+
+@given(tensors(shapes), st.data())
+def test_less_than_matches_plaintext(runner, x, data):
+    y = data.draw(tensors(st.just(tuple(x.shape))))
+    x = torch.where(torch.rand(x.shape) < 0.2, y, x)  # include ties
+    fx, fy = runner.fp.decode(runner.fp.encode(x)), runner.fp.decode(runner.fp.encode(y))
+    out = runner.run(lambda p, a, b: cmp.less_than(p, a, b), runner.share(x), runner.share(y))
+    assert torch.equal(out, (fx < fy).double())
+
+
+def test_msb_at_the_edges_of_the_range(runner):
+    big = 2.0**43 - 1
+    x = torch.tensor([0.0, ULP, -ULP, big, -big, 1e10, -1e10, 0.5, -0.5], dtype=torch.float64)
+    out = runner.run(lambda p, a: msb_many(p, [a])[0], runner.share(x))
+    assert torch.equal(out, (x < 0).double())
+
+
+def test_less_than_costs_at_most_eight_rounds_batched(runner):
+    x = runner.share(torch.randn(1000, dtype=torch.float64))
+    r = runner.rounds_of(lambda p, a: cmp.less_than_public(p, a, [-4.0, -1.95, 3.0]), x)
+    assert r <= 8
+    assert runner.rounds_of(lambda p, a: cmp.less_than(p, a, a), x) == r
+
+
+def test_comparison_of_broadcast_shapes(runner):
+    x = torch.randn(4, 1, dtype=torch.float64)
+    y = torch.randn(1, 5, dtype=torch.float64)
+    out = runner.run(lambda p, a, b: cmp.less_than(p, a, b), runner.share(x), runner.share(y))
+    assert torch.equal(out, (x < y).double())
+
+
+@given(tensors(shapes, -50, 50))
+def test_relu_select_equal(runner, x):
+    y = torch.where(torch.rand(x.shape) < 0.5, x, x.flip(-1) if x.dim() else x)
+    X, Y = runner.share(x), runner.share(y)
+
+    def prog(p, a, b):
+        lt = cmp.less_than(p, a, b)
+        return [cmp.relu(p, a), cmp.relu_mask(p, a), cmp.select(p, lt, a, b), cmp.equal(p, a, b)]
+
+    relu, mask, sel, eq = runner.run(prog, X, Y)
+    fx, fy = runner.fp.decode(runner.fp.encode(x)), runner.fp.decode(runner.fp.encode(y))
+    assert torch.allclose(relu, fx.clamp(min=0), atol=ULP)
+    assert torch.equal(mask, (fx >= 0).double())
+    assert torch.allclose(sel, torch.minimum(fx, fy), atol=ULP)
+    assert torch.equal(eq, (fx == fy).double())
+
+
+@given(st.sampled_from([(1,), (2,), (5,), (3, 8), (2, 3, 7)]), st.data())
+def test_max_by_tree(runner, shape, data):
+    x = data.draw(tensors(st.just(shape), -100, 100))
+    out = runner.run(lambda p, a: cmp.max_along(p, a, dim=-1), runner.share(x))
+    ref = runner.fp.decode(runner.fp.encode(x)).amax(-1, keepdim=True)
+    assert torch.allclose(out, ref, atol=ULP)
+
+
+def test_max_round_count_is_log_depth(runner):
+    x = runner.share(torch.randn(12, 128, dtype=torch.float64))
+    assert runner.rounds_of(lambda p, a: cmp.max_along(p, a), x) == 7 * 9
+
+
+@given(st.lists(st.floats(1e-4, 1e7), min_size=1, max_size=30))
+def test_frexp_recovers_mantissa_and_exponent_function(runner, values):
+    x = torch.tensor(values, dtype=torch.float64)
+    fx = runner.fp.decode(runner.fp.encode(x))
+    m, fac = runner.run(lambda p, a: list(cmp.frexp(p, a, lambda e: float(e))), runner.share(x))
+    m_ref, e_ref = torch.frexp(fx)
+    assert torch.equal(fac, e_ref.double())
+    # m = x * 2^-e: the truncation's ulp, scaled up by 2^-e for small x
+    assert torch.all((m - m_ref).abs() <= 2 * ULP / fx.clamp(max=1) + 1e-9)
+
+
+def test_ownership_is_enforced(cluster, runner):
+    x = runner.share(torch.ones(3, dtype=torch.float64))
+    wrong = [x[1], x[2], x[0]]  # every party gets its neighbour's pair
+    with pytest.raises(PartyFailure) as info:
+        cluster.run(lambda p, a: ar.mul(p, a, a), [(w,) for w in wrong])
+    assert isinstance(info.value.error, ShareOwnershipError)
+    assert "belongs to party" in str(info.value)
+    # the cluster recovers and keeps computing correctly
+    out = runner.run(lambda p, a: ar.mul(p, a, a), x)
+    assert torch.allclose(out, torch.ones(3, dtype=torch.float64), atol=2 * ULP)
+
+
+def test_mismatched_shapes_raise_clearly(cluster, runner):
+    x = runner.share(torch.ones(3, dtype=torch.float64))
+    y = runner.share(torch.ones(4, dtype=torch.float64))
+    with pytest.raises(PartyFailure, match="size"):
+        cluster.run(lambda p, a, b: ar.mul(p, a, b), [(x[i], y[i]) for i in range(3)])
+    with pytest.raises(PartyFailure, match="shapes"):
+        cluster.run(lambda p, a, b: ar.matmul(p, a, b),
+                    [(x[i].reshape(1, 3), y[i].reshape(1, 4)) for i in range(3)])
+
+
+def test_overflowing_public_constant_is_rejected(cluster, runner):
+    from secure.mpc.backend import MpcOps
+
+    x = runner.share(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(PartyFailure, match="fixed-point range"):
+        cluster.run(lambda p, a: MpcOps(p).add_public(a, 1e20), [(s,) for s in x])
+    with pytest.raises(FixedPointOverflowError):
+        runner.share(torch.tensor([1e15], dtype=torch.float64))
+
+
+def test_a_silent_party_times_out_with_a_clear_error():
+    net = InProcessNetwork(deadline_s=0.3)
+    start = time.monotonic()
+    with pytest.raises(PeerTimeoutError, match="no message from party 1 within 0.3 s"):
+        net.endpoint(0).recv(1)
+    assert time.monotonic() - start < 2
+
+
+def test_a_failing_party_aborts_the_others_promptly():
+    cluster = LocalCluster(deadline_s=30.0)
+    x = sh.deal_shares(cluster.fp.encode(torch.ones(4)), cluster.fp.frac_bits)
+
+    def prog(p, a):
+        if p.id == 2:
+            raise RuntimeError("simulated crash")
+        return ar.mul(p, a, a)
+
+    start = time.monotonic()
+    with pytest.raises(PartyFailure, match="party 2 failed: RuntimeError: simulated crash"):
+        cluster.run(prog, [(s,) for s in x])
+    assert time.monotonic() - start < 5
+    assert threading.active_count() < 10
+
+
+def test_fixed_point_bits_are_configurable():
+    cluster = LocalCluster(fixed_point=FixedPoint(12))
+    x = torch.tensor([1.5, -2.25, 100.0], dtype=torch.float64)
+    X = sh.deal_shares(cluster.fp.encode(x), 12)
+    out = cluster.run(lambda p, a: ar.open_float(p, ar.mul(p, a, a)), [(s,) for s in X])[0]
+    assert torch.allclose(out, x * x, atol=2.0**-11)
