@@ -6,10 +6,11 @@ Multiplication (ABY3): with x = sum x_j and y = sum y_j, party i computes
 party i-1: one round, one ring element per output element per party. Matmul is the
 same with two local matmuls, x_i @ (y_i + y_{i+1}) + x_{i+1} @ y_i.
 
-Truncation (ABY3 Share Truncation, SecureML's local trick): x = x_0 + u with
-u = x_1 + x_2 known to party 1. Parties 0 and 2 compute y_0 = x_0 >> d, party 1 computes
-u' = -((-u) >> d) and sends y_1 = u' - y_2 to party 0, where y_2 = F(k_2) is drawn by
-parties 1 and 2 from their common key. One round, one message. The result is
+Truncation (ABY3 Share Truncation, SecureML's local trick), written for roles 0, 1, 2
+(which rotate over the parties from call to call): x = x_0 + u with u = x_1 + x_2 known
+to party 1. Parties 0 and 2 compute y_0 = x_0 >> d, party 1 computes u' = -((-u) >> d)
+and sends y_1 = u' - y_2 to party 0, where y_2 = F(k_2) is drawn by parties 1 and 2 from
+their common key. One round, one message. The result is
 x / 2^d + e with e in {-1, 0, 1} ulp, except with probability about |x| / 2^63 (x read
 at its pre-truncation scale), when it is off by a multiple of 2^(64 - d): for f = 18
 and a product of magnitude v at scale 2^36 that is v / 2^27 per element (7.5e-9 for
@@ -79,30 +80,34 @@ def mul_many_exact(party: Party, pairs: Sequence[tuple[AShare, AShare]],
 
 @protocol("truncate")
 def truncate_many(party: Party, xs: Sequence[AShare], bits: Sequence[int]) -> list[AShare]:
-    """[x / 2^d] for each x with its d (probabilistic, see module docstring). One round."""
+    """[x / 2^d] for each x with its d (probabilistic, see module docstring). One round.
+
+    The roles rotate with the round counter (equal on all parties), so that the one
+    party that sends is a different one each time and the traffic stays balanced.
+    """
     _owned(party, "truncate", *xs)
     if any(d < 0 for d in bits):
         raise ValueError(f"truncate: negative shift in {list(bits)}")
-    i = party.id
-    out_first: list[torch.Tensor] = []
-    if i == 1:
-        sent = []
+    rotation = party.rounds % 3
+    role = (party.id - rotation) % 3  # the party in role 1 sends to the party in role 0
+    sender, receiver = (1 + rotation) % 3, rotation
+    if role == 1:
+        out, sent = [], []
         for x, d in zip(xs, bits):
             u_trunc = -((-(x.a + x.b)) >> d)
             y2 = party.keys.with_next.words(x.a.numel(), x.device).reshape(x.shape)
             sent.append(u_trunc - y2)
-            out_first.append((sent[-1], y2))
-        party.exchange({0: sent}, [])
-        return [AShare(y1, y2, i, x.frac_bits - d)
-                for (y1, y2), x, d in zip(out_first, xs, bits)]
-    if i == 0:
-        got = party.exchange({}, [1])[1]
-        return [AShare(x.a >> d, y1, i, x.frac_bits - d) for x, d, y1 in zip(xs, bits, got)]
+            out.append(AShare(sent[-1], y2, party.id, x.frac_bits - d))
+        party.exchange({receiver: sent}, [])
+        return out
+    if role == 0:
+        got = party.exchange({}, [sender])[sender]
+        return [AShare(x.a >> d, y1, party.id, x.frac_bits - d) for x, d, y1 in zip(xs, bits, got)]
     party.exchange({}, [])
     out = []
     for x, d in zip(xs, bits):
         y2 = party.keys.with_prev.words(x.a.numel(), x.device).reshape(x.shape)
-        out.append(AShare(y2, x.b >> d, i, x.frac_bits - d))
+        out.append(AShare(y2, x.b >> d, party.id, x.frac_bits - d))
     return out
 
 

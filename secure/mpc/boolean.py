@@ -119,28 +119,84 @@ def _carry_save(party: Party, x: AShare, extra: list[torch.Tensor]
     return s, maj.shift_left(1), got[1:]
 
 
-def _adder(party: Party, flat: AShare, dabits: _DaBits, shifts: Sequence[int]
-           ) -> tuple[BShare, BShare, BShare]:
-    """Carry-save layer, generate bits and the Kogge-Stone levels ``shifts`` over the three
-    components of ``flat``; advances ``dabits`` to arithmetic form in the first two rounds.
+def _generate_propagate(party: Party, flat: AShare, dabits: _DaBits
+                        ) -> tuple[BShare, BShare]:
+    """Carry-save layer and generate bits over the three components of ``flat`` (2 rounds),
+    advancing ``dabits`` to arithmetic form in the same two rounds.
 
-    Returns (p0, g, p): the half-sum bits and the generate/propagate words after the levels.
+    Returns (g, p) with g = s & c and p = s ^ c, where x = s + c (c = carry << 1).
     """
     d1 = dabits.step1_part()
     s, c, (d1_next,) = _carry_save(party, flat, [d1])
     dabits.step1_finish(d1, d1_next)
-    p0 = s ^ c
 
     g_part = and_local(party, s, c)
     d2 = dabits.step2_part()
     g_next, d2_next = reshare_parts(party, [g_part, d2])
     dabits.step2_finish(d2, d2_next)
-    g, p = BShare(g_part, g_next, party.id), p0
+    return BShare(g_part, g_next, party.id), s ^ c
 
-    for k in shifts:
+
+def _kogge_stone(party: Party, g: BShare, p: BShare) -> BShare:
+    """All carries: after levels with shifts 1..32, bit j of g is the carry out of bit j."""
+    for k in KOGGE_STONE_SHIFTS:
         new_g, new_p = and_many(party, [(p, g.shift_left(k)), (p, p.shift_left(k))])
         g, p = g ^ new_g, new_p
-    return p0, g, p
+    return g
+
+
+_COMPACT_STEPS = ((1, 0x3333333333333333), (2, 0x0F0F0F0F0F0F0F0F), (4, 0x00FF00FF00FF00FF),
+                  (8, 0x0000FFFF0000FFFF), (16, 0x00000000FFFFFFFF))
+_EVEN_BITS = 0x5555555555555555
+
+
+def _even_bits(t: torch.Tensor) -> torch.Tensor:
+    """Bits 0, 2, 4, ... of each word moved to bits 0, 1, 2, ... (XOR-linear, so it acts on
+    each share component)."""
+    t = t & _EVEN_BITS
+    for k, mask in _COMPACT_STEPS:
+        t = (t ^ (t >> k)) & mask
+    return t
+
+
+_WIRE_DTYPES = {64: torch.int64, 32: torch.int32, 16: torch.int16, 8: torch.uint8}
+
+
+def _and_narrow(party: Party, x: BShare, y: BShare, width: int) -> BShare:
+    """[x & y] for words of ``width`` valid low bits, sent in the narrowest integer type."""
+    part = and_local(party, x, y)
+    mask = -1 if width == 64 else (1 << width) - 1
+    part = part & mask
+    wire = _WIRE_DTYPES[max(8, 1 << (max(width, 1) - 1).bit_length())]
+    (got,) = reshare_parts(party, [part.to(wire)])
+    return BShare(part, got.to(torch.int64) & mask, party.id)
+
+
+def _carry_into_msb(party: Party, g: BShare, p: BShare) -> tuple[BShare, BShare, torch.Tensor]:
+    """Carry into bit 63 by a packed binary tree over bit positions (5 AND rounds).
+
+    Positions 0..62 move up by one and position 0 gets the identity (g, p) = (0, 1), so
+    the group generate of all 64 positions is the carry into bit 63. Each level combines
+    odd (hi) with even (lo) positions, (g_hi ^ p_hi & g_lo, p_hi & p_lo), both ANDs in one
+    word of the current width; the width halves (64, 32, 16, 8, 4 bits on the wire).
+    Returns the last pair's (g, p) and this party's part of p_hi & g_lo for the final AND.
+    """
+    g = g.shift_left(1)
+    p = p.shift_left(1).xor_public(1, party.id)
+    width = 64
+    while width > 2:
+        half = width // 2
+        g_lo, g_hi = g.map(_even_bits), g.map(lambda t: _even_bits(t >> 1))
+        p_lo, p_hi = p.map(_even_bits), p.map(lambda t: _even_bits(t >> 1))
+        left = p_hi ^ p_hi.shift_left(half)
+        right = g_lo ^ p_lo.shift_left(half)
+        both = _and_narrow(party, left, right, width)
+        low_mask = (1 << half) - 1
+        g = g_hi ^ both.and_public(low_mask)
+        p = both.map(lambda t, h=half, m=low_mask: (t >> h) & m)
+        width = half
+    g_hi, g_lo, p_hi = g.shift_right(1), g.and_public(1), p.shift_right(1)
+    return g_hi, g_lo, and_local(party, p_hi.and_public(1), g_lo)
 
 
 def open_bits_xor(party: Party, bits: torch.Tensor) -> torch.Tensor:
@@ -179,15 +235,16 @@ def _unflatten(flat: AShare, xs: Sequence[AShare]) -> list[AShare]:
 
 @protocol("msb")
 def msb_many(party: Party, xs: Sequence[AShare]) -> list[AShare]:
-    """[MSB(x)] for each x as an arithmetic 0/1 share (scale 0). 8 rounds for all of them."""
+    """[MSB(x)] for each x as an arithmetic 0/1 share (scale 0). 8 rounds for all of them:
+    carry-save (1), generate (1), the packed carry tree (5), the last AND fused with the
+    opening of msb xor r (1). About 50 bytes per element per party."""
     if not xs:
         return []
     flat = _flatten(party, xs, "msb")
     dabits = _DaBits(party, flat.shape)
-    p0, g, p = _adder(party, flat, dabits, KOGGE_STONE_SHIFTS[:-1])
-    # carry into bit 63 = g_62 ^ (p_62 & g_30): its AND is folded into the opening
-    last = and_local(party, p, g.shift_left(32))
-    msb_part = ((p0.a >> 63) ^ (g.a >> 62) ^ (last >> 62)) & 1
+    g, p = _generate_propagate(party, flat, dabits)
+    g_hi, _, last_and = _carry_into_msb(party, g, p)
+    msb_part = ((p.a >> 63) ^ g_hi.a ^ last_and) & 1
     opened = open_bits_xor(party, msb_part ^ dabits.binary.a)
     return _unflatten(bits_to_arith(party, opened, dabits), xs)
 
@@ -196,8 +253,9 @@ def msb_many(party: Party, xs: Sequence[AShare]) -> list[AShare]:
 def bit_decompose(party: Party, x: AShare, dabits: _DaBits) -> BShare:
     """Binary sharing of the 64-bit word x (all carries: 8 rounds)."""
     flat = _flatten(party, [x], "bit_decompose")
-    p0, g, _ = _adder(party, flat, dabits, KOGGE_STONE_SHIFTS)
-    return (p0 ^ g.shift_left(1)).map(lambda t: t.reshape(x.shape))
+    g, p = _generate_propagate(party, flat, dabits)
+    carries = _kogge_stone(party, g, p)
+    return (p ^ carries.shift_left(1)).map(lambda t: t.reshape(x.shape))
 
 
 @protocol("highest_bit")
