@@ -233,3 +233,36 @@ def test_fixed_point_bits_are_configurable():
     X = sh.deal_shares(cluster.fp.encode(x), 12)
     out = cluster.run(lambda p, a: ar.open_float(p, ar.mul(p, a, a)), [(s,) for s in X])[0]
     assert torch.allclose(out, x * x, atol=2.0**-11)
+
+
+def test_truncation_failure_rate_matches_the_documented_probability(runner):
+    """A value of v ring units fails the local truncation with probability v / 2^64: force
+    it with v = 2^59 (expected rate 1/32) and check the measured rate."""
+    n = 20000
+    value = 1 << 59
+    X = sh.deal_shares(torch.full((n,), value, dtype=torch.int64), 20)
+    ring = runner.cluster.run(lambda p, a: ar.open_value(p, ar.truncate_many(p, [a], [20])[0]),
+                              [(s,) for s in X])[0]
+    wrong = ((ring - (value >> 20)).abs() > 1).double().mean().item()
+    assert 0.5 / 32 < wrong < 2 / 32
+
+
+def test_binary_and_and_bit_decomposition(runner, cluster):
+    from secure.mpc.boolean import _DaBits, and_many, bit_decompose
+    from secure.mpc.shares import BShare
+
+    x = torch.tensor([0, 1, -1, 123456789, -(2**62), 2**62 + 5], dtype=torch.int64)
+    y = torch.tensor([5, -1, -1, 987654321, 2**40, 7], dtype=torch.int64)
+    xs, ys = sh.deal(x), sh.deal(y)
+
+    def prog(p, ax, ay):
+        bx = bit_decompose(p, ax, _DaBits(p, ax.shape))
+        by = bit_decompose(p, ay, _DaBits(p, ay.shape))
+        (z,) = and_many(p, [(bx, by)])
+        got = p.exchange({p.prev: [z.b]}, [p.next])[p.next][0]  # open the binary sharing
+        return z.a ^ z.b ^ got, isinstance(z, BShare)
+
+    out = cluster.run(prog, [(sh.AShare(*xs[i], i, 0), sh.AShare(*ys[i], i, 0)) for i in range(3)])
+    value, is_binary = out[0]
+    assert is_binary
+    assert torch.equal(value, x & y)

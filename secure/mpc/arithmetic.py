@@ -11,10 +11,11 @@ Truncation (ABY3 Share Truncation, SecureML's local trick), written for roles 0,
 to party 1. Parties 0 and 2 compute y_0 = x_0 >> d, party 1 computes u' = -((-u) >> d)
 and sends y_1 = u' - y_2 to party 0, where y_2 = F(k_2) is drawn by parties 1 and 2 from
 their common key. One round, one message. The result is
-x / 2^d + e with e in {-1, 0, 1} ulp, except with probability about |x| / 2^63 (x read
-at its pre-truncation scale), when it is off by a multiple of 2^(64 - d): for f = 18
-and a product of magnitude v at scale 2^36 that is v / 2^27 per element (7.5e-9 for
-v = 1, 7.5e-7 for v = 100).
+x / 2^d + e with e in {-1, 0, 1} ulp, except with probability |x| / 2^64 (x in ring
+units at its pre-truncation scale: the signed sum x_0 + u overflows when the uniform
+x_0 falls within |x| of -2^63), when it is off by about 2^(64 - d). For f = 18 and a
+product of magnitude v at scale 2^36 that is v / 2^28 per element (3.7e-9 for v = 1,
+3.7e-7 for v = 100); the rate is checked by a test.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Overflow. Encoding refuses |x| >= 2^(62 - f) (2^44 = 1.8e13 for f = 18) with
 that matters in practice is smaller: a product of two encoded values is held at scale
 2f before truncation, so |x * y| must stay below 2^(63 - 2f) = 2^27 (1.3e8 for f = 18),
 and the one-round probabilistic truncation fails (returns a value off by about
-2^(64 - f)) with probability about |x * y| * 2^(2f) / 2^63 per element (see
+2^(64 - f)) with probability |x * y| * 2^(2f) / 2^64 per element (see
 ``secure.mpc.arithmetic.truncate``). Silent wrap-around beyond these bounds is the ring's
 nature; :func:`decode` cannot detect it.
 """
