@@ -70,12 +70,17 @@ class Bench:
                 plain: Callable[[], torch.Tensor], opened_frac_bits: int | None = None) -> Result:
         """Run ``program(party, *inputs)`` securely, open its result, compare with ``plain``."""
         c = self.cluster
-        bytes0, rounds0 = c.bytes_sent(), c.rounds
-        t0 = time.perf_counter()
-        outs = c.run(program, [tuple(x[i] for x in inputs) for i in range(3)])
-        seconds = time.perf_counter() - t0
-        sent = [b - b0 for b, b0 in zip(c.bytes_sent(), bytes0)]
-        rounds = c.rounds - rounds0
+        args = [tuple(x[i] for x in inputs) for i in range(3)]
+        seconds = float("inf")
+        for _ in range(2):  # a second run when the first was short: first calls warm up torch
+            bytes0, rounds0 = c.bytes_sent(), c.rounds
+            t0 = time.perf_counter()
+            outs = c.run(program, args)
+            seconds = min(seconds, time.perf_counter() - t0)
+            sent = [b - b0 for b, b0 in zip(c.bytes_sent(), bytes0)]
+            rounds = c.rounds - rounds0
+            if seconds > 2.0:
+                break
         ring = sh.reconstruct([o for o in outs])
         frac = outs[0].frac_bits if opened_frac_bits is None else opened_frac_bits
         secure = self.fp.decode(ring.cpu(), frac)
@@ -108,8 +113,9 @@ def run(quick: bool, device: str) -> list[Result]:
 
     count = 10_000 if quick else 1_000_000
     u, v = torch.randn(count, dtype=torch.float64), torch.randn(count, dtype=torch.float64)
+    fu, fv = b.fp.decode(b.fp.encode(u)), b.fp.decode(b.fp.encode(v))  # ties after rounding
     b.measure("less-than", f"{count}", lambda p, a, c: cmp.less_than(p, a, c),
-              [b.share(u), b.share(v)], lambda: (u < v).double(), opened_frac_bits=0)
+              [b.share(u), b.share(v)], lambda: (fu < fv).double(), opened_frac_bits=0)
 
     g = torch.randn(rows, cols, dtype=torch.float64) * 3
     b.measure("PUMA GeLU", f"{rows}x{cols}", lambda p, a: puma_gelu(MpcOps(p), a),
@@ -117,8 +123,11 @@ def run(quick: bool, device: str) -> list[Result]:
 
     heads, seq = (2, 32) if quick else (12, 128)
     s = torch.randn(heads, seq, seq, dtype=torch.float64) * 3
-    b.measure("PUMA softmax t=8", f"{heads}x{seq}x{seq}",
+    b.measure("softmax (t=6, order 3)", f"{heads}x{seq}x{seq}",
               lambda p, a: puma_softmax(MpcOps(p), a), [b.share(s)],
+              lambda: torch.softmax(s, -1))
+    b.measure("PUMA softmax (t=8)", f"{heads}x{seq}x{seq}",
+              lambda p, a: puma_softmax(MpcOps(p), a, t=8, exp_order=1), [b.share(s)],
               lambda: torch.softmax(s, -1))
 
     hidden = 128 if quick else 768

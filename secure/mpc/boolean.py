@@ -148,13 +148,18 @@ def _kogge_stone(party: Party, g: BShare, p: BShare) -> BShare:
 _COMPACT_STEPS = ((1, 0x3333333333333333), (2, 0x0F0F0F0F0F0F0F0F), (4, 0x00FF00FF00FF00FF),
                   (8, 0x0000FFFF0000FFFF), (16, 0x00000000FFFFFFFF))
 _EVEN_BITS = 0x5555555555555555
+_ODD_BITS = -0x5555555555555556  # 0xAAAAAAAAAAAAAAAA as a signed 64-bit value
 
 
-def _even_bits(t: torch.Tensor) -> torch.Tensor:
-    """Bits 0, 2, 4, ... of each word moved to bits 0, 1, 2, ... (XOR-linear, so it acts on
-    each share component)."""
+def _even_bits(t: torch.Tensor, word_bits: int = 64) -> torch.Tensor:
+    """Bits 0, 2, 4, ... of the low ``word_bits`` bits moved to bits 0, 1, 2, ...
+
+    XOR-linear, so it acts on each share component separately.
+    """
     t = t & _EVEN_BITS
     for k, mask in _COMPACT_STEPS:
+        if 2 * k >= word_bits + 1:
+            break
         t = (t ^ (t >> k)) & mask
     return t
 
@@ -172,31 +177,41 @@ def _and_narrow(party: Party, x: BShare, y: BShare, width: int) -> BShare:
     return BShare(part, got.to(torch.int64) & mask, party.id)
 
 
-def _carry_into_msb(party: Party, g: BShare, p: BShare) -> tuple[BShare, BShare, torch.Tensor]:
-    """Carry into bit 63 by a packed binary tree over bit positions (5 AND rounds).
+def _carry_into_msb(party: Party, g: BShare, p: BShare) -> tuple[BShare, torch.Tensor]:
+    """Carry into bit 63 by a binary tree over bit positions (5 AND rounds).
 
     Positions 0..62 move up by one and position 0 gets the identity (g, p) = (0, 1), so
     the group generate of all 64 positions is the carry into bit 63. Each level combines
-    odd (hi) with even (lo) positions, (g_hi ^ p_hi & g_lo, p_hi & p_lo), both ANDs in one
-    word of the current width; the width halves (64, 32, 16, 8, 4 bits on the wire).
-    Returns the last pair's (g, p) and this party's part of p_hi & g_lo for the final AND.
+    odd (hi) with even (lo) positions: (g_hi ^ p_hi & g_lo, p_hi & p_lo), both ANDs in
+    one word. The first level works in place on full words (p_hi & g_lo on even bits,
+    p_hi & p_lo on odd bits); then g and p are compacted into one word g | p << w and
+    every level halves w (64, 32, 16, 8 and 4 bits on the wire).
+    Returns g of the last pair (bits 0 = lo, 1 = hi) and this party's part of the final
+    p_hi & g_lo, to be opened by the caller.
     """
     g = g.shift_left(1)
     p = p.shift_left(1).xor_public(1, party.id)
-    width = 64
+    left = p.map(lambda t: ((t >> 1) & _EVEN_BITS) ^ (t & _ODD_BITS))
+    right = BShare(g.a & _EVEN_BITS, g.b & _EVEN_BITS, party.id) ^ p.map(lambda t: (t << 1) & _ODD_BITS)
+    both = _and_narrow(party, left, right, 64)
+    g = g.map(lambda t: (t >> 1) & _EVEN_BITS) ^ both.and_public(_EVEN_BITS)
+    p = both.map(lambda t: (t >> 1) & _EVEN_BITS)
+    width = 32
+    word = g.map(_even_bits) ^ p.map(lambda t: _even_bits(t) << 32)
     while width > 2:
         half = width // 2
-        g_lo, g_hi = g.map(_even_bits), g.map(lambda t: _even_bits(t >> 1))
-        p_lo, p_hi = p.map(_even_bits), p.map(lambda t: _even_bits(t >> 1))
-        left = p_hi ^ p_hi.shift_left(half)
-        right = g_lo ^ p_lo.shift_left(half)
-        both = _and_narrow(party, left, right, width)
-        low_mask = (1 << half) - 1
-        g = g_hi ^ both.and_public(low_mask)
-        p = both.map(lambda t, h=half, m=low_mask: (t >> h) & m)
+        low = (1 << half) - 1
+        lo = word.map(lambda t, w=width: _even_bits(t, 2 * w))  # g_lo | p_lo << half
+        hi = word.map(lambda t, w=width: _even_bits(t >> 1, 2 * w))  # g_hi | p_hi << half
+        p_hi = hi.map(lambda t, h=half, m=low: (t >> h) & m)
+        both = _and_narrow(party, p_hi ^ p_hi.shift_left(half), lo, width)
+        g_new = hi.and_public(low) ^ both.and_public(low)
+        word = g_new ^ both.map(lambda t, h=half, m=low: ((t >> h) & m) << h)
         width = half
-    g_hi, g_lo, p_hi = g.shift_right(1), g.and_public(1), p.shift_right(1)
-    return g_hi, g_lo, and_local(party, p_hi.and_public(1), g_lo)
+    # width 2: bits 0, 1 hold g_lo, g_hi and bits 2, 3 hold p_lo, p_hi
+    g_final = word.and_public(3)
+    last = and_local(party, word.map(lambda t: (t >> 3) & 1), word.and_public(1))
+    return g_final, last
 
 
 def open_bits_xor(party: Party, bits: torch.Tensor) -> torch.Tensor:
@@ -243,8 +258,8 @@ def msb_many(party: Party, xs: Sequence[AShare]) -> list[AShare]:
     flat = _flatten(party, xs, "msb")
     dabits = _DaBits(party, flat.shape)
     g, p = _generate_propagate(party, flat, dabits)
-    g_hi, _, last_and = _carry_into_msb(party, g, p)
-    msb_part = ((p.a >> 63) ^ g_hi.a ^ last_and) & 1
+    g_pair, last_and = _carry_into_msb(party, g, p)
+    msb_part = ((p.a >> 63) ^ (g_pair.a >> 1) ^ last_and) & 1
     opened = open_bits_xor(party, msb_part ^ dabits.binary.a)
     return _unflatten(bits_to_arith(party, opened, dabits), xs)
 
