@@ -19,6 +19,12 @@ class FloatOps:
     def shape(self, x: torch.Tensor) -> torch.Size:
         return x.shape
 
+    def from_public(self, c: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(c, dtype=torch.float64)
+
+    def concat(self, xs: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+        return torch.cat(list(xs), dim)
+
     def map_shape(
         self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:

@@ -38,6 +38,14 @@ class SecureOps(Protocol[T]):
         """Shape of the secret tensor (public in every backend)."""
         ...
 
+    def from_public(self, c: torch.Tensor) -> T:
+        """A public tensor as a value of this backend (a trivial sharing under MPC)."""
+        ...
+
+    def concat(self, xs: Sequence[T], dim: int) -> T:
+        """torch.cat of secrets along ``dim`` (free)."""
+        ...
+
     def map_shape(self, x: T, fn: Callable[[torch.Tensor], torch.Tensor]) -> T:
         """Apply a shape-only torch function (view, reshape, transpose, slice) to a secret."""
         ...

@@ -41,6 +41,14 @@ class MpcOps:
     def shape(self, x: AShare) -> torch.Size:
         return x.shape
 
+    def from_public(self, c: torch.Tensor) -> AShare:
+        ring = self.party.fp.encode(c, self.party.device)
+        a, b = sh.trivial_component(ring, 0, self.party.id, ring.shape, ring.device)
+        return AShare(a, b, self.party.id, self.frac_bits)
+
+    def concat(self, xs: Sequence[AShare], dim: int) -> AShare:
+        return sh.cat(list(xs), dim)
+
     def map_shape(self, x: AShare, fn: Callable[[torch.Tensor], torch.Tensor]) -> AShare:
         return x.map(fn)
 

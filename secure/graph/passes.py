@@ -1,0 +1,281 @@
+"""Rewrite passes: replace nonlinear nodes on secret values by their secure forms.
+
+Each pass is a small function ``Graph -> Graph`` that changes only the nodes it names and
+leaves public nodes alone (they run in plaintext). :func:`rewrite` applies them in order
+and finishes with :func:`check_supported`, which stops with an error naming the op and
+the module it sits in when a secret node is left that no backend can run.
+
+Secure ops introduced here (their arguments follow the aten op they replace):
+
+* ``secure.gelu(x)``, ``secure.silu(x)`` -- PUMA piecewise polynomials;
+* ``secure.softmax(x, mask, causal=..., kind=..., ...)`` -- PUMA or Power-Softmax over
+  the last dim; ``mask`` is a public boolean (True = attend) or None;
+* ``secure.layer_norm(x, gamma, beta, eps=...)``, ``secure.rsqrt(x)``;
+* ``secure.embedding(table, token_ids)`` -- a lookup by the client's one-hot.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from secure.graph.ir import Graph, Node, Ref, Spec
+
+
+class UnsupportedOpError(ValueError):
+    """A secret value meets an operation that has no secure form."""
+
+
+@dataclass(frozen=True)
+class SoftmaxRecipe:
+    """Which softmax replaces attention's: "puma" (clipped exp, t, exp order) or "power"."""
+
+    kind: str = "puma"
+    t: int = 6
+    exp_order: int = 3
+    p: int = 4
+    eps: float = 1e-6
+    upper: float = 1e3
+    iterations: int = 10
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("puma", "power"):
+            raise ValueError(f"softmax kind must be 'puma' or 'power', got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The set of secure forms a model is rewritten with."""
+
+    name: str
+    gelu: str = "puma"
+    softmax: SoftmaxRecipe = field(default_factory=SoftmaxRecipe)
+    layer_norm_newton: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> Recipe:
+        return Recipe(d["name"], d.get("gelu", "puma"), SoftmaxRecipe(**d.get("softmax", {})),
+                      d.get("layer_norm_newton", 0))
+
+
+PUMA = Recipe("puma", softmax=SoftmaxRecipe("puma", t=8, exp_order=1))
+"""PUMA's published forms: GeLU sec. 4.2, softmax with t = 8 and the (1 + x/2^t) base."""
+
+OURS = Recipe("ours", softmax=SoftmaxRecipe("puma", t=6, exp_order=3))
+"""PUMA's structure with a third-order exp base at t = 6: as many rounds, 90x less error."""
+
+RECIPES: dict[str, Recipe] = {"puma": PUMA, "ours": OURS}
+
+
+def power_recipe(p: int, eps: float, upper: float, iterations: int) -> Recipe:
+    """Power-Softmax attention (needs a distilled model) with PUMA GeLU and LayerNorm."""
+    return Recipe("power", softmax=SoftmaxRecipe("power", p=p, eps=eps, upper=upper,
+                                                 iterations=iterations))
+
+
+# ---- passes -----------------------------------------------------------------------------
+
+def _map_nodes(graph: Graph, fn: Callable[[Node], list[Node] | None]) -> Graph:
+    """A copy of the graph with each node replaced by fn(node) (None keeps it)."""
+    out = copy.copy(graph)
+    nodes: list[Node] = []
+    for n in graph.nodes:
+        new = fn(n)
+        nodes.extend([n] if new is None else new)
+    out.nodes = nodes
+    return out
+
+
+def _replace(n: Node, op: str, args: list, kwargs: dict | None = None) -> list[Node]:
+    return [Node(n.name, op, args, kwargs or {}, n.spec, n.secret, n.origin)]
+
+
+def rewrite_gelu(graph: Graph, form: str = "puma") -> Graph:
+    """aten.gelu (exact or tanh) on a secret -> secure.gelu (PUMA's piecewise form)."""
+    if form != "puma":
+        raise ValueError(f"unknown GeLU form {form!r}")
+
+    def fn(n: Node) -> list[Node] | None:
+        if n.secret and n.op == "aten.gelu.default":
+            return _replace(n, "secure.gelu", [n.args[0]], {"form": form})
+        return None
+
+    return _map_nodes(graph, fn)
+
+
+def rewrite_silu(graph: Graph) -> Graph:
+    """aten.silu on a secret -> secure.silu."""
+    def fn(n: Node) -> list[Node] | None:
+        if n.secret and n.op == "aten.silu.default":
+            return _replace(n, "secure.silu", [n.args[0]])
+        return None
+
+    return _map_nodes(graph, fn)
+
+
+def _softmax_kwargs(recipe: SoftmaxRecipe, causal: bool) -> dict:
+    return {"causal": causal, **asdict(recipe)}
+
+
+def rewrite_softmax(graph: Graph, recipe: SoftmaxRecipe) -> Graph:
+    """aten.softmax / aten._softmax over the last dim of a secret -> secure.softmax."""
+    def fn(n: Node) -> list[Node] | None:
+        if n.secret and n.op in ("aten._softmax.default", "aten.softmax.int"):
+            dim = n.args[1]
+            rank = len(n.spec.shape) if n.spec else 0
+            if dim not in (-1, rank - 1):
+                raise UnsupportedOpError(f"softmax over dim {dim} (node {n.name}, in {n.origin or '?'}): "
+                                         "secure softmax works over the last dimension only")
+            return _replace(n, "secure.softmax", [n.args[0], None], _softmax_kwargs(recipe, False))
+        return None
+
+    return _map_nodes(graph, fn)
+
+
+def decompose_attention(graph: Graph, recipe: SoftmaxRecipe) -> Graph:
+    """aten.scaled_dot_product_attention(q, k, v, mask, dropout, causal, scale) ->
+    matmul(q, k^T) * scale -> secure.softmax(mask, causal) -> matmul(., v)."""
+    def fn(n: Node) -> list[Node] | None:
+        if not (n.secret and n.op == "aten.scaled_dot_product_attention.default"):
+            return None
+        q, k, v, *rest = n.args
+        mask = rest[0] if len(rest) > 0 else n.kwargs.get("attn_mask")
+        dropout = rest[1] if len(rest) > 1 else n.kwargs.get("dropout_p", 0.0)
+        causal = rest[2] if len(rest) > 2 else n.kwargs.get("is_causal", False)
+        scale = n.kwargs.get("scale") or (rest[3] if len(rest) > 3 else None)
+        if dropout:
+            raise UnsupportedOpError(f"attention dropout {dropout} at inference (node {n.name}); "
+                                     "capture the model in eval mode")
+        if n.kwargs.get("enable_gqa"):
+            raise UnsupportedOpError(f"grouped-query attention (node {n.name}) is not supported yet")
+        if n.spec is None:
+            raise UnsupportedOpError(f"attention node {n.name} has no shape")
+        q_len, d = n.spec.shape[-2], n.spec.shape[-1]
+        head_shape = n.spec.shape[:-2]
+        k_len = _shape_of(graph, k)[-2] if isinstance(k, Ref) else q_len
+        score_spec = Spec([*head_shape, q_len, k_len], n.spec.dtype)
+        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        base = n.name
+        kt = Node(f"{base}.k_t", "aten.transpose.int", [k, -2, -1], {},
+                  Spec([*head_shape, d, k_len], n.spec.dtype), True, n.origin)
+        scores = Node(f"{base}.scores", "aten.matmul.default", [q, Ref(kt.name)], {}, score_spec, True,
+                      n.origin)
+        scaled = Node(f"{base}.scaled", "aten.mul.Tensor", [Ref(scores.name), scale], {}, score_spec, True,
+                      n.origin)
+        probs = Node(f"{base}.probs", "secure.softmax", [Ref(scaled.name), mask],
+                     _softmax_kwargs(recipe, bool(causal)), score_spec, True, n.origin)
+        out = Node(base, "aten.matmul.default", [Ref(probs.name), v], {}, n.spec, True, n.origin)
+        return [kt, scores, scaled, probs, out]
+
+    return _map_nodes(graph, fn)
+
+
+def _shape_of(graph: Graph, ref: Ref) -> list[int]:
+    for n in graph.nodes:
+        if n.name == ref.name and n.spec is not None:
+            return n.spec.shape
+    for i in graph.inputs:
+        if i.name == ref.name:
+            return i.spec.shape
+    raise KeyError(f"no shape known for {ref.name!r}")
+
+
+def rewrite_layer_norm(graph: Graph, newton_iterations: int = 0) -> Graph:
+    """aten.layer_norm over the last dim of a secret -> secure.layer_norm."""
+    def fn(n: Node) -> list[Node] | None:
+        if not (n.secret and n.op == "aten.layer_norm.default"):
+            return None
+        x, shape, *rest = n.args
+        if len(shape) != 1:
+            raise UnsupportedOpError(f"layer_norm over {len(shape)} dims (node {n.name}, in "
+                                     f"{n.origin or '?'}): only the last dimension is supported")
+        gamma = rest[0] if len(rest) > 0 else None
+        beta = rest[1] if len(rest) > 1 else None
+        eps = rest[2] if len(rest) > 2 else 1e-5
+        return _replace(n, "secure.layer_norm", [x, gamma, beta],
+                        {"eps": float(eps), "newton_iterations": newton_iterations})
+
+    return _map_nodes(graph, fn)
+
+
+def rewrite_rsqrt(graph: Graph) -> Graph:
+    """aten.rsqrt on a secret (RMSNorm in LLaMA-style models) -> secure.rsqrt."""
+    def fn(n: Node) -> list[Node] | None:
+        if n.secret and n.op == "aten.rsqrt.default":
+            return _replace(n, "secure.rsqrt", [n.args[0]])
+        return None
+
+    return _map_nodes(graph, fn)
+
+
+def rewrite_embedding(graph: Graph) -> Graph:
+    """aten.embedding(table, ids) with the client's ids -> secure.embedding (client one-hot).
+
+    Lookups with public indices (positions, token types) stay: the interpreter gathers rows
+    of the shared table locally, for free.
+    """
+    client = {i.name for i in graph.inputs if i.kind == "client"}
+
+    def fn(n: Node) -> list[Node] | None:
+        if n.op != "aten.embedding.default":
+            return None
+        table, ids = n.args[0], n.args[1]
+        if isinstance(ids, Ref) and ids.name in client:
+            return _replace(n, "secure.embedding", [table, ids])
+        if isinstance(ids, Ref) and ids.name in graph.secret_names():
+            raise UnsupportedOpError(f"embedding indexed by a computed secret ({ids.name}, node "
+                                     f"{n.name}): only the client's token ids are supported")
+        return None
+
+    return _map_nodes(graph, fn)
+
+
+SHAPE_OPS = {
+    "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.transpose.int",
+    "aten.permute.default", "aten.unsqueeze.default", "aten.squeeze.dim", "aten.squeeze.dims",
+    "aten.expand.default", "aten.slice.Tensor", "aten.select.int", "aten.clone.default",
+    "aten.alias.default", "aten.t.default", "aten._to_copy.default", "aten.detach.default",
+    "aten.flatten.using_ints", "aten.contiguous.default", "aten.unflatten.int",
+    "aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default", "getitem",
+    "aten.embedding.default", "aten.index_select.default",
+}
+ARITHMETIC_OPS = {
+    "aten.linear.default", "aten.matmul.default", "aten.bmm.default", "aten.mm.default",
+    "aten.addmm.default", "aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor",
+    "aten.neg.default", "aten.sum.dim_IntList", "aten.mean.dim", "aten.pow.Tensor_Scalar",
+    "aten.cat.default", "aten.rsub.Scalar",
+}
+SECURE_OPS = {"secure.gelu", "secure.silu", "secure.softmax", "secure.layer_norm", "secure.rsqrt",
+              "secure.embedding"}
+SUPPORTED_SECRET_OPS = SHAPE_OPS | ARITHMETIC_OPS | SECURE_OPS
+
+
+def check_supported(graph: Graph) -> Graph:
+    """Raise UnsupportedOpError for the first secret node no backend can run."""
+    for n in graph.nodes:
+        if n.secret and n.op not in SUPPORTED_SECRET_OPS:
+            raise UnsupportedOpError(
+                f"cannot run {n.op} on secret values: node {n.name!r} in module "
+                f"{n.origin or '(top level)'}; no secure form is known for it. Supported on "
+                f"secrets: linear algebra, add/sub/mul, division by public values, shape "
+                f"operations, GeLU, SiLU, softmax, attention, LayerNorm, rsqrt, embedding")
+    return graph
+
+
+def rewrite(graph: Graph, recipe: Recipe) -> Graph:
+    """All passes in order; the result records the recipe in ``meta``."""
+    g = rewrite_embedding(graph)
+    g = decompose_attention(g, recipe.softmax)
+    g = rewrite_softmax(g, recipe.softmax)
+    g = rewrite_gelu(g, recipe.gelu)
+    g = rewrite_silu(g)
+    g = rewrite_layer_norm(g, recipe.layer_norm_newton)
+    g = rewrite_rsqrt(g)
+    g = check_supported(g)
+    g.meta = {**graph.meta, "recipe": recipe.to_dict()}
+    return g

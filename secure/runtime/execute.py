@@ -1,0 +1,115 @@
+"""Run a rewritten graph end to end on one backend: the owner's and the client's sides
+(sharing weights and inputs) and the reconstruction of the outputs.
+
+* :func:`run_float` -- the secure forms on plaintext floats (fidelity of the rewrite);
+* :func:`run_mpc` -- the three-party engine: the model owner deals weight shares, the
+  client deals its inputs (token ids as PRG-compressed one-hot shares), the three
+  parties run the interpreter in lockstep, and only the client reconstructs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from secure.approx.float_backend import FloatOps
+from secure.graph.ir import Graph, Node
+from secure.mpc import shares as sh
+from secure.mpc.backend import MpcOps
+from secure.mpc.embedding import client_onehot_shares
+from secure.mpc.engine import LocalCluster
+from secure.mpc.ring import FixedPoint
+from secure.runtime.interpreter import Interpreter, Trace, client_input, embedding_vocab, no_trace
+from secure.runtime.profiler import span
+
+
+def run_float(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+              observe: Iterable[str] = ()) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The graph's secure forms evaluated on float64 tensors."""
+    values = {k: v.to(torch.float64) for k, v in weights.items()}
+    prepared = {i.name: client_input(graph, i.name, inputs[i.name]) if i.kind == "client"
+                else inputs[i.name] for i in graph.inputs}
+    return Interpreter(graph, FloatOps()).run(values, prepared, observe)
+
+
+def deal_weights(weights: dict[str, torch.Tensor], fp: FixedPoint,
+                 device: torch.device | str = "cpu") -> list[dict[str, sh.AShare]]:
+    """The model owner's side: each party's shares of every weight."""
+    per_party: list[dict[str, sh.AShare]] = [{}, {}, {}]
+    for name, w in weights.items():
+        for i, s in enumerate(sh.deal_shares(fp.encode(w.to(torch.float64)).to(device), fp.frac_bits)):
+            per_party[i][name] = s
+    return per_party
+
+
+@dataclass
+class ClientShares:
+    """What the client sends each party: shares of its secret inputs, and public inputs."""
+
+    per_party: list[dict[str, Any]]
+    upload_bytes: list[int]
+
+
+def deal_inputs(graph: Graph, inputs: dict[str, torch.Tensor], fp: FixedPoint) -> ClientShares:
+    """The client's side: one-hot shares for token ids, fixed-point shares for other secret
+    inputs, public inputs as they are."""
+    per_party: list[dict[str, Any]] = [{}, {}, {}]
+    upload = [0, 0, 0]
+    for spec in graph.inputs:
+        value = inputs[spec.name]
+        if list(value.shape) != spec.spec.shape:
+            raise ValueError(f"input {spec.name!r} has shape {list(value.shape)}, the graph was "
+                             f"captured for {spec.spec.shape}")
+        if spec.kind == "public":
+            for d in per_party:
+                d[spec.name] = value
+            continue
+        vocab = embedding_vocab(graph, spec.name)
+        if vocab is not None:
+            for i, part in enumerate(client_onehot_shares(value, vocab)):
+                per_party[i][spec.name] = part
+                upload[i] += part.wire_bytes
+        else:
+            for i, s in enumerate(sh.deal_shares(fp.encode(value.to(torch.float64)), fp.frac_bits)):
+                per_party[i][spec.name] = s
+                upload[i] += s.a.numel() * 16
+    return ClientShares(per_party, upload)
+
+
+def _party_program(graph: Graph, observe: list[str], trace_spans: bool):
+    def program(party: Any, weights: dict[str, sh.AShare], inputs: dict[str, Any]):
+        ready = {}
+        for spec in graph.inputs:
+            v = inputs[spec.name]
+            if hasattr(v, "expand") and hasattr(v, "wire_bytes"):  # client one-hot share
+                v = v.expand(party.id, party.device).map(
+                    lambda t, s=spec.spec.shape: t.reshape(*s, -1))
+            ready[spec.name] = v
+        trace: Trace = no_trace
+        if trace_spans:
+            def trace(node: Node) -> AbstractContextManager:
+                return span(party, node.origin or node.op)
+        return Interpreter(graph, MpcOps(party), trace).run(weights, ready, observe)
+    return program
+
+
+def run_mpc(cluster: LocalCluster, graph: Graph, weight_shares: list[dict[str, sh.AShare]],
+            client: ClientShares, observe: Iterable[str] = (), trace_spans: bool = False
+            ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Run on the in-process three-party engine; returns the client's reconstruction of the
+    outputs (and of the observed intermediate values, for fidelity reports)."""
+    wanted = list(observe)
+    program = _party_program(graph, wanted, trace_spans)
+    results = cluster.run(program, [(weight_shares[i], client.per_party[i]) for i in range(3)])
+
+    def open_(values: list[Any]) -> torch.Tensor:
+        first = values[0]
+        return cluster.fp.decode(sh.reconstruct(values).cpu(), first.frac_bits)
+
+    outs = [open_([r[0][k] for r in results]) for k in range(len(graph.outputs))]
+    seen = {name: open_([r[1][name] for r in results]) for name in wanted}
+    return outs, seen

@@ -1,0 +1,269 @@
+"""One interpreter for rewritten graphs, over any backend of the secure-form interface.
+
+Public nodes (masks, positions, anything computed from public values only) run in
+plaintext torch with the aten op they name. Secret nodes run through the backend
+(``SecureOps``): plaintext floats (:class:`FloatOps`), fixed-point simulation or the
+three-party engine (:class:`MpcOps`, one interpreter per party in lockstep).
+
+Client token ids arrive already one-hot (the client builds and shares its own one-hot,
+see ``secure.mpc.embedding``); :func:`client_input` prepares them for a float backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from secure.approx.gelu import puma_gelu, puma_silu
+from secure.approx.interface import SecureOps
+from secure.approx.norms import layer_norm
+from secure.approx.reciprocal import reciprocal, rsqrt
+from secure.approx.softmax import MASK_BIAS_FLOOR, power_softmax, puma_softmax
+from secure.graph.ir import Graph, Node, Ref
+from secure.graph.passes import SHAPE_OPS
+
+Trace = Callable[[Node], AbstractContextManager]
+
+
+class InterpreterError(RuntimeError):
+    """A node could not be executed; the message names the node and its module."""
+
+
+def no_trace(node: Node) -> AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def _aten(op: str) -> Callable[..., Any]:
+    if op == "getitem":
+        return operator.getitem
+    namespace, name, overload = op.split(".")
+    return getattr(getattr(getattr(torch.ops, namespace), name), overload)
+
+
+class Interpreter:
+    """Runs a Graph on one backend.
+
+    ``trace(node)`` returns a context manager around each secret node (the profiler uses
+    it for per-layer breakdowns).
+    """
+
+    def __init__(self, graph: Graph, ops: SecureOps, trace: Trace = no_trace) -> None:
+        self.graph = graph
+        self.ops = ops
+        self.trace = trace
+        self.secret = graph.secret_names()
+
+    def run(self, weights: dict[str, Any], inputs: dict[str, Any],
+            observe: Iterable[str] = ()) -> tuple[list[Any], dict[str, Any]]:
+        """Execute; returns (outputs, {name: value for each observed name})."""
+        missing = [i.name for i in self.graph.inputs if i.name not in inputs]
+        if missing:
+            raise InterpreterError(f"missing graph inputs: {missing}")
+        absent = [w for w in self.graph.weights if w not in weights]
+        if absent:
+            raise InterpreterError(f"missing {len(absent)} weights, e.g. {absent[:3]}")
+        env: dict[str, Any] = {**self.graph.constants, **weights, **inputs}
+        wanted = set(observe)
+        seen: dict[str, Any] = {}
+        for node in self.graph.nodes:
+            try:
+                if node.secret:
+                    with self.trace(node):
+                        env[node.name] = self._secret(node, env)
+                else:
+                    env[node.name] = self._public(node, env)
+            except InterpreterError:
+                raise
+            except Exception as e:
+                raise InterpreterError(f"node {node.name} ({node.op}) in {node.origin or 'top level'}: "
+                                       f"{type(e).__name__}: {e}") from e
+            if node.name in wanted:
+                seen[node.name] = env[node.name]
+        return [env[o] for o in self.graph.outputs], seen
+
+    # ---- public nodes: plaintext torch ---------------------------------------------
+    def _public(self, node: Node, env: dict[str, Any]) -> Any:
+        args = _resolve(node.args, env)
+        kwargs = _resolve(node.kwargs, env)
+        return _aten(node.op)(*args, **kwargs)
+
+    # ---- secret nodes: the backend ---------------------------------------------------
+    def _is_secret(self, a: Any) -> bool:
+        return isinstance(a, Ref) and a.name in self.secret
+
+    def _secret(self, node: Node, env: dict[str, Any]) -> Any:
+        ops = self.ops
+        op = node.op
+        a = node.args
+        val = [env[x.name] if isinstance(x, Ref) else _resolve(x, env) for x in a]
+        if op in SHAPE_OPS:
+            return self._shape_op(node, val, env)
+        if op == "aten.linear.default":
+            x, w = self._secret_value(a[0], val[0]), self._secret_value(a[1], val[1])
+            y = ops.matmul(x, ops.map_shape(w, lambda t: t.transpose(-1, -2)))
+            return y if len(val) < 3 or val[2] is None else self._add(y, val[2], a[2])
+        if op in ("aten.matmul.default", "aten.bmm.default", "aten.mm.default"):
+            return ops.matmul(self._secret_value(a[0], val[0]), self._secret_value(a[1], val[1]))
+        if op == "aten.addmm.default":
+            prod = ops.matmul(self._secret_value(a[1], val[1]), self._secret_value(a[2], val[2]))
+            return self._add(prod, val[0], a[0])
+        if op == "aten.add.Tensor":
+            alpha = node.kwargs.get("alpha", 1)
+            y = val[1] if alpha == 1 else self._scale(val[1], a[1], alpha)
+            return self._add(val[0], y, a[1], a[0])
+        if op == "aten.sub.Tensor":
+            alpha = node.kwargs.get("alpha", 1)
+            return self._add(val[0], self._scale(val[1], a[1], -alpha), a[1], a[0])
+        if op == "aten.rsub.Scalar":
+            return ops.add_public(ops.neg(val[0]), float(val[1]))
+        if op == "aten.neg.default":
+            return ops.neg(val[0])
+        if op == "aten.mul.Tensor":
+            if self._is_secret(a[0]) and self._is_secret(a[1]):
+                return ops.mul(val[0], val[1])
+            s, p = (val[0], val[1]) if self._is_secret(a[0]) else (val[1], val[0])
+            return ops.mul_public(s, _public_number(p))
+        if op == "aten.div.Tensor":
+            if self._is_secret(a[1]):
+                return ops.mul(self._secret_value(a[0], val[0]), reciprocal(ops, val[1]))
+            return ops.mul_public(val[0], 1.0 / _public_number(val[1]))
+        if op in ("aten.sum.dim_IntList", "aten.mean.dim"):
+            dims = val[1] if isinstance(val[1], list) else [val[1]]
+            keep = bool(val[2]) if len(val) > 2 else bool(node.kwargs.get("keepdim", False))
+            rank = len(ops.shape(val[0]))
+            out, count = val[0], 1
+            for d in sorted((d % rank for d in dims), reverse=True):
+                count *= ops.shape(out)[d]
+                out = ops.sum(out, d, keep)
+            return ops.mul_public(out, 1.0 / count) if op == "aten.mean.dim" else out
+        if op == "aten.pow.Tensor_Scalar":
+            k = val[1]
+            if not (isinstance(k, int) or float(k).is_integer()) or int(k) < 1:
+                raise InterpreterError(f"node {node.name}: pow with exponent {k} on a secret; "
+                                       "only positive integer powers are supported")
+            out = val[0]
+            for _ in range(int(k) - 1):
+                out = ops.mul(out, val[0])
+            return out
+        if op == "aten.cat.default":
+            parts = [self._secret_value(r, v) for r, v in zip(a[0], val[0])]
+            return ops.concat(parts, val[1] if len(val) > 1 else 0)
+        if op == "secure.gelu":
+            return puma_gelu(ops, val[0])
+        if op == "secure.silu":
+            return puma_silu(ops, val[0])
+        if op == "secure.rsqrt":
+            return rsqrt(ops, val[0])
+        if op == "secure.layer_norm":
+            return layer_norm(ops, val[0], val[1], val[2], eps=node.kwargs["eps"],
+                              newton_iterations=node.kwargs.get("newton_iterations", 0))
+        if op == "secure.embedding":
+            return ops.matmul(val[1], val[0])  # client one-hot (..., L, V) @ table (V, H)
+        if op == "secure.softmax":
+            return self._softmax(node, val[0], val[1])
+        raise InterpreterError(f"no secure implementation of {op} (node {node.name}, in "
+                               f"{node.origin or 'top level'})")
+
+    def _secret_value(self, ref: Any, value: Any) -> Any:
+        return value if self._is_secret(ref) else self.ops.from_public(_as_float(value))
+
+    def _add(self, x: Any, y: Any, y_ref: Any, x_ref: Any = None) -> Any:
+        x_secret = x_ref is None or self._is_secret(x_ref)
+        y_secret = self._is_secret(y_ref)
+        if x_secret and y_secret:
+            return self.ops.add(x, y)
+        if x_secret:
+            return self.ops.add_public(x, _public_number(y))
+        return self.ops.add_public(y, _public_number(x))
+
+    def _scale(self, v: Any, ref: Any, factor: float) -> Any:
+        if self._is_secret(ref):
+            return self.ops.mul_public(v, float(factor))
+        return v * factor
+
+    def _shape_op(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        ops, op, x = self.ops, node.op, val[0]
+        if op == "getitem":
+            return x[val[1]]
+        if op in ("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default"):
+            count = len(_aten(op)(torch.empty(ops.shape(x), device="meta"), *val[1:]))
+            return [ops.map_shape(x, lambda t, i=i: _aten(op)(t, *val[1:])[i]) for i in range(count)]
+        if op == "aten.embedding.default":  # public indices into a secret table
+            idx = torch.as_tensor(val[1]).long()
+            return ops.map_shape(x, lambda t: t[idx.to(t.device)])
+        if op == "aten.index_select.default":
+            idx = torch.as_tensor(val[2]).long()
+            return ops.map_shape(x, lambda t: t.index_select(val[1], idx.to(t.device)))
+        if op == "aten._to_copy.default":
+            dtype = node.kwargs.get("dtype")
+            if dtype is not None and not dtype.is_floating_point:
+                raise InterpreterError(f"node {node.name}: converting a secret to {dtype}")
+            return x
+        if op in ("aten.clone.default", "aten.alias.default", "aten.detach.default",
+                  "aten.contiguous.default"):
+            return x
+        if op in ("aten.view.default", "aten._unsafe_view.default"):
+            return ops.map_shape(x, lambda t: t.reshape(val[1]))
+        fn = _aten(op)
+        rest = val[1:]
+        kwargs = _resolve(node.kwargs, env)
+        return ops.map_shape(x, lambda t: fn(t, *rest, **kwargs))
+
+    def _softmax(self, node: Node, x: Any, mask: Any) -> Any:
+        kw = node.kwargs
+        shape = self.ops.shape(x)
+        keep = None if mask is None else torch.as_tensor(mask).to(torch.bool)
+        if kw.get("causal"):
+            q, k = shape[-2], shape[-1]
+            tril = torch.ones(q, k, dtype=torch.bool).tril(diagonal=k - q)
+            keep = tril if keep is None else keep & tril
+        if kw["kind"] == "power":
+            return power_softmax(self.ops, x, p=kw["p"], eps=kw["eps"],
+                                 mask=None if keep is None else keep.to(torch.float64),
+                                 upper=kw["upper"], iterations=kw["iterations"])
+        bias = None
+        if keep is not None:
+            bias = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, MASK_BIAS_FLOOR)
+        return puma_softmax(self.ops, x, t=kw["t"], exp_order=kw["exp_order"], mask_bias=bias)
+
+
+def _resolve(v: Any, env: dict[str, Any]) -> Any:
+    if isinstance(v, Ref):
+        return env[v.name]
+    if isinstance(v, list):
+        return [_resolve(x, env) for x in v]
+    if isinstance(v, dict):
+        return {k: _resolve(x, env) for k, x in v.items()}
+    return v
+
+
+def _as_float(v: Any) -> torch.Tensor:
+    return torch.as_tensor(v).to(torch.float64)
+
+
+def _public_number(v: Any) -> float | torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.to(torch.float64)
+    return float(v)
+
+
+def embedding_vocab(graph: Graph, name: str) -> int | None:
+    """Vocabulary size if input ``name`` holds token ids for a secure embedding, else None."""
+    for n in graph.nodes:
+        if n.op == "secure.embedding" and isinstance(n.args[1], Ref) and n.args[1].name == name:
+            return graph.weights[n.args[0].name].shape[0]
+    return None
+
+
+def client_input(graph: Graph, name: str, value: torch.Tensor) -> torch.Tensor:
+    """The float form of a client input: a one-hot matrix for token ids that feed
+    ``secure.embedding``, else the float tensor itself."""
+    vocab = embedding_vocab(graph, name)
+    if vocab is None:
+        return value.to(torch.float64)
+    return torch.nn.functional.one_hot(value.long(), vocab).to(torch.float64)
