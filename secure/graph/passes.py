@@ -213,8 +213,26 @@ def rewrite_rsqrt(graph: Graph) -> Graph:
     return _map_nodes(graph, fn)
 
 
+_RESHAPES = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
+             "aten.unsqueeze.default", "aten.squeeze.dim", "aten.flatten.using_ints",
+             "aten.clone.default", "aten.alias.default", "aten.contiguous.default"}
+
+
+def _client_source(graph: Graph, ref: Ref, client: set[str]) -> str | None:
+    """The client input that ``ref`` is a reshaped copy of, or None."""
+    producers = {n.name: n for n in graph.nodes}
+    name = ref.name
+    while name not in client:
+        node = producers.get(name)
+        if node is None or node.op not in _RESHAPES or not isinstance(node.args[0], Ref):
+            return None
+        name = node.args[0].name
+    return name
+
+
 def rewrite_embedding(graph: Graph) -> Graph:
-    """aten.embedding(table, ids) with the client's ids -> secure.embedding (client one-hot).
+    """aten.embedding(table, ids) with the client's ids (possibly reshaped) ->
+    secure.embedding(table, ids, shape): a product with the client's one-hot.
 
     Lookups with public indices (positions, token types) stay: the interpreter gathers rows
     of the shared table locally, for free.
@@ -225,14 +243,29 @@ def rewrite_embedding(graph: Graph) -> Graph:
         if n.op != "aten.embedding.default":
             return None
         table, ids = n.args[0], n.args[1]
-        if isinstance(ids, Ref) and ids.name in client:
-            return _replace(n, "secure.embedding", [table, ids])
-        if isinstance(ids, Ref) and ids.name in graph.secret_names():
+        if not isinstance(ids, Ref) or ids.name not in graph.secret_names():
+            return None
+        source = _client_source(graph, ids, client)
+        if source is None:
             raise UnsupportedOpError(f"embedding indexed by a computed secret ({ids.name}, node "
                                      f"{n.name}): only the client's token ids are supported")
-        return None
+        shape = n.spec.shape if n.spec else None
+        return _replace(n, "secure.embedding", [table, Ref(source)], {"shape": shape})
 
-    return _map_nodes(graph, fn)
+    return eliminate_dead_nodes(_map_nodes(graph, fn))
+
+
+def eliminate_dead_nodes(graph: Graph) -> Graph:
+    """Drop nodes whose values nothing reads (e.g. reshapes of ids now read as one-hot)."""
+    live = set(graph.outputs)
+    kept: list[Node] = []
+    for n in reversed(graph.nodes):
+        if n.name in live:
+            kept.append(n)
+            live.update(n.refs())
+    out = copy.copy(graph)
+    out.nodes = list(reversed(kept))
+    return out
 
 
 SHAPE_OPS = {

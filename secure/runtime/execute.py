@@ -36,6 +36,13 @@ def run_float(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, 
     return Interpreter(graph, FloatOps()).run(values, prepared, observe)
 
 
+def run_reference(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+                  observe: Iterable[str] = ()) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The unrewritten graph in plain float64 torch (exact functions), node by node."""
+    values = {k: v.to(torch.float64) for k, v in weights.items()}
+    return Interpreter(graph, None).run(values, dict(inputs), observe)
+
+
 def deal_weights(weights: dict[str, torch.Tensor], fp: FixedPoint,
                  device: torch.device | str = "cpu") -> list[dict[str, sh.AShare]]:
     """The model owner's side: each party's shares of every weight."""

@@ -49,14 +49,16 @@ class Interpreter:
     """Runs a Graph on one backend.
 
     ``trace(node)`` returns a context manager around each secret node (the profiler uses
-    it for per-layer breakdowns).
+    it for per-layer breakdowns). With ``ops=None`` every node runs in plain torch: the
+    exact reference of an unrewritten graph, node by node.
     """
 
-    def __init__(self, graph: Graph, ops: SecureOps, trace: Trace = no_trace) -> None:
+    def __init__(self, graph: Graph, ops: SecureOps | None, trace: Trace = no_trace) -> None:
         self.graph = graph
         self.ops = ops
         self.trace = trace
-        self.secret = graph.secret_names()
+        # without a backend every node runs as plain torch: the exact reference of a graph
+        self.secret = graph.secret_names() if ops is not None else set()
 
     def run(self, weights: dict[str, Any], inputs: dict[str, Any],
             observe: Iterable[str] = ()) -> tuple[list[Any], dict[str, Any]]:
@@ -72,7 +74,7 @@ class Interpreter:
         seen: dict[str, Any] = {}
         for node in self.graph.nodes:
             try:
-                if node.secret:
+                if node.name in self.secret:
                     with self.trace(node):
                         env[node.name] = self._secret(node, env)
                 else:
@@ -162,8 +164,10 @@ class Interpreter:
         if op == "secure.layer_norm":
             return layer_norm(ops, val[0], val[1], val[2], eps=node.kwargs["eps"],
                               newton_iterations=node.kwargs.get("newton_iterations", 0))
-        if op == "secure.embedding":
-            return ops.matmul(val[1], val[0])  # client one-hot (..., L, V) @ table (V, H)
+        if op == "secure.embedding":  # client one-hot (*ids, V) @ table (V, H)
+            rows = ops.matmul(val[1], val[0])
+            shape = node.kwargs.get("shape")
+            return rows if shape is None else ops.map_shape(rows, lambda t: t.reshape(shape))
         if op == "secure.softmax":
             return self._softmax(node, val[0], val[1])
         raise InterpreterError(f"no secure implementation of {op} (node {node.name}, in "
