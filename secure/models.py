@@ -90,3 +90,16 @@ def tiny_bert(vocab_size: int = 200, layers: int = 2, hidden: int = 32, heads: i
                         num_attention_heads=heads, intermediate_size=4 * hidden,
                         max_position_embeddings=128, attn_implementation="sdpa")
     return BertModel(config).eval()
+
+
+def tiny_llama(vocab_size: int = 256, layers: int = 2, hidden: int = 64, heads: int = 4,
+               seed: int = 0) -> nn.Module:
+    """A LLaMA-style causal LM (RMSNorm, SiLU MLP, rotary positions) with random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                         attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()

@@ -21,7 +21,7 @@ from secure.graph.passes import (
     rewrite_layer_norm,
     rewrite_softmax,
 )
-from secure.models import CausalLM, SentenceEncoder, tiny_bert, tiny_gpt2
+from secure.models import CausalLM, SentenceEncoder, tiny_bert, tiny_gpt2, tiny_llama
 from secure.runtime.execute import deal_inputs, deal_weights, run_float, run_mpc, run_reference
 
 
@@ -151,13 +151,16 @@ def test_tiny_bert_on_three_parties_matches_float_and_reports_layers(bert_graph,
         assert seen[node].shape == float_seen[node].shape
 
 
-def test_gpt2_causal_capture_rewrite_and_three_party_top1(cluster):
-    lm = CausalLM(tiny_gpt2())
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_causal_capture_rewrite_and_three_party_top1(cluster, make):
+    lm = CausalLM(make())
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
     inputs = {"input_ids": ids, "attention_mask": torch.ones(1, 16, dtype=torch.long)}
     graph, weights = capture(lm, inputs)
     secure = rewrite(graph, OURS)
     assert secure.op_counts().get("secure.softmax") == 2
+    if make is tiny_llama:  # RMSNorm's rsqrt and the SiLU MLP
+        assert secure.op_counts().get("secure.rsqrt") == 5 and secure.op_counts().get("secure.silu") == 2
     (out,), _ = run_mpc(cluster, secure, deal_weights(weights, cluster.fp),
                         deal_inputs(secure, inputs, cluster.fp))
     with torch.no_grad():
