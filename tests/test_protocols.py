@@ -266,3 +266,26 @@ def test_binary_and_and_bit_decomposition(runner, cluster):
     value, is_binary = out[0]
     assert is_binary
     assert torch.equal(value, x & y)
+
+
+def test_backend_edge_cases_found_by_the_fixed_point_simulation(cluster, runner):
+    """Integral inputs to frexp and fractional thresholds on bits; range checks on
+    dot_public; small coefficients keep their precision."""
+    from secure.mpc.backend import MpcOps
+
+    three = runner.share(torch.tensor([3, 1, 0]), integral=True)
+    m, e = runner.run(lambda p, a: list(cmp.frexp(p, a[:2], lambda k: float(k))), three)
+    assert torch.allclose(m, torch.tensor([0.75, 0.5], dtype=torch.float64), atol=ULP)
+    assert torch.equal(e, torch.tensor([2.0, 1.0], dtype=torch.float64))
+    (below_half,) = runner.run(lambda p, a: cmp.less_than_public(p, a, [0.5]), three)
+    assert torch.equal(below_half, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+
+    x = runner.share(torch.full((4,), 300.0, dtype=torch.float64))
+    out = runner.run(lambda p, a: MpcOps(p).mul_public(a, 1 / 384), x)
+    assert float((out - 300 / 384).abs().max()) <= 4 * ULP  # not 683/2^18 per unit
+    out = runner.run(lambda p, a: MpcOps(p).dot_public([a], [1 / 384], bias=1e-3), x)
+    assert float((out - (300 / 384 + 1e-3)).abs().max()) <= 4 * ULP
+    with pytest.raises(PartyFailure, match="out of range"):
+        cluster.run(lambda p, a: MpcOps(p).dot_public([a], [1.0], bias=2.0**28), [(s,) for s in x])
+    with pytest.raises(PartyFailure, match="at least one term"):
+        cluster.run(lambda p, a: MpcOps(p).dot_public([], []), [(s,) for s in x])

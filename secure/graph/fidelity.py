@@ -28,7 +28,14 @@ from secure.graph.ir import Graph
 from secure.graph.passes import RECIPES, Recipe, power_recipe, rewrite
 from secure.models import CausalLM, SentenceEncoder, load_minilm, tiny_gpt2
 from secure.mpc.engine import LocalCluster
-from secure.runtime.execute import deal_inputs, deal_weights, run_float, run_mpc, run_reference
+from secure.runtime.execute import (
+    deal_inputs,
+    deal_weights,
+    run_fixed,
+    run_float,
+    run_mpc,
+    run_reference,
+)
 
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks)\.(\d+)(?:\.|$)")
 
@@ -104,8 +111,6 @@ class _Backends:
         if name == "float":
             return run_float(graph, self.weights, batch, observe)
         if name == "fixed":
-            from secure.runtime.execute import run_fixed
-
             return run_fixed(graph, self.weights, batch, observe)
         return run_mpc(self.cluster, graph, self.shares, deal_inputs(graph, batch, self.cluster.fp), observe)
 

@@ -15,6 +15,7 @@ from secure.mpc import arithmetic as ar
 from secure.mpc import compare as cmp
 from secure.mpc import shares as sh
 from secure.mpc.party import Party
+from secure.mpc.ring import FixedPointOverflowError, coefficient_extra_bits
 from secure.mpc.shares import AShare
 
 
@@ -68,11 +69,12 @@ class MpcOps:
         return sh.add_ring_public(x, self._encode(c, x.frac_bits), self.party.id)
 
     def mul_public(self, x: AShare, c: Public) -> AShare:
+        self.party.fp.encode(c)  # range check with a clear error
         if _is_integral(c):
             return sh.mul_ring_public(x, self._encode(c, 0))
-        self.party.fp.encode(c)
-        c_ring = self._encode(c, self.frac_bits)
-        scaled = AShare(x.a * c_ring, x.b * c_ring, x.owner, x.frac_bits + self.frac_bits)
+        k = coefficient_extra_bits([c]) if not isinstance(c, torch.Tensor) else 0
+        c_ring = self._encode(c, self.frac_bits + k)
+        scaled = AShare(x.a * c_ring, x.b * c_ring, x.owner, x.frac_bits + self.frac_bits + k)
         return ar.to_scale(self.party, [scaled])[0]
 
     def sum(self, x: AShare, dim: int, keepdim: bool = False) -> AShare:
@@ -82,15 +84,23 @@ class MpcOps:
                    ) -> AShare:
         if len(terms) != len(coeffs):
             raise ValueError(f"dot_public: {len(terms)} terms but {len(coeffs)} coefficients")
+        if not terms:
+            raise ValueError("dot_public needs at least one term")
         f = self.frac_bits
+        k = coefficient_extra_bits(coeffs)
+        scale = 2 * f + k
+        self.party.fp.encode(torch.tensor([*coeffs, bias], dtype=torch.float64))
+        if abs(bias) >= 2.0 ** (62 - scale):
+            raise FixedPointOverflowError(f"dot_public: bias {bias:g} is out of range at scale 2^{scale}")
         acc: AShare | None = None
         for t, c in zip(terms, coeffs):
             if t.frac_bits != f:
                 t = sh.lift(t, f) if t.frac_bits < f else ar.to_scale(self.party, [t])[0]
-            term = AShare(t.a * self._encode(c, f), t.b * self._encode(c, f), t.owner, 2 * f)
+            c_ring = self._encode(c, f + k)
+            term = AShare(t.a * c_ring, t.b * c_ring, t.owner, scale)
             acc = term if acc is None else sh.add(acc, term)
-        assert acc is not None, "dot_public needs at least one term"
-        acc = sh.add_ring_public(acc, self._encode(bias, 2 * f), self.party.id)
+        assert acc is not None
+        acc = sh.add_ring_public(acc, self._encode(bias, scale), self.party.id)
         return ar.to_scale(self.party, [acc])[0]
 
     def mul(self, x: AShare, y: AShare) -> AShare:

@@ -42,7 +42,13 @@ def less_than(party: Party, x: AShare, y: AShare) -> AShare:
 
 
 def less_than_public(party: Party, x: AShare, thresholds: Sequence[float]) -> list[AShare]:
-    """[1{x < c}] for each public real c, one MSB pass for all thresholds."""
+    """[1{x < c}] for each public real c, one MSB pass for all thresholds.
+
+    An integral x (a bit, a count) compared with a fractional c is lifted to scale f first.
+    """
+    if x.frac_bits < party.fp.frac_bits and not all(float(c).is_integer() for c in thresholds):
+        x = sh.lift(x, party.fp.frac_bits)
+    party.fp.encode(torch.tensor(list(thresholds), dtype=torch.float64))  # range check
     scale = 1 << x.frac_bits
     diffs = [sh.add_ring_public(x, torch.tensor(-round(c * scale), dtype=torch.int64,
                                                 device=x.device), party.id)
@@ -118,8 +124,13 @@ def frexp(party: Party, x: AShare, exponent_fn: Callable[[int], float],
     2^-f <= x < 2^(f + extra_bits) (3.8e-6 to 6.7e7 for f = 18); outside it the result is
     meaningless. exponent_fn values are clamped to the fixed-point range.
     """
-    (x,) = to_scale(party, [x])
     f = party.fp.frac_bits
+    if 2 * f + extra_bits > 63:
+        raise ValueError(f"frexp needs 2 frac_bits + extra_bits <= 63 (its table holds 2^(2f+extra-1)), "
+                         f"got frac_bits={f}, extra_bits={extra_bits}")
+    (x,) = to_scale(party, [x])
+    if x.frac_bits < f:
+        x = sh.lift(x, f)
     positions = 2 * f + extra_bits
     dabits = _DaBits(party, torch.Size((*x.shape, positions)))
     word = bit_decompose(party, x, dabits)

@@ -19,6 +19,8 @@ nature; :func:`decode` cannot detect it.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,3 +97,20 @@ def logical_right_shift(a: torch.Tensor, bits: int) -> torch.Tensor:
 def arithmetic_right_shift(a: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed a >> bits (floor division by 2^bits of the signed reading)."""
     return a >> bits
+
+
+MAX_EXTRA_COEFF_BITS = 20
+
+
+def coefficient_extra_bits(coeffs: Sequence[float]) -> int:
+    """Extra fraction bits for small public coefficients: k with 2^k max|c| in [0.5, 1).
+
+    A coefficient c encoded with f + k bits keeps about f significant bits (1/384 at
+    f = 18 would otherwise be 683/2^18, 5e-4 off), while the product x*c at scale 2f + k
+    is no larger in ring units than a product with a coefficient near 1, so truncation's
+    failure probability does not grow.
+    """
+    largest = max((abs(float(c)) for c in coeffs), default=0.0)
+    if largest == 0.0 or largest >= 0.5:
+        return 0
+    return min(MAX_EXTRA_COEFF_BITS, int(-math.floor(math.log2(largest))) - 1)

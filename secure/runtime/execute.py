@@ -2,6 +2,8 @@
 (sharing weights and inputs) and the reconstruction of the outputs.
 
 * :func:`run_float` -- the secure forms on plaintext floats (fidelity of the rewrite);
+* :func:`run_fixed` -- the fixed-point simulation (the arithmetic error of MPC, fast);
+* :func:`run_reference` -- the unrewritten graph in plain float64 torch;
 * :func:`run_mpc` -- the three-party engine: the model owner deals weight shares, the
   client deals its inputs (token ids as PRG-compressed one-hot shares), the three
   parties run the interpreter in lockstep, and only the client reconstructs.
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from secure.approx.fixed_backend import FixedPointOps
 from secure.approx.float_backend import FloatOps
 from secure.graph.ir import Graph, Node
 from secure.mpc import shares as sh
@@ -34,6 +37,26 @@ def run_float(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, 
     prepared = {i.name: client_input(graph, i.name, inputs[i.name]) if i.kind == "client"
                 else inputs[i.name] for i in graph.inputs}
     return Interpreter(graph, FloatOps()).run(values, prepared, observe)
+
+
+def run_fixed(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+              observe: Iterable[str] = (), fixed_point: FixedPoint | None = None, seed: int = 0
+              ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The graph on the fixed-point simulation (plain ring values, truncation with the
+    protocol's 0/1 error distribution): the MPC result's error without three parties."""
+    ops = FixedPointOps(fixed_point or FixedPoint(), truncation="probabilistic", seed=seed)
+    values = {k: ops.encode(v.to(torch.float64)) for k, v in weights.items()}
+    prepared: dict[str, Any] = {}
+    for spec in graph.inputs:
+        value = inputs[spec.name]
+        if spec.kind == "public":
+            prepared[spec.name] = value
+        elif embedding_vocab(graph, spec.name) is not None:
+            prepared[spec.name] = ops.encode(client_input(graph, spec.name, value), frac_bits=0)
+        else:
+            prepared[spec.name] = ops.encode(value.to(torch.float64))
+    outs, seen = Interpreter(graph, ops).run(values, prepared, observe)
+    return [ops.decode(o) for o in outs], {k: ops.decode(v) for k, v in seen.items()}
 
 
 def run_reference(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
