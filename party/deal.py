@@ -1,0 +1,114 @@
+"""Model dealing: the owner compiles a model with a recipe and deals weight shares.
+
+    python -m party.deal --model minilm --recipe ours --out deal/
+
+writes ``party0.pt``, ``party1.pt``, ``party2.pt`` (one per party: the rewritten graphs
+for each padded length and that party's pair of every weight's shares) and
+``model.json`` (what clients may know: model name, lengths, inputs). No party file holds
+plain weights. Two of the three share components are PRG-expanded from 128-bit seeds
+(as the client does for its one-hot), so party 0's file holds seeds only and the others
+one dense component each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from secure.graph.capture import capture
+from secure.graph.passes import RECIPES, Recipe
+from secure.graph.passes import rewrite as rewrite_graph
+from secure.models import SentenceEncoder, load_minilm
+from secure.mpc.embedding import SeededComponent
+from secure.mpc.randomness import random_key
+from secure.mpc.ring import FixedPoint
+from secure.runtime.interpreter import embedding_vocab
+
+FORMAT = 1
+DEFAULT_SEQ_LENS = (16, 32, 64, 128)
+
+
+def _component(c: SeededComponent | torch.Tensor) -> dict[str, Any]:
+    if isinstance(c, SeededComponent):
+        return {"seed": torch.frombuffer(bytearray(c.seed), dtype=torch.uint8).clone()}
+    return {"dense": c}
+
+
+def deal_weight(value: torch.Tensor, fp: FixedPoint) -> list[tuple[dict, dict]]:
+    """The three parties' pairs for one weight: x_0, x_1 from seeds, x_2 = W - x_0 - x_1."""
+    ring = fp.encode(value.to(torch.float64))
+    s0, s1 = SeededComponent(random_key()), SeededComponent(random_key())
+    shape = tuple(ring.shape)
+    x2 = ring - s0.expand(shape, "cpu") - s1.expand(shape, "cpu")
+    return [(_component(s0), _component(s1)), (_component(s1), _component(x2)),
+            (_component(x2), _component(s0))]
+
+
+def deal_model(model: torch.nn.Module, example: dict[str, torch.Tensor], make_inputs: Any, model_name: str,
+               recipe: Recipe, out: Path, seq_lens: tuple[int, ...] = DEFAULT_SEQ_LENS,
+               fp: FixedPoint | None = None, progress: bool = True) -> dict[str, Any]:
+    """Capture ``model`` at every padded length, rewrite, deal, and write the party files."""
+    fp = fp or FixedPoint()
+    out.mkdir(parents=True, exist_ok=True)
+    graphs: dict[int, str] = {}
+    weights: dict[str, torch.Tensor] = {}
+    info_inputs: list[dict[str, Any]] = []
+    for seq in tqdm(seq_lens, desc="capture and rewrite", disable=not progress):
+        graph, w = capture(model, make_inputs(seq), meta={"model": model_name, "seq_len": seq})
+        secure_graph = rewrite_graph(graph, recipe)
+        graphs[seq] = secure_graph.to_json()
+        weights = weights or w
+        if not info_inputs:
+            info_inputs = [{"name": i.name, "kind": i.kind, "vocab_size": embedding_vocab(secure_graph, i.name) or 0}
+                           for i in secure_graph.inputs]
+    per_party: list[dict[str, Any]] = [{} for _ in range(3)]
+    for name, value in tqdm(weights.items(), desc="deal weight shares", disable=not progress):
+        for i, pair in enumerate(deal_weight(value, fp)):
+            per_party[i][name] = {"shape": list(value.shape), "first": pair[0], "second": pair[1]}
+    for i in range(3):
+        torch.save({"format": FORMAT, "party": i, "model": model_name, "recipe": recipe.to_dict(),
+                    "frac_bits": fp.frac_bits, "graphs": graphs, "weights": per_party[i]}, out / f"party{i}.pt")
+    info = {"model": model_name, "seq_lens": list(seq_lens), "inputs": info_inputs, "recipe": recipe.name,
+            "frac_bits": fp.frac_bits}
+    (out / "model.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def deal_minilm(out: Path, recipe: Recipe, seq_lens: tuple[int, ...] = DEFAULT_SEQ_LENS,
+                fp: FixedPoint | None = None, progress: bool = True) -> dict[str, Any]:
+    """Deal the shipped all-MiniLM-L6-v2 sentence encoder."""
+    encoder, tokenizer = load_minilm()
+
+    def make_inputs(seq: int) -> dict[str, torch.Tensor]:
+        enc = tokenizer(["dealing"], padding="max_length", max_length=seq, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    return deal_model(SentenceEncoder(encoder), make_inputs(seq_lens[0]), make_inputs, "minilm", recipe, out,
+                      seq_lens, fp, progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="minilm", choices=["minilm"])
+    ap.add_argument("--recipe", default="ours", choices=sorted(RECIPES))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seq-lens", default=",".join(map(str, DEFAULT_SEQ_LENS)))
+    ap.add_argument("--frac-bits", type=int, default=18)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    seq_lens = tuple(int(s) for s in args.seq_lens.split(","))
+    deal_minilm(args.out, RECIPES[args.recipe], seq_lens, FixedPoint(args.frac_bits))
+    sizes = [round((args.out / f"party{i}.pt").stat().st_size / 1e6, 1) for i in range(3)]
+    print(f"dealt {args.model} ({args.recipe}) for lengths {list(seq_lens)} into {args.out} in "
+          f"{time.perf_counter() - t0:.1f} s; party files {sizes} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
