@@ -75,6 +75,13 @@ class Mailbox:
                 self._messages[key][int(frame.seq)] = done
                 self._cond.notify_all()
 
+    def abort(self, query_id: str, reason: str) -> None:
+        """Fail the query's pending and future receives on this party at once."""
+        with self._cond:
+            if query_id not in self._finished:
+                self._aborted.setdefault(query_id, reason)
+                self._cond.notify_all()
+
     def take(self, query_id: str, sender: int, seq: int, deadline_s: float, me: int) -> list[torch.Tensor]:
         """Message ``seq`` from ``sender`` for ``query_id``; waits up to the deadline."""
         key = (query_id, sender)

@@ -1,0 +1,234 @@
+"""Client SDK: tokenize locally, secret-share the query, gather and open the answer.
+
+    client = SecureClient(ClusterConfig.load("cluster.json"), token="...")
+    result = client.embed("How private is this question?")
+    result.embedding        # the sentence embedding, reconstructed by the client only
+
+Each party receives only its own pair of shares (for token ids: the PRG-compressed
+one-hot, so party 0 receives two 16-byte seeds) and returns its pair of the output
+shares; no party ever sees the text, the token ids or the answer.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+
+from party.config import ClusterConfig
+from protos import load as load_protos
+from secure.mpc.embedding import SeededComponent, client_onehot_shares
+from secure.mpc.ring import FixedPoint
+from secure.mpc.shares import deal_shares
+from secure.transport.wire import TensorAssembler, tensor_chunks
+
+pb2, pb2_grpc = load_protos()
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+
+
+class QueryFailed(RuntimeError):
+    """A query failed on at least one party; ``code`` is the first gRPC status."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class QueryResult:
+    outputs: list[torch.Tensor]
+    seconds: float
+    party_seconds: list[float]
+    bytes_sent: list[int]
+    rounds: int
+    upload_bytes: list[int]
+    spans: list[dict[str, Any]] = field(default_factory=list)  # party 0's per-part breakdown
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        return self.outputs[0]
+
+
+class SecureClient:
+    """Talks to the three parties of a cluster."""
+
+    def __init__(self, cfg: ClusterConfig, token: str, timeout_s: float | None = None) -> None:
+        self.cfg = cfg
+        self.token = token
+        self.timeout_s = timeout_s or cfg.deadline_s * 4
+        self.fp = FixedPoint(cfg.frac_bits)
+        self._channels = [self._channel(cfg.party(i).client_address) for i in range(3)]
+        self.stubs = [pb2_grpc.PartyStub(c) for c in self._channels]
+        self._info: Any = None
+        self._tokenizer: Any = None
+
+    def _channel(self, target: str) -> grpc.Channel:
+        if self.cfg.ca is None:
+            return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(self.cfg.ca.read_bytes()),
+                                   options=CHANNEL_OPTIONS)
+
+    def close(self) -> None:
+        for c in self._channels:
+            c.close()
+
+    def __enter__(self) -> SecureClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def health(self, timeout_s: float = 2.0) -> list[bool]:
+        """Readiness of each party (False where it does not answer)."""
+        out = []
+        for stub in self.stubs:
+            try:
+                out.append(bool(stub.Health(pb2.HealthRequest(), timeout=timeout_s).ready))
+            except grpc.RpcError:
+                out.append(False)
+        return out
+
+    def describe(self) -> Any:
+        if self._info is None:
+            try:
+                self._info = self.stubs[0].Describe(pb2.DescribeRequest(client_token=self.token), timeout=10)
+            except grpc.RpcError as e:
+                raise QueryFailed(f"describe failed: {e.code().name}: {e.details()}", e.code()) from None
+        return self._info
+
+    # ---- high level: sentence embeddings ------------------------------------------------
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            if self.cfg.model != "minilm":
+                raise ValueError(f"no tokenizer known for model {self.cfg.model!r}")
+            from secure.models import load_minilm
+
+            self._tokenizer = load_minilm()[1]
+        return self._tokenizer
+
+    def encode_text(self, text: str) -> dict[str, torch.Tensor]:
+        """Tokenize and pad to the smallest dealt length that holds the text (truncating to the
+        longest)."""
+        lengths = sorted(self.describe().seq_lens)
+        tok = self.tokenizer()
+        n = len(tok(text, truncation=True, max_length=lengths[-1])["input_ids"])
+        seq = next((s for s in lengths if s >= n), lengths[-1])
+        enc = tok([text], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def embed(self, text: str, trace: bool = False, progress: Callable[[int, int], None] | None = None
+              ) -> QueryResult:
+        """The sentence embedding of ``text`` (mean pooled, not normalised)."""
+        return self.query(self.encode_text(text), trace=trace, progress=progress)
+
+    # ---- low level: any inputs ---------------------------------------------------------
+    def _parts_for(self, inputs: dict[str, torch.Tensor], seq_len: int, query_id: str, trace: bool
+                   ) -> tuple[list[list[Any]], list[int]]:
+        info = self.describe()
+        per_party: list[list[Any]] = [[pb2.QueryPart(header=pb2.QueryHeader(
+            query_id=query_id, model=self.cfg.model, client_token=self.token, seq_len=seq_len, want_trace=trace))]
+            for _ in range(3)]
+        upload = [0, 0, 0]
+
+        def add(i: int, name: str, kind: str, part: int, t: torch.Tensor) -> None:
+            for chunk in tensor_chunks(t, pb2.TensorChunk):
+                per_party[i].append(pb2.QueryPart(input=pb2.InputChunk(name=name, kind=kind, part=part, chunk=chunk)))
+                upload[i] += len(chunk.data)
+
+        for spec in info.inputs:
+            if spec.name not in inputs:
+                raise ValueError(f"missing input {spec.name!r}; the model takes {[s.name for s in info.inputs]}")
+            value = inputs[spec.name]
+            if spec.kind == "public":
+                for i in range(3):
+                    add(i, spec.name, "public", 0, value)
+            elif spec.vocab_size > 0:
+                for i, share in enumerate(client_onehot_shares(value, int(spec.vocab_size))):
+                    for part, comp in enumerate((share.first, share.second)):
+                        if isinstance(comp, SeededComponent):
+                            add(i, spec.name, "seed", part, torch.frombuffer(bytearray(comp.seed), dtype=torch.uint8))
+                        else:
+                            add(i, spec.name, "share", part, comp)
+            else:
+                for i, share in enumerate(deal_shares(self.fp.encode(value.to(torch.float64)), self.fp.frac_bits)):
+                    add(i, spec.name, "share", 0, share.a)
+                    add(i, spec.name, "share", 1, share.b)
+        return per_party, upload
+
+    def query(self, inputs: dict[str, torch.Tensor], trace: bool = False,
+              progress: Callable[[int, int], None] | None = None, query_id: str | None = None) -> QueryResult:
+        """Share ``inputs`` to the three parties, run, and reconstruct the outputs."""
+        seq_len = int(inputs["input_ids"].shape[-1]) if "input_ids" in inputs else int(
+            next(iter(inputs.values())).shape[-1])
+        query_id = query_id or uuid.uuid4().hex
+        parts, upload = self._parts_for(inputs, seq_len, query_id, trace)
+        results: list[Any] = [None, None, None]
+        errors: queue.Queue = queue.Queue()
+        calls = [self.stubs[i].Query(iter(parts[i]), timeout=self.timeout_s) for i in range(3)]
+        t0 = time.perf_counter()
+
+        def call(i: int) -> None:
+            try:
+                results[i] = self._collect(calls[i], progress if i == 0 else None)
+            except grpc.RpcError as e:
+                errors.put((i, e))
+                for j, other in enumerate(calls):  # the others would only wait for their deadline
+                    if j != i:
+                        other.cancel()
+
+        threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if not errors.empty():
+            failures = []
+            while not errors.empty():
+                failures.append(errors.get())
+            # the party that failed first explains best: cancelled and aborted calls come last
+            failures.sort(key=lambda f: (f[1].code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED), f[0]))
+            i, e = failures[0]
+            detail = "; ".join(f"party {j}: {err.code().name}: {err.details()}" for j, err in failures)
+            raise QueryFailed(f"query {query_id} failed: {detail}", e.code())
+        outputs = []
+        for index in range(len(results[0]["outputs"])):
+            pairs = [r["outputs"][index] for r in results]
+            ring = pairs[0][0] + pairs[1][0] + pairs[2][0]  # x_0 + x_1 + x_2
+            if not all(torch.equal(pairs[k][1], pairs[(k + 1) % 3][0]) for k in range(3)):
+                raise QueryFailed(f"query {query_id}: the parties' output shares are inconsistent")
+            outputs.append(self.fp.decode(ring, results[0]["frac_bits"][index]))
+        return QueryResult(outputs, time.perf_counter() - t0, [r["done"].seconds for r in results],
+                           [int(r["done"].bytes_sent) for r in results], int(results[0]["done"].rounds), upload,
+                           [{"name": s.name, "seconds": s.seconds, "bytes_sent": s.bytes_sent, "rounds": s.rounds}
+                            for s in results[0]["done"].spans])
+
+    @staticmethod
+    def _collect(events: Iterator[Any], progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+        assemblers: dict[tuple[int, int], TensorAssembler] = {}
+        outputs: dict[int, list[torch.Tensor | None]] = {}
+        frac_bits: dict[int, int] = {}
+        done = None
+        for ev in events:
+            if ev.HasField("progress") and progress is not None:
+                progress(ev.progress.done, ev.progress.total)
+            elif ev.HasField("output"):
+                o = ev.output
+                asm = assemblers.setdefault((o.index, o.part), TensorAssembler(1 << 34))
+                t = asm.add(o.chunk)
+                if t is not None:
+                    outputs.setdefault(o.index, [None, None])[o.part] = t
+                    frac_bits[o.index] = o.frac_bits
+            elif ev.HasField("done"):
+                done = ev.done
+        if done is None:
+            raise QueryFailed("a party closed the stream without finishing")
+        ordered = [outputs[k] for k in sorted(outputs)]
+        return {"outputs": ordered, "frac_bits": [frac_bits[k] for k in sorted(outputs)], "done": done}

@@ -1,0 +1,161 @@
+"""Launch a local three-party cluster on loopback: certificates, dealing, configuration,
+and one process per party node.
+
+Used by the main job and the tests::
+
+    with LocalCluster(Path("/tmp/cluster")) as nodes:
+        client = nodes.client()
+        print(client.embed("hello").embedding)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from client.sdk import SecureClient
+from party.certs import make_cluster_certs
+from party.config import ClusterConfig, token_digest
+from party.deal import DEFAULT_SEQ_LENS, deal_minilm
+from secure.graph.passes import RECIPES
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on loopback."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+class LocalNodes:
+    """Three party processes on 127.0.0.1 serving a dealt all-MiniLM-L6-v2."""
+
+    def __init__(self, workdir: Path, recipe: str = "ours", seq_lens: tuple[int, ...] = DEFAULT_SEQ_LENS,
+                 tls: bool = True, deadline_s: float = 30.0, progress: bool = True) -> None:
+        self.dir = workdir
+        self.recipe = recipe
+        self.seq_lens = seq_lens
+        self.tls = tls
+        self.deadline_s = deadline_s
+        self.progress = progress
+        self.procs: list[subprocess.Popen | None] = [None, None, None]
+        self.token = ""
+        self.config_path = self.dir / "cluster.json"
+
+    # ---- set-up ------------------------------------------------------------------------
+    def prepare(self) -> ClusterConfig:
+        """Certificates, dealt shares (reused when the same recipe and lengths are there), config."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        deal_dir = self.dir / "deal"
+        info_path = deal_dir / "model.json"
+        wanted = {"recipe": self.recipe, "seq_lens": list(self.seq_lens)}
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        if {k: info.get(k) for k in wanted} != wanted:
+            deal_minilm(deal_dir, RECIPES[self.recipe], self.seq_lens, progress=self.progress)
+        ca = None
+        leaves: list[tuple[Path | None, Path | None]] = [(None, None)] * 3
+        if self.tls:
+            ca, pairs = make_cluster_certs(self.dir / "certs")
+            leaves = list(pairs)
+        self.token = secrets.token_urlsafe(24)
+        (self.dir / "client_token").write_text(self.token)
+        (self.dir / "client_token").chmod(0o600)
+        ports = free_ports(6)
+        raw = {
+            "model": "minilm", "frac_bits": 18, "deadline_s": self.deadline_s,
+            "client_token_sha256": [token_digest(self.token)],
+            "parties": [{"id": i, "host": "127.0.0.1", "peer_port": ports[2 * i], "client_port": ports[2 * i + 1],
+                         "shares": str(deal_dir / f"party{i}.pt"),
+                         "cert": str(leaves[i][0]) if leaves[i][0] else None,
+                         "key": str(leaves[i][1]) if leaves[i][1] else None} for i in range(3)],
+        }
+        if ca is not None:
+            raw["tls"] = {"ca": str(ca)}
+        self.config_path.write_text(json.dumps(raw, indent=2))
+        return ClusterConfig.load(self.config_path)
+
+    @property
+    def config(self) -> ClusterConfig:
+        return ClusterConfig.load(self.config_path)
+
+    # ---- processes ---------------------------------------------------------------------
+    def log_path(self, party: int) -> Path:
+        return self.dir / f"party{party}.log"
+
+    def start(self, party: int | None = None) -> None:
+        """Start one party (or all) as ``python -m party`` processes, logging to files."""
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        for i in ([party] if party is not None else [0, 1, 2]):
+            log = open(self.log_path(i), "a")  # noqa: SIM115 - kept open for the child's lifetime
+            self.procs[i] = subprocess.Popen(
+                [sys.executable, "-m", "party", "--config", str(self.config_path), "--party", str(i)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Wait until all three nodes answer Health as ready; raise with their logs' tail if not."""
+        cfg = self.config
+        end = time.monotonic() + timeout_s
+        with SecureClient(cfg, self.token) as client:
+            while time.monotonic() < end:
+                for i, p in enumerate(self.procs):
+                    if p is not None and p.poll() is not None:
+                        raise RuntimeError(f"party {i} exited with {p.returncode}:\n{self.tail(i)}")
+                if all(client.health(timeout_s=1.0)):
+                    return
+                time.sleep(0.3)
+        raise TimeoutError(f"the parties were not ready within {timeout_s:.0f} s:\n" +
+                           "\n".join(self.tail(i) for i in range(3)))
+
+    def tail(self, party: int, lines: int = 15) -> str:
+        path = self.log_path(party)
+        text = path.read_text().splitlines()[-lines:] if path.exists() else ["(no log)"]
+        return f"--- party {party} ---\n" + "\n".join(text)
+
+    def kill(self, party: int) -> None:
+        """Kill a party abruptly (SIGKILL), as a crash would."""
+        p = self.procs[party]
+        if p is not None:
+            p.kill()
+            p.wait(10)
+            self.procs[party] = None
+
+    def stop(self) -> None:
+        for i, p in enumerate(self.procs):
+            if p is not None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+                self.procs[i] = None
+
+    def client(self, timeout_s: float | None = None) -> SecureClient:
+        return SecureClient(self.config, self.token, timeout_s)
+
+    def __enter__(self) -> LocalNodes:
+        self.prepare()
+        self.start()
+        try:
+            self.wait_ready()
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

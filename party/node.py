@@ -1,0 +1,421 @@
+"""A party node: serves client queries on its shares of a dealt model, over gRPC.
+
+    python -m party --config cluster.json --party 0
+
+Two ports: the peer port (``Peer.Link``, mutually authenticated TLS between parties when
+the configuration has certificates) and the client port (``Party.Query``, ``Describe``,
+``Health``: TLS with the cluster CA plus a client token). Without ``tls`` in the
+configuration both are plaintext and the node says so loudly in its log.
+
+Scheduling: every accepted query runs in its own thread as soon as its inputs have
+arrived; queries are independent (their peer messages are tagged by query id, their PRF
+keys are agreed per query), so the three nodes need not agree on an order, and no query
+waits behind another. ``max_concurrent_queries`` bounds them; beyond it a query is
+refused with RESOURCE_EXHAUSTED. Every query has the configured deadline per message;
+a failing query is aborted on the peers and reported to the client with a gRPC status,
+and the node keeps serving.
+
+Logs never contain tensor values, token ids or text: only query ids, shapes, timings
+and errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import re
+import signal
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from party.config import ClusterConfig, ConfigError
+from protos import load as load_protos
+from secure.graph.ir import Graph
+from secure.mpc.backend import MpcOps
+from secure.mpc.embedding import OneHotShare, SeededComponent
+from secure.mpc.party import Party
+from secure.mpc.ring import FixedPoint
+from secure.mpc.shares import AShare
+from secure.runtime.interpreter import Interpreter, embedding_vocab
+from secure.runtime.profiler import Profiler, span
+from secure.transport.grpc_peer import GrpcTransport, Mailbox, PeerLinks
+from secure.transport.wire import TensorAssembler, WireError, tensor_chunks
+
+pb2, pb2_grpc = load_protos()
+log = logging.getLogger("party")
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20),
+                   ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+QUERY_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class QueryRejected(Exception):
+    """A query is refused before it starts; carries the gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def load_party_file(path: Path, party_id: int, device: torch.device
+                    ) -> tuple[dict[str, Any], dict[int, Graph], dict[str, AShare]]:
+    """Read a dealt party file: (header, graphs by padded length, weight shares)."""
+    data = torch.load(path, weights_only=True)
+    if data.get("format") != 1:
+        raise ConfigError(f"{path}: unknown party file format {data.get('format')!r}")
+    if data["party"] != party_id:
+        raise ConfigError(f"{path} holds the shares of party {data['party']}, not party {party_id}")
+    graphs = {int(k): Graph.from_json(v) for k, v in data["graphs"].items()}
+    weights = {}
+    for name, entry in data["weights"].items():
+        shape = tuple(entry["shape"])
+        parts = []
+        for comp in (entry["first"], entry["second"]):
+            if "seed" in comp:
+                parts.append(SeededComponent(bytes(comp["seed"].tolist())).expand(shape, device))
+            else:
+                parts.append(comp["dense"].to(device))
+        weights[name] = AShare(parts[0], parts[1], party_id, data["frac_bits"])
+    header = {k: data[k] for k in ("model", "recipe", "frac_bits")}
+    return header, graphs, weights
+
+
+def _credentials_server(cfg: ClusterConfig, party_id: int, require_client_cert: bool) -> grpc.ServerCredentials:
+    me = cfg.party(party_id)
+    assert cfg.ca is not None and me.cert is not None and me.key is not None
+    return grpc.ssl_server_credentials([(me.key.read_bytes(), me.cert.read_bytes())],
+                                       root_certificates=cfg.ca.read_bytes(),
+                                       require_client_auth=require_client_cert)
+
+
+class PartyNode:
+    """One of the three computing parties."""
+
+    def __init__(self, cfg: ClusterConfig, party_id: int, device: str = "cpu",
+                 max_concurrent_queries: int = 8) -> None:
+        self.cfg = cfg
+        self.id = party_id
+        self.entry = cfg.party(party_id)
+        self.device = torch.device(device)
+        self.fp = FixedPoint(cfg.frac_bits)
+        self.max_concurrent = max_concurrent_queries
+        if self.entry.shares is None:
+            raise ConfigError(f"party {party_id} has no 'shares' file in the configuration")
+        t0 = time.perf_counter()
+        self.header, self.graphs, self.weights = load_party_file(self.entry.shares, party_id, self.device)
+        if self.header["frac_bits"] != cfg.frac_bits:
+            raise ConfigError(f"shares were dealt with frac_bits={self.header['frac_bits']}, "
+                              f"the configuration says {cfg.frac_bits}")
+        log.info("party %d loaded model %r (%d weights, lengths %s) in %.1f s", party_id, self.header["model"],
+                 len(self.weights), sorted(self.graphs), time.perf_counter() - t0)
+        self.mailbox = Mailbox(max_message_bytes=cfg.max_request_bytes)
+        self.links = PeerLinks(party_id, self._peer_channel, pb2_grpc.PeerStub, pb2.PeerFrame, pb2.TensorChunk)
+        self._running: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._servers: list[grpc.Server] = []
+
+    # ---- networking --------------------------------------------------------------------
+    def _peer_channel(self, peer: int) -> grpc.Channel:
+        target = self.cfg.party(peer).peer_address
+        if not self.cfg.tls:
+            return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        assert self.cfg.ca is not None and self.entry.cert is not None and self.entry.key is not None
+        creds = grpc.ssl_channel_credentials(self.cfg.ca.read_bytes(), self.entry.key.read_bytes(),
+                                             self.entry.cert.read_bytes())
+        return grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+
+    def start(self) -> None:
+        peer = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=CHANNEL_OPTIONS)
+        pb2_grpc.add_PeerServicer_to_server(_PeerServicer(self), peer)
+        client = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_concurrent + 4),
+                             options=CHANNEL_OPTIONS)
+        pb2_grpc.add_PartyServicer_to_server(_PartyServicer(self), client)
+        if self.cfg.tls:
+            peer.add_secure_port(f"[::]:{self.entry.peer_port}", _credentials_server(self.cfg, self.id, True))
+            client.add_secure_port(f"[::]:{self.entry.client_port}", _credentials_server(self.cfg, self.id, False))
+            log.info("party %d: peer port %d (mutual TLS), client port %d (TLS + token)", self.id,
+                     self.entry.peer_port, self.entry.client_port)
+        else:
+            peer.add_insecure_port(f"[::]:{self.entry.peer_port}")
+            client.add_insecure_port(f"[::]:{self.entry.client_port}")
+            log.warning("party %d: INSECURE MODE - no TLS configured: peer links and client connections are "
+                        "unauthenticated plaintext; use only for local demos", self.id)
+        peer.start()
+        client.start()
+        self._servers = [peer, client]
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.links.close()
+        for s in self._servers:
+            s.stop(grace)
+
+    def wait(self) -> None:
+        for s in self._servers:
+            s.wait_for_termination()
+
+    # ---- queries -----------------------------------------------------------------------
+    def running(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def check_token(self, token: str) -> None:
+        if not token:
+            raise QueryRejected(grpc.StatusCode.UNAUTHENTICATED, "missing client token")
+        if not self.cfg.accepts_token(token):
+            raise QueryRejected(grpc.StatusCode.UNAUTHENTICATED, "client token not accepted")
+
+    def receive_query(self, parts: Iterator[Any]) -> tuple[Any, Graph, dict[str, Any]]:
+        """Read and validate a query's header and inputs from the client stream."""
+        try:
+            first = next(parts)
+        except StopIteration:
+            raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, "empty query stream") from None
+        if not first.HasField("header"):
+            raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, "a query must start with a header")
+        h = first.header
+        self.check_token(h.client_token)
+        if not QUERY_ID.match(h.query_id):
+            raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, "query id must be 1-64 characters of [A-Za-z0-9_.:-]")
+        if h.model != self.header["model"]:
+            raise QueryRejected(grpc.StatusCode.NOT_FOUND, f"unknown model {h.model!r}; this cluster serves "
+                                f"{self.header['model']!r}")
+        graph = self.graphs.get(int(h.seq_len))
+        if graph is None:
+            raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"sequence length {h.seq_len} was not dealt; "
+                                f"available: {sorted(self.graphs)}")
+        specs = {i.name: i for i in graph.inputs}
+        assemblers: dict[tuple[str, str, int], TensorAssembler] = {}
+        received: dict[tuple[str, str, int], torch.Tensor] = {}
+        total = 0
+        for part in parts:
+            if not part.HasField("input"):
+                raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, "only one header per query")
+            c = part.input
+            if c.name not in specs:
+                raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"unknown input {c.name!r}; the model "
+                                    f"takes {sorted(specs)}")
+            if c.kind not in ("share", "seed", "public") or c.part not in (0, 1):
+                raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad input kind/part {c.kind!r}/{c.part}")
+            total += len(c.chunk.data)
+            if total > self.cfg.max_request_bytes:
+                raise QueryRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request exceeds "
+                                    f"{self.cfg.max_request_bytes} bytes")
+            key = (c.name, c.kind, c.part)
+            if key in received:
+                raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"input {c.name!r} part {c.part} sent twice")
+            asm = assemblers.setdefault(key, TensorAssembler(self.cfg.max_request_bytes))
+            try:
+                t = asm.add(c.chunk)
+            except WireError as e:
+                raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"input {c.name!r}: {e}") from None
+            if t is not None:
+                received[key] = t
+                del assemblers[key]
+        if assemblers:
+            raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"incomplete inputs: {sorted(assemblers)}")
+        return h, graph, self._inputs(graph, received)
+
+    def _inputs(self, graph: Graph, received: dict[tuple[str, str, int], torch.Tensor]) -> dict[str, Any]:
+        ready: dict[str, Any] = {}
+        for spec in graph.inputs:
+            shape = tuple(spec.spec.shape)
+            if spec.kind == "public":
+                t = received.get((spec.name, "public", 0))
+                if t is None:
+                    raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"missing public input {spec.name!r}")
+                if tuple(t.shape) != shape or t.dtype.is_floating_point:
+                    raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"input {spec.name!r} must be an integer "
+                                        f"tensor of shape {list(shape)}, got {t.dtype} {list(t.shape)}")
+                ready[spec.name] = t
+                continue
+            vocab = embedding_vocab(graph, spec.name)
+            full = (*shape, vocab) if vocab else shape
+            comps = []
+            for p in (0, 1):
+                seed, dense = received.get((spec.name, "seed", p)), received.get((spec.name, "share", p))
+                if (seed is None) == (dense is None):
+                    raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"input {spec.name!r} needs exactly one "
+                                        f"seed or share for component {p}")
+                if seed is not None:
+                    if seed.dtype != torch.uint8 or seed.numel() != 16:
+                        raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, "a seed is 16 bytes (uint8)")
+                    comps.append(SeededComponent(bytes(seed.tolist())))
+                else:
+                    assert dense is not None
+                    flat_shape = (int(torch.Size(shape).numel()), vocab) if vocab else full
+                    if dense.dtype != torch.int64 or tuple(dense.shape) not in (tuple(full), tuple(flat_shape)):
+                        raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"share of {spec.name!r} must be int64 "
+                                            f"of shape {list(full)}, got {dense.dtype} {list(dense.shape)}")
+                    comps.append(dense)
+            if vocab:
+                rows = 1
+                for s in shape:
+                    rows *= s
+                flat = [c.reshape(rows, vocab) if isinstance(c, torch.Tensor) else c for c in comps]
+                share = OneHotShare(flat[0], flat[1], (rows, vocab)).expand(self.id, self.device)
+                ready[spec.name] = share.map(lambda t, s=full: t.reshape(s))
+            else:
+                parts = [c.expand(full, self.device) if isinstance(c, SeededComponent) else c.to(self.device)
+                         for c in comps]
+                ready[spec.name] = AShare(parts[0], parts[1], self.id, self.fp.frac_bits)
+        return ready
+
+    def run_query(self, query_id: str, graph: Graph, inputs: dict[str, Any], events: queue.Queue,
+                  want_trace: bool) -> None:
+        """Run one query in lockstep with the peers; put events (or an exception) on ``events``."""
+        transport = GrpcTransport(self.id, query_id, self.links, self.mailbox, self.cfg.deadline_s)
+        profiler = Profiler()
+        party = Party(transport, self.fp, self.device, profiler)
+        secret_nodes = [n for n in graph.nodes if n.name in graph.secret_names()]
+        total, done = len(secret_nodes), [0]
+        t0 = time.perf_counter()
+        try:
+            party.setup_keys()
+
+            def trace(node: Any) -> Any:
+                done[0] += 1
+                if done[0] % 25 == 0 or done[0] == total:
+                    events.put(pb2.QueryEvent(progress=pb2.Progress(done=done[0], total=total, stage="compute")))
+                return span(party, node.origin or node.op)
+
+            (out,), _ = Interpreter(graph, MpcOps(party), trace).run(self.weights, inputs)
+            outputs = [out]
+            for index, share in enumerate(outputs):
+                for p, comp in enumerate((share.a, share.b)):
+                    for chunk in tensor_chunks(comp, pb2.TensorChunk):
+                        events.put(pb2.QueryEvent(output=pb2.OutputChunk(index=index, part=p,
+                                                                          frac_bits=share.frac_bits, chunk=chunk)))
+            spans = []
+            if want_trace:
+                totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0])
+                for s in profiler.spans:
+                    if s.depth == 0:
+                        t = totals[s.name]
+                        t[0] += s.duration_s
+                        t[1] += s.bytes_sent
+                        t[2] += s.rounds
+                spans = [pb2.Span(name=k, seconds=v[0], bytes_sent=int(v[1]), rounds=int(v[2]))
+                         for k, v in totals.items()]
+            seconds = time.perf_counter() - t0
+            events.put(pb2.QueryEvent(done=pb2.Done(seconds=seconds, bytes_sent=party.bytes_sent,
+                                                    rounds=party.rounds, spans=spans)))
+            log.info("query %s done: %.2f s, %d rounds, %.1f MB sent", query_id, seconds, party.rounds,
+                     party.bytes_sent / 1e6)
+        except Exception as e:  # noqa: BLE001 - reported to the client and to the peers
+            transport.abort(f"{type(e).__name__}: {e}")
+            log.warning("query %s failed after %.1f s: %s: %s", query_id, time.perf_counter() - t0,
+                        type(e).__name__, e)
+            events.put(e)
+        finally:
+            self.mailbox.forget(query_id)
+            with self._lock:
+                self._running.pop(query_id, None)
+
+
+class _PeerServicer(pb2_grpc.PeerServicer):
+    def __init__(self, node: PartyNode) -> None:
+        self.node = node
+
+    def Link(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:  # noqa: N802
+        frames = 0
+        try:
+            for frame in request_iterator:
+                if frame.sender not in (0, 1, 2) or frame.sender == self.node.id:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"frame from invalid sender {frame.sender}")
+                self.node.mailbox.deliver(frame)
+                frames += 1
+        except WireError as e:
+            log.warning("party %d: malformed frame from a peer: %s", self.node.id, e)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {e}")
+        return pb2.PeerSummary(frames=frames)
+
+
+class _PartyServicer(pb2_grpc.PartyServicer):
+    def __init__(self, node: PartyNode) -> None:
+        self.node = node
+
+    def Query(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
+        node = self.node
+        try:
+            header, graph, inputs = node.receive_query(iter(request_iterator))
+            with node._lock:
+                if header.query_id in node._running:
+                    raise QueryRejected(grpc.StatusCode.ALREADY_EXISTS, f"query {header.query_id} is already running")
+                if len(node._running) >= node.max_concurrent:
+                    raise QueryRejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"{node.max_concurrent} queries are running; retry later")
+                events: queue.Queue = queue.Queue()
+                worker = threading.Thread(target=node.run_query, name=f"query-{header.query_id}",
+                                          args=(header.query_id, graph, inputs, events, header.want_trace),
+                                          daemon=True)
+                node._running[header.query_id] = worker
+            log.info("query %s accepted: length %d", header.query_id, header.seq_len)
+            query_id = header.query_id
+            # a client that gives up (or fails on another party) cancels the query here too
+            context.add_callback(lambda: node.mailbox.abort(query_id, "the client cancelled the query"))
+            worker.start()
+        except QueryRejected as e:
+            log.info("query rejected: %s: %s", e.code.name, e)
+            context.abort(e.code, str(e))
+        except grpc.RpcError:
+            return
+        while True:
+            event = events.get()
+            if isinstance(event, Exception):
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if "within" in str(event) else grpc.StatusCode.ABORTED
+                context.abort(code, f"query {header.query_id} failed on party {node.id}: "
+                              f"{type(event).__name__}: {event}")
+            yield event
+            if event.HasField("done"):
+                return
+
+    def Describe(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        try:
+            self.node.check_token(request.client_token)
+        except QueryRejected as e:
+            context.abort(e.code, str(e))
+        graph = next(iter(self.node.graphs.values()))
+        inputs = [pb2.InputInfo(name=i.name, kind=i.kind, vocab_size=embedding_vocab(graph, i.name) or 0)
+                  for i in graph.inputs]
+        return pb2.ModelInfo(model=self.node.header["model"], seq_lens=sorted(self.node.graphs), inputs=inputs,
+                             frac_bits=self.node.cfg.frac_bits, recipe=self.node.header["recipe"]["name"],
+                             party_id=self.node.id)
+
+    def Health(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        return pb2.HealthReply(live=True, ready=True, detail=f"party {self.node.id} serving "
+                               f"{self.node.header['model']!r}", running_queries=self.node.running())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run one party node of a secure inference cluster.")
+    ap.add_argument("--config", type=Path, required=True, help="cluster configuration (JSON)")
+    ap.add_argument("--party", type=int, required=True, choices=[0, 1, 2])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-concurrent-queries", type=int, default=8)
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s party{args.party} %(levelname)s %(message)s")
+    torch.set_num_threads(1)
+    try:
+        node = PartyNode(ClusterConfig.load(args.config), args.party, args.device, args.max_concurrent_queries)
+    except (ConfigError, FileNotFoundError) as e:
+        log.error("cannot start: %s", e)
+        return 2
+    node.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("party %d ready", args.party)
+    stop.wait()
+    log.info("party %d shutting down", args.party)
+    node.stop()
+    return 0
