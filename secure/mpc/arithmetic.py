@@ -112,13 +112,100 @@ def truncate_many(party: Party, xs: Sequence[AShare], bits: Sequence[int]) -> li
     return out
 
 
+EXACT_OFFSET_BITS = 62  # x + 2^62 lies in [0, 2^63) for |x| < 2^62
+
+
+@protocol("truncate_exact")
+def truncate_exact_many(party: Party, xs: Sequence[AShare], bits: Sequence[int]) -> list[AShare]:
+    """[floor(x / 2^d)] (+-1 ulp) for |x| < 2^62 ring units, with no failure mode. Two rounds.
+
+    Dalskov, Escudero, Keller, "Secure Evaluation of Quantized Neural Networks" (2020),
+    sec. 3.2.2, for replicated sharing; roles A, B, D rotate over the parties. A and B hold
+    x as a 2-out-of-2 sharing (A: x_A + x_B, B: x_D). D knows r = r_A + r_B (r_A from the
+    key of A and D, r_B from the key of B and D) and deals shares of its top bit r_63 and
+    of its bits d..62, rc; A and B open c = x + 2^62 + r between them (round 1; D sends its
+    part in the same round). With x' = x + 2^62 in [0, 2^63):
+        floor(x' / 2^d) = c[d..62] - rc + 2^(63-d) (c_63 xor r_63)   (+-1 from the low bits),
+    and 2^(62-d) is subtracted again. The 2-out-of-2 result becomes replicated with one more
+    exchange between A and B (round 2), masked by PRF values that D shares with each.
+    A and B only ever see values masked by the half of r they do not know; D receives
+    nothing.
+    """
+    _owned(party, "truncate", *xs)
+    if not xs:
+        return []
+    if any(not 0 <= d < 62 for d in bits):
+        raise ValueError(f"truncate: shifts must be in [0, 62), got {list(bits)}")
+    sizes = [x.a.numel() for x in xs]
+    n = sum(sizes)
+    device = xs[0].device
+    if n == 0:
+        return [AShare(x.a, x.b, party.id, x.frac_bits - d) for x, d in zip(xs, bits)]
+    shift = torch.cat([torch.full((s,), d, dtype=torch.int64, device=device) for s, d in zip(sizes, bits)])
+    rotation = party.rounds % 3
+    role = "ABD"[(party.id - rotation) % 3]
+    a_party, b_party = rotation, (rotation + 1) % 3
+    top = 63 - shift
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1)
+
+    if role == "D":
+        with_a = party.keys.with_next.words(4 * n, device)  # key shared with A (the next party)
+        with_b = party.keys.with_prev.words(2 * n, device)  # key shared with B
+        r_a, rb_a, rc_a, comp_a = with_a.split(n)
+        r_b, comp_d = with_b.split(n)
+        r = r_a + r_b
+        rb = (r >> 63) & 1
+        rc = ((r << 1) >> (shift + 1)) & ((1 << (63 - shift)) - 1)
+        party.exchange({b_party: [rb - rb_a, rc - rc_a]}, [])
+        party.exchange({}, [])
+        pairs = (comp_d, comp_a)
+    elif role == "A":
+        with_d = party.keys.with_prev.words(4 * n, device)
+        r_a, rb_a, rc_a, comp_a = with_d.split(n)
+        s_a = torch.cat([flat(x.a + x.b) for x in xs]) + (1 << EXACT_OFFSET_BITS)
+        mine = s_a + r_a
+        got = party.exchange({b_party: [mine]}, [b_party])[b_party][0]
+        c = mine + got
+        c_top = (c >> 63) & 1
+        c_hat = ((c << 1) >> (shift + 1)) & ((1 << (63 - shift)) - 1)
+        b_share = rb_a + c_top - 2 * c_top * rb_a
+        y = c_hat - rc_a + (b_share << top) - (1 << (EXACT_OFFSET_BITS - shift))
+        sent = y - comp_a
+        other = party.exchange({b_party: [sent]}, [b_party])[b_party][0]
+        pairs = (comp_a, sent + other)
+    else:  # role B
+        with_d = party.keys.with_next.words(2 * n, device)
+        r_b, comp_d = with_d.split(n)
+        s_b = torch.cat([flat(x.b) for x in xs])
+        mine = s_b + r_b
+        got = party.exchange({a_party: [mine]}, [a_party, (rotation + 2) % 3])
+        c = mine + got[a_party][0]
+        rb_b, rc_b = got[(rotation + 2) % 3]
+        c_top = (c >> 63) & 1
+        b_share = rb_b - 2 * c_top * rb_b
+        y = -rc_b + (b_share << top)
+        sent = y - comp_d
+        other = party.exchange({a_party: [sent]}, [a_party])[a_party][0]
+        pairs = (sent + other, comp_d)
+    out, offset = [], 0
+    for x, size, d in zip(xs, sizes, bits):
+        first, second = (t[offset:offset + size].reshape(x.shape) for t in pairs)
+        out.append(AShare(first, second, party.id, x.frac_bits - d))
+        offset += size
+    return out
+
+
 def to_scale(party: Party, xs: Sequence[AShare]) -> list[AShare]:
-    """Truncate every share whose scale exceeds the party's f down to f (one round if any)."""
+    """Truncate every share whose scale exceeds the party's f down to f: the exact
+    truncation (two rounds) unless the fixed-point format asks for the probabilistic one."""
     f = party.fp.frac_bits
     idx = [k for k, x in enumerate(xs) if x.frac_bits > f]
     if not idx:
         return list(xs)
-    done = truncate_many(party, [xs[k] for k in idx], [xs[k].frac_bits - f for k in idx])
+    truncate = truncate_exact_many if party.fp.truncation == "exact" else truncate_many
+    done = truncate(party, [xs[k] for k in idx], [xs[k].frac_bits - f for k in idx])
     out = list(xs)
     for k, t in zip(idx, done):
         out[k] = t
