@@ -1,4 +1,5 @@
-"""Main job (until the party nodes exist): all-MiniLM-L6-v2 on secret shares, in process.
+"""all-MiniLM-L6-v2 on secret shares with the three parties in this process (the main job,
+``python -m client.demo``, runs them as gRPC nodes).
 
 The model owner captures the shipped model, rewrites it with the secure forms and deals
 weight shares to three parties; the client tokenizes its sentence locally and deals its
@@ -13,9 +14,7 @@ of time, bytes and rounds per part of the model.
 from __future__ import annotations
 
 import argparse
-import re
 import time
-from collections import defaultdict
 
 import torch
 
@@ -24,29 +23,10 @@ from secure.graph.fidelity import BUCKETS, bucket_length
 from secure.graph.passes import RECIPES, rewrite
 from secure.models import SentenceEncoder, load_minilm
 from secure.mpc.engine import LocalCluster
+from secure.runtime.breakdown import breakdown_table
 from secure.runtime.execute import deal_inputs, deal_weights, run_mpc
 
 DEFAULT_TEXT = "A client asks a question of a model it may not see; the owner must not see the question."
-
-_PARTS = [
-    (re.compile(r"embeddings"), "embedding + LayerNorm"),
-    (re.compile(r"layer\.(\d+)\.attention\.self"), "layer {} attention (QKV, softmax, context)"),
-    (re.compile(r"layer\.(\d+)\.attention\.output\.dense"), "layer {} attention output"),
-    (re.compile(r"layer\.(\d+)\.attention\.output"), "layer {} LayerNorm 1"),
-    (re.compile(r"layer\.(\d+)\.intermediate"), "layer {} FFN up + GeLU"),
-    (re.compile(r"layer\.(\d+)\.output\.dense"), "layer {} FFN down"),
-    (re.compile(r"layer\.(\d+)\.output"), "layer {} LayerNorm 2"),
-]
-
-
-def part_of(label: str) -> str:
-    """Human name of the model part a traced node belongs to."""
-    for pattern, name in _PARTS:
-        m = pattern.search(label)
-        if m:
-            return name.format(*m.groups())
-    return "pooling"
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -96,17 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, t in (("plaintext", plain_n), ("secure", secure_n)):
         print(f"  {name:<10}" + " ".join(f"{v:8.4f}" for v in t[:8].tolist()))
 
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0])
-    for s in cluster.parties[0].profiler.spans:
-        if s.depth == 0:
-            t = totals[part_of(s.name)]
-            t[0] += s.duration_s
-            t[1] += s.bytes_sent
-            t[2] += s.rounds
-    total = sum(t[0] for t in totals.values()) or 1.0
-    print(f"\n{'part (party 0)':<42}{'seconds':>9}{'share':>8}{'MB sent':>10}{'rounds':>8}")
-    for name, (secs, nbytes, rounds) in totals.items():
-        print(f"{name:<42}{secs:9.3f}{secs / total:8.1%}{nbytes / 1e6:10.2f}{rounds:8d}")
+    spans = [(s.name, s.duration_s, s.bytes_sent, s.rounds) for s in cluster.parties[0].profiler.spans
+             if s.depth == 0]
+    print()
+    print(breakdown_table(spans, "part (party 0)"))
     return 0
 
 
