@@ -120,7 +120,8 @@ def frexp(party: Party, x: AShare, exponent_fn: Callable[[int], float],
     """For x > 0 at scale f: x = m * 2^e with m in [0.5, 1); returns ([m], [exponent_fn(e)]).
 
     Bit decomposition (8 rounds), one-hot of the highest set bit (6), opening the one-hot
-    bits masked by daBits (1), then m = x * 2^-e (2). 17 rounds. Domain:
+    bits masked by daBits (1), then m = x * 2^-e (one product and an exact truncation: 3).
+    18 rounds. Domain:
     2^-f <= x < 2^(f + extra_bits) (3.8e-6 to 6.7e7 for f = 18); outside it the result is
     meaningless. exponent_fn values are clamped to the fixed-point range.
     """

@@ -1,0 +1,750 @@
+"""Power-Softmax distillation for BERT-style Hugging Face models (DESIGN.md sec. 4).
+
+Power-Softmax (Zimerman et al. 2024) replaces every attention softmax by
+
+    PS(x)_j = m_j x_j^p / (eps + (1/L) sum_i m_i x_i^p),      L = sum_i m_i,
+
+over the last dimension (the keys), with ``x = q k^T / sqrt(d)`` the scaled scores, ``p``
+even, ``m`` the public 0/1 padding mask (1 = attend) and ``eps`` =
+:data:`secure.approx.softmax.POWER_SOFTMAX_EPS`. It needs no max and no comparison, so it
+is far cheaper under MPC and HE (:func:`secure.approx.softmax.power_softmax` is the secure
+form: the same formula with the division done by Goldschmidt on a public bound ``upper``),
+but a pretrained model does not survive the swap (MiniLM: sentence-embedding cosine 0.03),
+so the model is distilled against the original:
+
+* teacher: the original model (eval, frozen); student: a copy whose attention is
+  Power-Softmax (:func:`power_softmax_exact`, registered as the transformers attention
+  implementation ``"power_softmax"``);
+* loss = (1/(N+1)) sum_l MSE(h_l^S, h_l^T) over unmasked tokens (every hidden state,
+  embeddings included) + (1 - cos(e^S, e^T)) averaged over the batch, where ``e`` is the
+  mean-pooled sentence embedding;
+* AdamW; dropout off (the student runs in eval mode: this is a regression onto a
+  deterministic teacher).
+
+After training, the denominators ``eps + (1/L) sum_i m_i x_i^p`` are calibrated per layer
+and the public ``upper`` (and the Goldschmidt iteration count) of the secure form chosen so
+that its accuracy range ``[lower, upper]`` (:func:`bounded_reciprocal_start`) covers every
+denominator seen; the student is then evaluated with the secure form itself on floats
+(:class:`secure.approx.float_backend.FloatOps`).
+
+Command line (writes the student, its tokenizer and ``secure_recipe.json``)::
+
+    python -m secure.graph.distill --out /tmp/minilm-power [--steps N] [--p 4] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from secure.approx.float_backend import FloatOps
+from secure.approx.reciprocal import bounded_reciprocal_start
+from secure.approx.softmax import POWER_SOFTMAX_EPS, power_softmax
+
+ATTN_IMPLEMENTATION: str = "power_softmax"
+"""Name of the exact Power-Softmax attention in transformers' ``AttentionInterface``."""
+
+SECURE_FORM_ATTN_IMPLEMENTATION: str = "power_softmax_secure_form"
+"""Name of the attention that evaluates the secure form (:func:`power_softmax` on
+:class:`FloatOps`, float64) instead of the exact formula."""
+
+DEFAULT_P: int = 4
+"""Power of Power-Softmax (the paper's Pythia models use 4)."""
+
+MASK_KEEP_THRESHOLD: float = -1.0e4
+"""An additive mask entry above this value is "attend" (HF uses 0 for attend and
+``finfo.min`` for masked); :func:`keep_mask` requires attended entries to be exactly 0."""
+
+CONFIG_P = "power_softmax_p"
+CONFIG_EPS = "power_softmax_eps"
+CONFIG_UPPER = "power_softmax_upper"
+CONFIG_ITERATIONS = "power_softmax_iterations"
+RECIPE_FILE = "secure_recipe.json"
+
+
+# ---------------------------------------------------------------------------------------
+# The function and the attention implementations
+# ---------------------------------------------------------------------------------------
+
+
+def _check_p(p: int) -> None:
+    if p < 2 or p % 2:
+        raise ValueError(f"p must be an even integer >= 2, got {p}")
+
+
+def power_softmax_exact(
+    scores: torch.Tensor,
+    p: int = DEFAULT_P,
+    eps: float = POWER_SOFTMAX_EPS,
+    keep: torch.Tensor | None = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Power-Softmax over the last dimension in plain, differentiable torch.
+
+    Math, per row: ``PS(x)_j = m_j x_j^p / (eps + (1/L) sum_i m_i x_i^p)`` with ``m`` =
+    ``keep`` (0/1 or bool, broadcasting against ``scores``; all ones if None) and
+    ``L = max(1, sum_i m_i)`` the number of attended entries of the row. This is exactly
+    the function that :func:`secure.approx.softmax.power_softmax` approximates (same
+    formula, mask semantics and ``eps``): a row sums to ``L sum m x^p / (L eps + sum m
+    x^p)``, i.e. to about L, not 1; a fully masked row gives zeros; masked entries get
+    exactly 0.
+    """
+    _check_p(p)
+    xp = scores.pow(p)
+    if keep is None:
+        mean = xp.mean(dim=-1, keepdim=True)
+    else:
+        m = keep.to(scores.dtype)
+        xp = xp * m
+        counts = torch.broadcast_to(m, scores.shape).sum(dim=-1, keepdim=True).clamp(min=1.0)
+        mean = xp.sum(dim=-1, keepdim=True) / counts
+    out = xp / (mean + eps)
+    if normalize:
+        count = counts if keep is not None else torch.tensor(float(scores.shape[-1]))
+        out = out / count
+    return out
+
+
+def keep_mask(attention_mask: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor | None:
+    """The public 0/1 keep mask (1 = attend, as float) from the mask transformers passes
+    to an attention function, broadcast to ``shape`` ``[batch, heads, q, k]``.
+
+    A boolean mask (``sdpa`` style) is True where attended; a float mask (``eager``
+    style) is an additive bias, 0 where attended and very negative (``finfo.min``) where
+    masked. Power-Softmax cannot express any other bias (ALiBi, relative positions), so a
+    float mask with an attended entry that is not exactly 0 raises ValueError. None (no
+    padding) stays None.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype == torch.bool:
+        keep = attention_mask
+    else:
+        keep = attention_mask > MASK_KEEP_THRESHOLD
+        if bool((attention_mask[keep] != 0).any()):
+            raise ValueError(
+                "Power-Softmax supports only 0 / -inf attention masks, got a non-zero additive bias"
+            )
+    return torch.broadcast_to(keep, tuple(shape)).to(torch.float32)
+
+
+def _scaled_scores(query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    return torch.matmul(query, key.transpose(-2, -1)) * scaling
+
+
+def _finish(
+    module: nn.Module, weights: torch.Tensor, value: torch.Tensor, dropout: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+_DENOMINATOR_HOOK: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], None] | None = None
+"""Set by :func:`record_denominators`: called with (module, scores, keep) by every power
+attention call (calibration)."""
+
+
+def power_softmax_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for BERT's ``eager_attention_forward`` with Power-Softmax in place of the
+    softmax: ``out = PS(q k^T * scaling) v`` (``scaling = 1/sqrt(d)`` as in the original),
+    ``p`` and ``eps`` read from ``module.config`` (``power_softmax_p``,
+    ``power_softmax_eps``; defaults 4 and POWER_SOFTMAX_EPS). Returns ``(out [b, q, h, d],
+    weights [b, h, q, k])`` like the eager function."""
+    scores = _scaled_scores(query, key, scaling)
+    keep = keep_mask(attention_mask, scores.shape)
+    if _DENOMINATOR_HOOK is not None:
+        _DENOMINATOR_HOOK(module, scores, keep)
+    p = int(getattr(module.config, CONFIG_P, DEFAULT_P))
+    eps = float(getattr(module.config, CONFIG_EPS, POWER_SOFTMAX_EPS))
+    norm = bool(getattr(module.config, "power_softmax_normalize", False))
+    return _finish(module, power_softmax_exact(scores, p, eps, keep, norm), value, dropout)
+
+
+def power_softmax_secure_form_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`power_softmax_attention_forward`, but the weights come from the secure
+    form ``secure.approx.softmax.power_softmax(FloatOps(), scores, p, eps, mask=keep,
+    upper, iterations)`` evaluated in float64 (``upper`` and ``iterations`` from
+    ``module.config``: ``power_softmax_upper``, ``power_softmax_iterations``). Not
+    differentiable in any useful sense; for measuring fidelity."""
+    scores = _scaled_scores(query, key, scaling)
+    keep = keep_mask(attention_mask, scores.shape)
+    cfg = module.config
+    weights = power_softmax(
+        FloatOps(),
+        scores.to(torch.float64),
+        p=int(getattr(cfg, CONFIG_P, DEFAULT_P)),
+        eps=float(getattr(cfg, CONFIG_EPS, POWER_SOFTMAX_EPS)),
+        mask=None if keep is None else keep.to(torch.float64),
+        upper=float(cfg.power_softmax_upper),
+        iterations=int(cfg.power_softmax_iterations),
+    )
+    if bool(getattr(cfg, "power_softmax_normalize", False)):
+        n = scores.shape[-1]
+        count = torch.full_like(weights[..., :1], float(n)) if keep is None else keep.to(
+            torch.float64).sum(-1, keepdim=True).clamp(min=1.0)
+        weights = FloatOps().mul_public(weights, 1.0 / count)
+    return _finish(module, weights.to(scores.dtype), value, dropout)
+
+
+def register_power_softmax() -> None:
+    """Register :data:`ATTN_IMPLEMENTATION` and :data:`SECURE_FORM_ATTN_IMPLEMENTATION`
+    with transformers (attention function plus mask builder; idempotent).
+
+    The mask builder is ``sdpa_mask`` (a boolean mask, None when nothing is padded): a
+    name without a mask builder would get ``attention_mask=None`` and silently attend to
+    padding.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    for name, fn in (
+        (ATTN_IMPLEMENTATION, power_softmax_attention_forward),
+        (SECURE_FORM_ATTN_IMPLEMENTATION, power_softmax_secure_form_attention_forward),
+    ):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def use_power_softmax(
+    model: nn.Module,
+    p: int = DEFAULT_P,
+    eps: float = POWER_SOFTMAX_EPS,
+    *,
+    secure_form: bool = False,
+    upper: float | None = None,
+    iterations: int | None = None,
+) -> nn.Module:
+    """Switch every attention layer of a HF model to Power-Softmax (in place; returns it).
+
+    Stores ``p`` / ``eps`` (and for ``secure_form=True`` the public ``upper`` and the
+    Goldschmidt ``iterations``) in ``model.config`` where the attention function reads
+    them, and sets the attention implementation. ``save_pretrained`` then writes them to
+    config.json; the implementation name itself is not saved, so a loaded model needs
+    :func:`load_power_softmax_model` (or this function) again.
+    """
+    _check_p(p)
+    register_power_softmax()
+    setattr(model.config, CONFIG_P, int(p))
+    setattr(model.config, CONFIG_EPS, float(eps))
+    if secure_form:
+        if upper is None or iterations is None:
+            raise ValueError("secure_form=True needs upper and iterations")
+        setattr(model.config, CONFIG_UPPER, float(upper))
+        setattr(model.config, CONFIG_ITERATIONS, int(iterations))
+    name = SECURE_FORM_ATTN_IMPLEMENTATION if secure_form else ATTN_IMPLEMENTATION
+    model.set_attn_implementation(name)
+    return model
+
+
+def load_power_softmax_model(path: str | os.PathLike[str], *, secure_form: bool = False) -> nn.Module:
+    """Load a distilled student (``save_pretrained`` folder) with Power-Softmax attention,
+    ``p``/``eps``/``upper``/``iterations`` taken from its config.json."""
+    from transformers import AutoModel
+
+    register_power_softmax()
+    model = AutoModel.from_pretrained(str(path))
+    cfg = model.config
+    return use_power_softmax(
+        model,
+        int(getattr(cfg, CONFIG_P, DEFAULT_P)),
+        float(getattr(cfg, CONFIG_EPS, POWER_SOFTMAX_EPS)),
+        secure_form=secure_form,
+        upper=getattr(cfg, CONFIG_UPPER, None),
+        iterations=getattr(cfg, CONFIG_ITERATIONS, None),
+    ).eval()
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration of the denominators
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerRange:
+    """What one attention layer's Power-Softmax saw over real (unpadded) query rows:
+    min / max of the denominator ``eps + (1/L) sum_i m_i x_i^p`` and max ``|x|``."""
+
+    denominator_min: float = math.inf
+    denominator_max: float = 0.0
+    max_abs_score: float = 0.0
+
+
+@contextlib.contextmanager
+def record_denominators(p: int, eps: float) -> Iterator[dict[int, LayerRange]]:
+    """Within the block, every Power-Softmax attention call (exact or secure form) records
+    its per-layer denominator range into the yielded dict (key: the module's
+    ``layer_idx``, else the order of first appearance).
+
+    Rows are the real query positions only: for self-attention (square scores) row i is
+    real when its own key i is attended (``keep[..., i, i] = 1``); padded query rows are
+    computed under MPC too but never reach a real token.
+    """
+    global _DENOMINATOR_HOOK
+    ranges: dict[int, LayerRange] = {}
+    order: dict[int, int] = {}
+
+    def hook(module: nn.Module, scores: torch.Tensor, keep: torch.Tensor | None) -> None:
+        idx = getattr(module, "layer_idx", None)
+        if idx is None:
+            idx = order.setdefault(id(module), len(order))
+        with torch.no_grad():
+            s = scores.detach().to(torch.float64)
+            xp = s.pow(p)
+            if keep is None:
+                denom = xp.mean(dim=-1) + eps
+                real = torch.ones_like(denom, dtype=torch.bool)
+                abs_s = s.abs()
+            else:
+                k = keep.to(torch.float64)
+                denom = (xp * k).sum(-1) / k.sum(-1).clamp(min=1.0) + eps
+                if s.shape[-1] == s.shape[-2]:
+                    real = torch.diagonal(k, dim1=-2, dim2=-1) > 0
+                else:
+                    real = k.sum(-1) > 0
+                abs_s = s.abs() * k
+            r = ranges.setdefault(int(idx), LayerRange())
+            if bool(real.any()):
+                d = denom[real]
+                r.denominator_min = min(r.denominator_min, float(d.min()))
+                r.denominator_max = max(r.denominator_max, float(d.max()))
+                r.max_abs_score = max(r.max_abs_score, float(abs_s.amax(dim=-1)[real].max()))
+
+    previous = _DENOMINATOR_HOOK
+    _DENOMINATOR_HOOK = hook
+    try:
+        yield ranges
+    finally:
+        _DENOMINATOR_HOOK = previous
+
+
+def nice_ceil(x: float) -> float:
+    """Smallest value of the form {1, 2, 5} * 10^k that is >= x (x > 0)."""
+    if x <= 0.0:
+        raise ValueError(f"x must be > 0, got {x}")
+    e = math.floor(math.log10(x))
+    for base in (1.0, 2.0, 5.0, 10.0):
+        v = base * 10.0**e
+        if v >= x * (1.0 - 1e-12):
+            return v
+    return 10.0 ** (e + 1)
+
+
+@dataclass
+class Calibration:
+    """The public parameters of the secure form's division and what they cover.
+
+    ``upper = nice_ceil(headroom * max denominator)``; ``iterations`` is the smallest
+    count in ``[min_iterations, max_iterations]`` whose accuracy range ``[lower, upper]``
+    (relative error <= 1e-3, :func:`bounded_reciprocal_start`) has ``lower * margin <=``
+    the smallest denominator seen (``covered``), else ``max_iterations`` (not covered:
+    rows below ``lower`` are underestimated)."""
+
+    upper: float
+    iterations: int
+    lower: float
+    error_bound: float
+    denominator_min: float
+    denominator_max: float
+    max_abs_score: float
+    covered: bool
+    per_layer: dict[int, LayerRange] = field(default_factory=dict)
+
+
+def choose_calibration(
+    ranges: dict[int, LayerRange],
+    *,
+    headroom: float = 2.0,
+    margin: float = 2.0,
+    min_iterations: int = 8,
+    max_iterations: int = 20,
+) -> Calibration:
+    """Pick ``upper`` and ``iterations`` for :func:`secure.approx.softmax.power_softmax`
+    from recorded denominator ranges (see :class:`Calibration`)."""
+    if not ranges:
+        raise ValueError("no denominators were recorded")
+    dmin = min(r.denominator_min for r in ranges.values())
+    dmax = max(r.denominator_max for r in ranges.values())
+    upper = nice_ceil(headroom * dmax)
+    chosen = max_iterations
+    for k in range(min_iterations, max_iterations + 1):
+        _, lower, _ = bounded_reciprocal_start(upper, k)
+        if lower * margin <= dmin:
+            chosen = k
+            break
+    _, lower, bound = bounded_reciprocal_start(upper, chosen)
+    return Calibration(
+        upper=upper,
+        iterations=chosen,
+        lower=lower,
+        error_bound=bound,
+        denominator_min=dmin,
+        denominator_max=dmax,
+        max_abs_score=max(r.max_abs_score for r in ranges.values()),
+        covered=lower * margin <= dmin,
+        per_layer=dict(sorted(ranges.items())),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Embeddings, fidelity and the distillation loop
+# ---------------------------------------------------------------------------------------
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embedding ``e = sum_t m_t h_t / max(1e-9, sum_t m_t)`` (sentence-transformers'
+    mean pooling over the attention mask; not normalised)."""
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+
+
+def _batches(tokenizer: Any, texts: Sequence[str], batch_size: int, max_length: int) -> list[dict]:
+    return [
+        dict(
+            tokenizer(
+                list(texts[i : i + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+        )
+        for i in range(0, len(texts), batch_size)
+    ]
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, batches: Sequence[dict]) -> torch.Tensor:
+    """L2-normalised mean-pooled embeddings of every text of ``batches``, ``[n, hidden]``."""
+    out = []
+    for b in batches:
+        h = model(**b).last_hidden_state
+        out.append(nn.functional.normalize(mean_pool(h, b["attention_mask"]), dim=-1))
+    return torch.cat(out)
+
+
+def cosine_stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """``{"mean", "min"}`` of the row-wise cosine similarity of two embedding matrices."""
+    cos = nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+    return {"mean": float(cos.mean()), "min": float(cos.min())}
+
+
+def attention_kl(student_out: Any, teacher_out: Any, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers, heads and real query rows of KL(A^T || P^S), P^S the student's
+    weights renormalised to sum 1 (the Power-Softmax *shape* x^p / sum x^p)."""
+    m = attention_mask.to(torch.float32)
+    rows = m[:, None, :, None]
+    terms = []
+    for ws, at in zip(student_out.attentions, teacher_out.attentions, strict=True):
+        ps = ws / ws.sum(-1, keepdim=True).clamp(min=1e-12)
+        kl = (at * (torch.log(at.clamp(min=1e-12)) - torch.log(ps.clamp(min=1e-12)))).sum(-1, keepdim=True)
+        terms.append((kl * rows).sum() / (rows.sum() * at.shape[1]))
+    return torch.stack(terms).mean()
+
+
+def distillation_loss(
+    student_out: Any, teacher_out: Any, attention_mask: torch.Tensor, cosine_weight: float = 1.0,
+    attention_weight: float = 0.0,
+) -> torch.Tensor:
+    """``(1/(N+1)) sum_l sum_{t real} ||h_l^S - h_l^T||^2 / (T_real * H)``
+    ``+ cosine_weight * mean_b (1 - cos(e_b^S, e_b^T))`` over all N+1 hidden states
+    (embeddings and every layer), e = mean-pooled last hidden state."""
+    m = attention_mask.unsqueeze(-1).to(student_out.last_hidden_state.dtype)
+    denom = m.sum() * student_out.last_hidden_state.shape[-1]
+    mse = torch.stack(
+        [((hs - ht).pow(2) * m).sum() / denom
+         for hs, ht in zip(student_out.hidden_states, teacher_out.hidden_states, strict=True)]
+    ).mean()  # fmt: skip
+    es = mean_pool(student_out.last_hidden_state, attention_mask)
+    et = mean_pool(teacher_out.last_hidden_state, attention_mask)
+    cos = nn.functional.cosine_similarity(es, et, dim=-1).mean()
+    loss = mse + cosine_weight * (1.0 - cos)
+    if attention_weight:
+        loss = loss + attention_weight * attention_kl(student_out, teacher_out, attention_mask)
+    return loss
+
+
+@dataclass
+class DistillReport:
+    """Figures of one distillation run (also written to ``secure_recipe.json``)."""
+
+    out_dir: str
+    p: int
+    eps: float
+    upper: float
+    iterations: int
+    lower: float
+    steps: int
+    batch_size: int
+    max_length: int
+    lr: float
+    seconds: float
+    cosine_before: dict[str, float]
+    cosine_after: dict[str, float]
+    cosine_after_secure_form: dict[str, float]
+    loss_start: float
+    loss_end: float
+    calibration: Calibration
+
+    def recipe(self, distilled_from: str) -> dict[str, Any]:
+        """The ``secure_recipe.json`` contents."""
+        cal = self.calibration
+        return {
+            "softmax": "power",
+            "p": self.p,
+            "eps": self.eps,
+            "upper": self.upper,
+            "iterations": self.iterations,
+            "lower": self.lower,
+            "distilled_from": distilled_from,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "lr": self.lr,
+            "seconds": round(self.seconds, 1),
+            "loss_start": self.loss_start,
+            "loss_end": self.loss_end,
+            "cosine_before": self.cosine_before,
+            "cosine_after": self.cosine_after,
+            "cosine_after_secure_form": self.cosine_after_secure_form,
+            "calibration": {
+                "denominator_min": cal.denominator_min,
+                "denominator_max": cal.denominator_max,
+                "max_abs_score": cal.max_abs_score,
+                "covered": cal.covered,
+                "error_bound": cal.error_bound,
+                "per_layer": {str(k): asdict(v) for k, v in cal.per_layer.items()},
+            },
+        }
+
+
+def _length_bucketed(
+    tokenizer: Any, texts: Sequence[str], batch_size: int, max_length: int, rng: random.Random
+) -> list[dict]:
+    """Tokenise, sort by length, cut into batches (little padding), shuffle batch order."""
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(groups)
+    return [_batches(tokenizer, [texts[i] for i in g], len(g), max_length)[0] for g in groups]
+
+
+def _model_name(model_dir: str | os.PathLike[str]) -> str:
+    return Path(model_dir).resolve().name if Path(model_dir).name != "model" else "all-MiniLM-L6-v2"
+
+
+@contextlib.contextmanager
+def _range_penalty(p: int, eps: float, window: tuple[float, float]) -> Iterator[list[torch.Tensor]]:
+    """Collect, per attention call, ``mean_rows (relu(log(lo/d)) + relu(log(d/hi)))^2`` over
+    the real rows' denominators d (differentiable): keeps d inside a window whose
+    ratio the bounded reciprocal covers with few iterations."""
+    global _DENOMINATOR_HOOK
+    terms: list[torch.Tensor] = []
+    lo, hi = math.log(window[0]), math.log(window[1])
+
+    def hook(module: nn.Module, scores: torch.Tensor, keep: torch.Tensor | None) -> None:
+        xp = scores.pow(p)
+        if keep is None:
+            denom = xp.mean(-1) + eps
+            real = torch.ones_like(denom)
+        else:
+            denom = (xp * keep).sum(-1) / keep.sum(-1).clamp(min=1.0) + eps
+            real = torch.diagonal(keep, dim1=-2, dim2=-1) if scores.shape[-1] == scores.shape[-2] else (
+                keep.sum(-1) > 0).to(scores.dtype)
+        ld = torch.log(denom)
+        out = (torch.relu(lo - ld) + torch.relu(ld - hi)).pow(2)
+        terms.append((out * real).sum() / real.sum().clamp(min=1.0))
+
+    previous = _DENOMINATOR_HOOK
+    _DENOMINATOR_HOOK = hook
+    try:
+        yield terms
+    finally:
+        _DENOMINATOR_HOOK = previous
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def distill_power_softmax(
+    model_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    p: int = DEFAULT_P,
+    steps: int = 400,
+    batch_size: int = 16,
+    max_length: int = 128,
+    lr: float = 3e-4,
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    eps: float = POWER_SOFTMAX_EPS,
+    cosine_weight: float = 1.0,
+    attention_weight: float = 0.0,
+    normalize: bool = False,
+    range_weight: float = 0.0,
+    denominator_window: tuple[float, float] = (1.0, 100.0),
+    warmup_fraction: float = 0.05,
+    weight_decay: float = 0.0,
+    train_embeddings: bool = False,
+    eval_texts: Sequence[str] | None = None,
+    train_texts: Sequence[str] | None = None,
+    calibration_batches: int = 32,
+    distilled_from: str | None = None,
+) -> DistillReport:
+    """Distill a Power-Softmax student from a BERT-style model and save it.
+
+    Steps: load teacher = ``AutoModel(model_dir)`` (eval, frozen) and student = a deep copy
+    with :func:`use_power_softmax` (``p``, ``eps``); measure ``cosine_before`` (student with
+    the untrained weights vs teacher, sentence embeddings of ``eval_texts``, default
+    :func:`secure.graph.corpus.evaluation_sentences`); train ``steps`` AdamW steps (linear
+    warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0, gradient norm
+    clipped to 1) on :func:`distillation_loss` over length-bucketed batches of
+    ``train_texts`` (default :func:`secure.graph.corpus.training_sentences`
+    (steps * batch_size, seed)), embeddings frozen unless ``train_embeddings``; measure
+    ``cosine_after``; calibrate ``upper`` / ``iterations`` on the evaluation batches plus
+    ``calibration_batches`` training batches (:func:`choose_calibration`); measure
+    ``cosine_after_secure_form`` with the secure form on floats; save the student
+    (safetensors; ``p``, ``eps``, ``upper``, ``iterations`` in its config.json), the
+    tokenizer and ``secure_recipe.json``.
+
+    Deterministic for a given seed, thread count and torch build.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoModel, AutoTokenizer
+
+    from secure.graph import corpus
+
+    _check_p(p)
+    if steps < 0 or batch_size < 1:
+        raise ValueError(f"need steps >= 0 and batch_size >= 1, got {steps}, {batch_size}")
+    _set_seed(seed)
+    register_power_softmax()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    teacher = AutoModel.from_pretrained(str(model_dir)).eval()
+    for prm in teacher.parameters():
+        prm.requires_grad_(False)
+    student = use_power_softmax(copy.deepcopy(teacher), p, eps).eval()
+    student.config.power_softmax_normalize = normalize
+    if attention_weight > 0:
+        teacher.set_attn_implementation("eager")  # sdpa returns no attention weights
+
+    if eval_texts is None:
+        eval_texts = corpus.evaluation_sentences()
+    if train_texts is None:
+        train_texts = corpus.training_sentences(max(steps, calibration_batches) * batch_size, seed)
+    eval_batches = _batches(tokenizer, eval_texts, batch_size, max_length)
+    train_batches = _length_bucketed(tokenizer, train_texts, batch_size, max_length, random.Random(seed))
+    teacher_emb = sentence_embeddings(teacher, eval_batches)
+    cosine_before = cosine_stats(sentence_embeddings(student, eval_batches), teacher_emb)
+
+    trainable = [
+        prm for name, prm in student.named_parameters() if train_embeddings or not name.startswith("embeddings.")
+    ]
+    for name, prm in student.named_parameters():
+        prm.requires_grad_(train_embeddings or not name.startswith("embeddings."))
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    warmup = max(1, int(warmup_fraction * steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="distill power-softmax", disable=not progress)
+    for step in bar:
+        batch = train_batches[step % len(train_batches)]
+        att = attention_weight > 0
+        with torch.no_grad():
+            t_out = teacher(**batch, output_hidden_states=True, output_attentions=att)
+        with _range_penalty(p, eps, denominator_window) as penalty:
+            s_out = student(**batch, output_hidden_states=True, output_attentions=att)
+        loss = distillation_loss(s_out, t_out, batch["attention_mask"], cosine_weight, attention_weight)
+        if range_weight:
+            loss = loss + range_weight * torch.stack(penalty).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
+    seconds = time.perf_counter() - start
+    for prm in student.parameters():
+        prm.requires_grad_(False)
+
+    cosine_after = cosine_stats(sentence_embeddings(student, eval_batches), teacher_emb)
+    with record_denominators(p, eps) as ranges, torch.no_grad():
+        for b in eval_batches + train_batches[:calibration_batches]:
+            student(**b)
+    cal = choose_calibration(ranges)
+    use_power_softmax(student, p, eps, secure_form=True, upper=cal.upper, iterations=cal.iterations)
+    cosine_secure = cosine_stats(sentence_embeddings(student, eval_batches), teacher_emb)
+    use_power_softmax(student, p, eps)  # saved with the exact form, upper/iterations kept
+
+    window = max(1, min(10, len(losses) // 4)) if losses else 1
+    report = DistillReport(
+        out_dir=str(out_dir),
+        p=p,
+        eps=eps,
+        upper=cal.upper,
+        iterations=cal.iterations,
+        lower=cal.lower,
+        steps=steps,
+        batch_size=batch_size,
+        max_length=max_length,
+        lr=lr,
+        seconds=seconds,
+        cosine_before=cosine_before,
+        cosine_after=cosine_after,
+        cosine_after_secure_form=cosine_secure,
+        loss_start=sum(losses[:window]) / window if losses else math.nan,
+        loss_end=sum(losses[-window:]) / window if losses else math.nan,
+        calibration=cal,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    name = distilled_from or _model_name(model_dir)
+    (out / RECIPE_FILE).write_text(json.dumps(report.recipe(name), indent=2) + "\n", encoding="utf-8")
+    return report
