@@ -122,8 +122,9 @@ def frexp(party: Party, x: AShare, exponent_fn: Callable[[int], float],
     Bit decomposition (8 rounds), one-hot of the highest set bit (6), opening the one-hot
     bits masked by daBits (1), then m = x * 2^-e (one product and an exact truncation: 3).
     18 rounds. Domain:
-    2^-f <= x < 2^(f + extra_bits) (3.8e-6 to 6.7e7 for f = 18); outside it the result is
-    meaningless. exponent_fn values are clamped to the fixed-point range.
+    2^-f <= x < 2^(f + extra_bits) (3.8e-6 to 6.7e7 for f = 18); outside it (x <= 0
+    included) both results are 0, which cannot be detected without opening x.
+    exponent_fn values are clamped to the fixed-point range.
     """
     f = party.fp.frac_bits
     if 2 * f + extra_bits > 63:
