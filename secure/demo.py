@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<10}" + " ".join(f"{v:8.4f}" for v in t[:8].tolist()))
 
     spans = [(s.name, s.duration_s, s.bytes_sent, s.rounds) for s in cluster.parties[0].profiler.spans
-             if s.depth == 0]
+             if s.depth == 1]  # the nodes inside the query span
     print()
     print(breakdown_table(spans, "part (party 0)"))
     return 0

@@ -26,8 +26,11 @@ from secure.mpc.backend import MpcOps
 from secure.mpc.embedding import client_onehot_shares
 from secure.mpc.engine import LocalCluster
 from secure.mpc.ring import FixedPoint
-from secure.runtime.interpreter import Interpreter, Trace, client_input, embedding_vocab, no_trace
+from secure.runtime.interpreter import Interpreter, client_input, embedding_vocab
 from secure.runtime.profiler import span
+
+QUERY_SPAN = "query"
+"""Name of the span around a whole traced query; node spans sit one level below it."""
 
 
 def run_float(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
@@ -119,11 +122,14 @@ def _party_program(graph: Graph, observe: list[str], trace_spans: bool):
                 v = v.expand(party.id, party.device).map(
                     lambda t, s=spec.spec.shape: t.reshape(*s, -1))
             ready[spec.name] = v
-        trace: Trace = no_trace
-        if trace_spans:
-            def trace(node: Node) -> AbstractContextManager:
-                return span(party, node.origin or node.op)
-        return Interpreter(graph, MpcOps(party), trace).run(weights, ready, observe)
+        if not trace_spans:
+            return Interpreter(graph, MpcOps(party)).run(weights, ready, observe)
+
+        def trace(node: Node) -> AbstractContextManager:
+            return span(party, node.origin or node.op)
+
+        with span(party, QUERY_SPAN):  # the total; each secret node is a span inside it
+            return Interpreter(graph, MpcOps(party), trace).run(weights, ready, observe)
     return program
 
 
