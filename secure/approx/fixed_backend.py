@@ -272,16 +272,9 @@ class FixedPointOps:
                    ) -> Fixed:
         """bias + sum_k coeffs[k] * terms[k], accumulated at 2f + k, one truncation to f
         (k extra coefficient bits when all coefficients are small, as MpcOps)."""
-        if len(terms) != len(coeffs):
-            raise ValueError(f"dot_public: {len(terms)} terms but {len(coeffs)} coefficients")
-        if not terms:
-            raise ValueError("dot_public needs at least one term")
         f = self.frac_bits
-        k = coefficient_extra_bits(coeffs)
+        k = self.fp.dot_public_extra_bits(len(terms), coeffs, bias)
         scale = 2 * f + k
-        self.fp.encode(torch.tensor([*coeffs, bias], dtype=torch.float64))
-        if abs(bias) >= 2.0 ** (62 - scale):
-            raise FixedPointOverflowError(f"dot_public: bias {bias:g} is out of range at scale 2^{scale}")
         acc: torch.Tensor | None = None
         for t, c in zip(terms, coeffs):
             if t.frac_bits != f:

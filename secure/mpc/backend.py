@@ -15,7 +15,7 @@ from secure.mpc import arithmetic as ar
 from secure.mpc import compare as cmp
 from secure.mpc import shares as sh
 from secure.mpc.party import Party
-from secure.mpc.ring import FixedPointOverflowError, coefficient_extra_bits
+from secure.mpc.ring import coefficient_extra_bits
 from secure.mpc.shares import AShare
 
 
@@ -82,16 +82,9 @@ class MpcOps:
 
     def dot_public(self, terms: Sequence[AShare], coeffs: Sequence[float], bias: float = 0.0
                    ) -> AShare:
-        if len(terms) != len(coeffs):
-            raise ValueError(f"dot_public: {len(terms)} terms but {len(coeffs)} coefficients")
-        if not terms:
-            raise ValueError("dot_public needs at least one term")
         f = self.frac_bits
-        k = coefficient_extra_bits(coeffs)
+        k = self.party.fp.dot_public_extra_bits(len(terms), coeffs, bias)
         scale = 2 * f + k
-        self.party.fp.encode(torch.tensor([*coeffs, bias], dtype=torch.float64))
-        if abs(bias) >= 2.0 ** (62 - scale):
-            raise FixedPointOverflowError(f"dot_public: bias {bias:g} is out of range at scale 2^{scale}")
         acc: AShare | None = None
         for t, c in zip(terms, coeffs):
             if t.frac_bits != f:

@@ -78,6 +78,20 @@ class FixedPoint:
             )
         return torch.round(t * self.scale).to(RING_DTYPE)
 
+    def dot_public_extra_bits(self, terms: int, coeffs: Sequence[float], bias: float) -> int:
+        """Check the arguments of ``dot_public`` (bias + sum_k c_k t_k) and return the extra
+        coefficient bits k: the sum is accumulated at scale 2f + k."""
+        if terms != len(coeffs):
+            raise ValueError(f"dot_public: {terms} terms but {len(coeffs)} coefficients")
+        if not terms:
+            raise ValueError("dot_public needs at least one term")
+        self.encode(torch.tensor([*coeffs, bias], dtype=torch.float64))
+        k = coefficient_extra_bits(coeffs)
+        if abs(bias) >= 2.0 ** (62 - 2 * self.frac_bits - k):
+            raise FixedPointOverflowError(f"dot_public: bias {bias:g} is out of range at scale "
+                                          f"2^{2 * self.frac_bits + k}")
+        return k
+
     def decode(self, a: torch.Tensor, frac_bits: int | None = None) -> torch.Tensor:
         """Signed reading of the ring element divided by 2^f, as float64."""
         check_ring(a, "decode")
