@@ -350,6 +350,9 @@ class _PartyServicer(pb2_grpc.PartyServicer):
             with node._lock:
                 if header.query_id in node._running:
                     raise QueryRejected(grpc.StatusCode.ALREADY_EXISTS, f"query {header.query_id} is already running")
+                if node.mailbox.finished(header.query_id):  # its peer frames would be dropped: a hang
+                    raise QueryRejected(grpc.StatusCode.ALREADY_EXISTS, f"query id {header.query_id} was already "
+                                        "used; every query needs a fresh id")
                 if len(node._running) >= node.max_concurrent:
                     raise QueryRejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                         f"{node.max_concurrent} queries are running; retry later")

@@ -99,6 +99,12 @@ class Mailbox:
                                            f"party {sender} within {deadline_s:.1f} s")
                 self._cond.wait(left)
 
+    def finished(self, query_id: str) -> bool:
+        """Whether ``query_id`` ran here recently: its frames are dropped now, so the id cannot
+        serve another query."""
+        with self._cond:
+            return query_id in self._finished
+
     def forget(self, query_id: str) -> None:
         """Drop everything held for a finished query."""
         with self._cond:
