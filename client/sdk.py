@@ -207,8 +207,8 @@ class SecureClient:
             outputs.append(self.fp.decode(ring, results[0]["frac_bits"][index]))
         return QueryResult(outputs, time.perf_counter() - t0, [r["done"].seconds for r in results],
                            [int(r["done"].bytes_sent) for r in results], int(results[0]["done"].rounds), upload,
-                           [{"name": s.name, "seconds": s.seconds, "bytes_sent": s.bytes_sent, "rounds": s.rounds}
-                            for s in results[0]["done"].spans])
+                           [{"name": s.name, "seconds": s.seconds, "bytes_sent": s.bytes_sent, "rounds": s.rounds,
+                             "start": s.start} for s in results[0]["done"].spans])
 
     @staticmethod
     def _collect(events: Iterator[Any], progress: Callable[[int, int], None] | None) -> dict[str, Any]:

@@ -28,7 +28,6 @@ import re
 import signal
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -132,6 +131,17 @@ class PartyNode:
         creds = grpc.ssl_channel_credentials(self.cfg.ca.read_bytes(), self.entry.key.read_bytes(),
                                              self.entry.cert.read_bytes())
         return grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+
+    def peer_reachable(self, peer: int, timeout_s: float = 0.5) -> bool:
+        """Whether the peer's port completes a (TLS) connection now."""
+        channel = self._peer_channel(peer)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout_s)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            channel.close()
 
     def start(self) -> None:
         peer = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=CHANNEL_OPTIONS)
@@ -277,7 +287,7 @@ class PartyNode:
         party = Party(transport, self.fp, self.device, profiler)
         secret_nodes = [n for n in graph.nodes if n.name in graph.secret_names()]
         total, done = len(secret_nodes), [0]
-        t0 = time.perf_counter()
+        t0 = start = time.perf_counter()
         try:
             party.setup_keys()
 
@@ -295,16 +305,9 @@ class PartyNode:
                         events.put(pb2.QueryEvent(output=pb2.OutputChunk(index=index, part=p,
                                                                           frac_bits=share.frac_bits, chunk=chunk)))
             spans = []
-            if want_trace:
-                totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0])
-                for s in profiler.spans:
-                    if s.depth == 0:
-                        t = totals[s.name]
-                        t[0] += s.duration_s
-                        t[1] += s.bytes_sent
-                        t[2] += s.rounds
-                spans = [pb2.Span(name=k, seconds=v[0], bytes_sent=int(v[1]), rounds=int(v[2]))
-                         for k, v in totals.items()]
+            if want_trace:  # every traced node, in order, for per-part tables and timelines
+                spans = [pb2.Span(name=s.name, seconds=s.duration_s, bytes_sent=s.bytes_sent, rounds=s.rounds,
+                                  start=s.start_s - start) for s in profiler.spans if s.depth == 0]
             seconds = time.perf_counter() - t0
             events.put(pb2.QueryEvent(done=pb2.Done(seconds=seconds, bytes_sent=party.bytes_sent,
                                                     rounds=party.rounds, spans=spans)))
@@ -317,6 +320,7 @@ class PartyNode:
             events.put(e)
         finally:
             self.mailbox.forget(query_id)
+            self.mailbox.sweep(idle_s=10 * self.cfg.deadline_s)
             with self._lock:
                 self._running.pop(query_id, None)
 
@@ -326,17 +330,31 @@ class _PeerServicer(pb2_grpc.PeerServicer):
         self.node = node
 
     def Link(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:  # noqa: N802
+        expected = _peer_identity(context)
         frames = 0
         try:
             for frame in request_iterator:
                 if frame.sender not in (0, 1, 2) or frame.sender == self.node.id:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"frame from invalid sender {frame.sender}")
+                if expected is not None and frame.sender != expected:
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, f"the certificate of party {expected} cannot "
+                                  f"send as party {frame.sender}")
                 self.node.mailbox.deliver(frame)
                 frames += 1
         except WireError as e:
             log.warning("party %d: malformed frame from a peer: %s", self.node.id, e)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {e}")
         return pb2.PeerSummary(frames=frames)
+
+
+def _peer_identity(context: grpc.ServicerContext) -> int | None:
+    """The party id named by the peer's certificate (common name "partyN"); None without TLS."""
+    names = context.auth_context().get("x509_common_name") or []
+    for name in names:
+        m = re.fullmatch(rb"party([012])", name)
+        if m:
+            return int(m.group(1))
+    return None
 
 
 class _PartyServicer(pb2_grpc.PartyServicer):
@@ -394,8 +412,10 @@ class _PartyServicer(pb2_grpc.PartyServicer):
                              party_id=self.node.id)
 
     def Health(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        return pb2.HealthReply(live=True, ready=True, detail=f"party {self.node.id} serving "
-                               f"{self.node.header['model']!r}", running_queries=self.node.running())
+        unreachable = [p for p in range(3) if p != self.node.id and not self.node.peer_reachable(p)]
+        detail = (f"party {self.node.id} serving {self.node.header['model']!r}" if not unreachable
+                  else f"party {self.node.id}: peers {unreachable} unreachable")
+        return pb2.HealthReply(live=True, ready=not unreachable, detail=detail, running_queries=self.node.running())
 
 
 def main(argv: list[str] | None = None) -> int:

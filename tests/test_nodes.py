@@ -410,6 +410,21 @@ def test_peer_with_foreign_certificate_is_refused(nodes: LocalNodes, tmp_path: P
     assert _all_healthy(cfg, nodes.token)
 
 
+def test_peer_certificate_must_match_the_sender_id(nodes: LocalNodes) -> None:
+    """A genuine party certificate cannot speak for another party."""
+    cfg = nodes.config
+    me = cfg.party(2)
+    assert cfg.ca is not None and me.cert is not None and me.key is not None
+    creds = grpc.ssl_channel_credentials(cfg.ca.read_bytes(), me.key.read_bytes(), me.cert.read_bytes())
+    frame = pb2.PeerFrame(query_id="spoof", sender=0, abort_reason="pretending to be party 0")
+    with grpc.secure_channel(cfg.party(1).peer_address, creds) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb2_grpc.PeerStub(channel).Link(iter([frame]), timeout=10)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "cannot send as party 0" in info.value.details()
+    assert _all_healthy(cfg, nodes.token)
+
+
 def test_request_size_limit(nodes: LocalNodes, tmp_path: Path) -> None:
     """A node configured with a 64 KiB request limit refuses bigger requests.
 

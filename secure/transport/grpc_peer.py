@@ -42,6 +42,7 @@ class Mailbox:
         self._partial: dict[tuple[str, int, int], dict[int, Any]] = {}
         self._aborted: dict[str, str] = {}
         self._finished: dict[str, None] = {}  # recently finished queries (late frames dropped)
+        self._activity: dict[str, float] = {}  # query id -> last frame delivered or taken
 
     def deliver(self, frame: Any) -> None:
         """File one frame (called by the Peer server); raises WireError on a malformed one."""
@@ -58,6 +59,7 @@ class Mailbox:
         with self._cond:
             if frame.query_id in self._finished:
                 return
+            self._activity[frame.query_id] = time.monotonic()
             parts = self._partial.setdefault(mkey, {})
             if count == 0:
                 done: list[torch.Tensor] | None = []
@@ -99,6 +101,20 @@ class Mailbox:
                                            f"party {sender} within {deadline_s:.1f} s")
                 self._cond.wait(left)
 
+    def sweep(self, idle_s: float) -> None:
+        """Drop messages of queries that saw no activity for ``idle_s`` (e.g. queries this
+        party refused while its peers ran them)."""
+        now = time.monotonic()
+        with self._cond:
+            stale = [q for q, t in self._activity.items() if now - t > idle_s]
+            for q in stale:
+                del self._activity[q]
+                for key in [k for k in self._messages if k[0] == q]:
+                    del self._messages[key]
+                for key in [k for k in self._partial if k[0] == q]:
+                    del self._partial[key]
+                self._aborted.pop(q, None)
+
     def finished(self, query_id: str) -> bool:
         """Whether ``query_id`` ran here recently: its frames are dropped now, so the id cannot
         serve another query."""
@@ -113,6 +129,7 @@ class Mailbox:
             for key in [k for k in self._partial if k[0] == query_id]:
                 del self._partial[key]
             self._aborted.pop(query_id, None)
+            self._activity.pop(query_id, None)
             self._finished[query_id] = None
             while len(self._finished) > 10_000:
                 del self._finished[next(iter(self._finished))]
