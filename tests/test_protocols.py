@@ -249,7 +249,7 @@ def test_truncation_failure_rate_matches_the_documented_probability(runner):
 
 
 def test_binary_and_and_bit_decomposition(runner, cluster):
-    from secure.mpc.boolean import _DaBits, and_many, bit_decompose
+    from secure.mpc.boolean import DaBits, and_many, bit_decompose
     from secure.mpc.shares import BShare
 
     x = torch.tensor([0, 1, -1, 123456789, -(2**62), 2**62 + 5], dtype=torch.int64)
@@ -257,8 +257,8 @@ def test_binary_and_and_bit_decomposition(runner, cluster):
     xs, ys = sh.deal(x), sh.deal(y)
 
     def prog(p, ax, ay):
-        bx = bit_decompose(p, ax, _DaBits(p, ax.shape))
-        by = bit_decompose(p, ay, _DaBits(p, ay.shape))
+        bx = bit_decompose(p, ax, DaBits(p, ax.shape))
+        by = bit_decompose(p, ay, DaBits(p, ay.shape))
         (z,) = and_many(p, [(bx, by)])
         got = p.exchange({p.prev: [z.b]}, [p.next])[p.next][0]  # open the binary sharing
         return z.a ^ z.b ^ got, isinstance(z, BShare)

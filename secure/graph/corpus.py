@@ -62,7 +62,7 @@ _CODE_HINTS = ("::", ">>>", "...", "==", "->", "{", "}", "|", "\\", "@", "`", "h
 def _docstrings_of_module(name: str) -> list[str]:
     try:
         module = importlib.import_module(name)
-    except Exception:  # noqa: BLE001 -- an unavailable optional module is simply skipped
+    except Exception:  # an unavailable optional module is simply skipped
         return []
     docs: list[str] = []
     seen: set[int] = set()

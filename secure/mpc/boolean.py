@@ -61,7 +61,7 @@ def component_words(party: Party, x: AShare) -> list[BShare]:
     return out
 
 
-class _DaBits:
+class DaBits:
     """Random bits r as a binary sharing and (after two multiplication rounds) arithmetic.
 
     r = r_0 xor r_1 xor r_2 with r_j = F(k_j) & 1; arithmetic r via
@@ -119,7 +119,7 @@ def _carry_save(party: Party, x: AShare, extra: list[torch.Tensor]
     return s, maj.shift_left(1), got[1:]
 
 
-def _generate_propagate(party: Party, flat: AShare, dabits: _DaBits
+def _generate_propagate(party: Party, flat: AShare, dabits: DaBits
                         ) -> tuple[BShare, BShare]:
     """Carry-save layer and generate bits over the three components of ``flat`` (2 rounds),
     advancing ``dabits`` to arithmetic form in the same two rounds.
@@ -225,7 +225,7 @@ def open_bits_xor(party: Party, bits: torch.Tensor) -> torch.Tensor:
     return (mine ^ got[party.prev][0] ^ got[party.next][0]).to(torch.int64)
 
 
-def bits_to_arith(party: Party, opened: torch.Tensor, dabits: _DaBits) -> AShare:
+def bits_to_arith(party: Party, opened: torch.Tensor, dabits: DaBits) -> AShare:
     """[b] from the public c = b xor r and the daBit r: c + [r] - 2c[r] (local)."""
     r = dabits.arith
     assert r is not None, "daBits must be advanced to arithmetic form first"
@@ -256,7 +256,7 @@ def msb_many(party: Party, xs: Sequence[AShare]) -> list[AShare]:
     if not xs:
         return []
     flat = _flatten(party, xs, "msb")
-    dabits = _DaBits(party, flat.shape)
+    dabits = DaBits(party, flat.shape)
     g, p = _generate_propagate(party, flat, dabits)
     g_pair, last_and = _carry_into_msb(party, g, p)
     msb_part = ((p.a >> 63) ^ (g_pair.a >> 1) ^ last_and) & 1
@@ -265,7 +265,7 @@ def msb_many(party: Party, xs: Sequence[AShare]) -> list[AShare]:
 
 
 @protocol("bit_decompose")
-def bit_decompose(party: Party, x: AShare, dabits: _DaBits) -> BShare:
+def bit_decompose(party: Party, x: AShare, dabits: DaBits) -> BShare:
     """Binary sharing of the 64-bit word x (all carries: 8 rounds)."""
     flat = _flatten(party, [x], "bit_decompose")
     g, p = _generate_propagate(party, flat, dabits)

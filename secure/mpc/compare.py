@@ -14,7 +14,7 @@ import torch
 from secure.mpc import shares as sh
 from secure.mpc.arithmetic import mul_many, mul_many_exact, to_scale
 from secure.mpc.boolean import (
-    _DaBits,
+    DaBits,
     bit_decompose,
     bits_to_arith,
     highest_bit_onehot,
@@ -134,7 +134,7 @@ def frexp(party: Party, x: AShare, exponent_fn: Callable[[int], float],
     if x.frac_bits < f:
         x = sh.lift(x, f)
     positions = 2 * f + extra_bits
-    dabits = _DaBits(party, torch.Size((*x.shape, positions)))
+    dabits = DaBits(party, torch.Size((*x.shape, positions)))
     word = bit_decompose(party, x, dabits)
     onehot = highest_bit_onehot(party, word)
     j = torch.arange(positions, device=x.device)

@@ -20,7 +20,7 @@ Each call of :meth:`PairwiseKeys.draw` consumes a fresh nonce on the key, so a
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -70,7 +70,6 @@ class PairwiseKeys:
 
     with_prev: PrfStream
     with_next: PrfStream
-    own: PrfStream = field(default_factory=lambda: PrfStream(random_key()))
 
     def draw(self, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu"
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,12 +90,6 @@ class PairwiseKeys:
         """beta_i = F(k_i, n) xor F(k_{i+1}, n); the three betas xor to 0."""
         a, b = self.draw(shape, device)
         return a ^ b
-
-    def private(self, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu"
-                ) -> torch.Tensor:
-        """Randomness known to this party only."""
-        return self.own.words(_numel(shape), device).reshape(shape)
-
 
 def _numel(shape: torch.Size | tuple[int, ...]) -> int:
     n = 1

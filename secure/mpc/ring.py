@@ -61,11 +61,6 @@ class FixedPoint:
         """Largest magnitude :meth:`encode` accepts: 2^(62 - f)."""
         return float(2 ** (62 - self.frac_bits))
 
-    @property
-    def max_product_abs(self) -> float:
-        """Largest |x * y| a fixed-point product holds before truncation: 2^(63 - 2f)."""
-        return float(2 ** (63 - 2 * self.frac_bits))
-
     def encode(self, x: torch.Tensor | float, device: torch.device | str | None = None) -> torch.Tensor:
         """round(x * 2^f) as int64. Raises on non-finite or out-of-range values."""
         t = torch.as_tensor(x, dtype=torch.float64, device=device)
@@ -113,11 +108,6 @@ def logical_right_shift(a: torch.Tensor, bits: int) -> torch.Tensor:
         return a
     mask = (1 << (RING_BITS - bits)) - 1
     return (a >> bits) & mask
-
-
-def arithmetic_right_shift(a: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed a >> bits (floor division by 2^bits of the signed reading)."""
-    return a >> bits
 
 
 MAX_EXTRA_COEFF_BITS = 20

@@ -1,0 +1,218 @@
+"""Power-Softmax attention, calibration, distillation and the offline corpus
+(secure/graph/distill.py, secure/graph/corpus.py) on a tiny random BERT."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import BertConfig, BertModel, BertTokenizer  # noqa: E402
+
+from secure.approx.float_backend import FloatOps  # noqa: E402
+from secure.approx.reciprocal import bounded_reciprocal_start  # noqa: E402
+from secure.approx.softmax import POWER_SOFTMAX_EPS, power_softmax  # noqa: E402
+from secure.graph import corpus  # noqa: E402
+from secure.graph import distill as ds  # noqa: E402
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _tiny_vocab() -> list[str]:
+    words: set[str] = set()
+    for s in corpus.training_pool()[:400] + corpus.evaluation_pool()[:100]:
+        words.update(w.lower() for w in corpus._WORD.findall(s))
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,;:!?'\"()-_=*/[]<>")
+    pieces = ["##" + c for c in chars]
+    return SPECIALS + sorted(set(chars)) + pieces + sorted(words - set(chars))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer BERT (hidden 32, 2 heads) and a small WordPiece tokenizer, saved."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(_tiny_vocab()) + "\n", encoding="utf-8")
+    tok = BertTokenizer(vocab_file=str(vocab), do_lower_case=True)
+    tok.save_pretrained(str(path))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    model = BertModel(cfg, add_pooling_layer=False).eval()
+    model.save_pretrained(str(path))
+    return path
+
+
+def _batch(tiny_dir: Path, texts: list[str]) -> dict:
+    tok = BertTokenizer.from_pretrained(str(tiny_dir))
+    return dict(tok(texts, padding=True, truncation=True, max_length=48, return_tensors="pt"))
+
+
+# ---- the function -----------------------------------------------------------------------
+
+
+def test_exact_formula_and_mask_semantics() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64) * 2
+    keep = torch.ones(2, 1, 1, 7, dtype=torch.float64)
+    keep[0, ..., 5:] = 0
+    out = ds.power_softmax_exact(x, 4, keep=keep)
+    xp = x**4 * keep
+    L = keep.sum(-1, keepdim=True)
+    ref = xp / (POWER_SOFTMAX_EPS + xp.sum(-1, keepdim=True) / L)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=0)
+    assert bool((out[0, ..., 5:] == 0).all())
+    # the bare form's rows sum to about L (the secure form's semantics); normalised: to 1
+    torch.testing.assert_close(out.sum(-1), L.squeeze(-1).expand(2, 3, 5), rtol=1e-6, atol=0)
+    norm = ds.power_softmax_exact(x, 4, keep=keep, normalize=True)
+    torch.testing.assert_close(norm.sum(-1), torch.ones(2, 3, 5, dtype=torch.float64), rtol=1e-6, atol=0)
+    # and it is what the secure form approximates
+    a, lower, _ = bounded_reciprocal_start(1e4, 14)
+    assert lower < float((xp.sum(-1) / L.squeeze(-1)).min())
+    sec = power_softmax(FloatOps(), x, p=4, mask=keep, upper=1e4, iterations=14)
+    torch.testing.assert_close(sec, out, rtol=2e-3, atol=1e-9)
+    with pytest.raises(ValueError):
+        ds.power_softmax_exact(x, 3)
+
+
+def test_keep_mask_from_bool_and_additive_masks() -> None:
+    shape = (1, 2, 3, 3)
+    bool_mask = torch.tensor([True, True, False]).expand(1, 1, 3, 3)
+    add_mask = torch.where(bool_mask, 0.0, torch.finfo(torch.float32).min)
+    for m in (bool_mask, add_mask):
+        keep = ds.keep_mask(m, shape)
+        assert keep.shape == shape and keep.dtype == torch.float32
+        assert keep[..., 2].sum() == 0 and keep[..., :2].sum() == 2 * 3 * 2
+    assert ds.keep_mask(None, shape) is None
+    with pytest.raises(ValueError):
+        ds.keep_mask(add_mask + 0.5, shape)
+
+
+def test_power_attention_layer_matches_hand_computation(tiny_dir: Path) -> None:
+    model = ds.use_power_softmax(BertModel.from_pretrained(str(tiny_dir)), p=4).eval()
+    assert model.config._attn_implementation == ds.ATTN_IMPLEMENTATION
+    batch = _batch(tiny_dir, ["a short one.", "a somewhat longer sentence for the test."])
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True, output_attentions=True)
+    attn = model.encoder.layer[0].attention.self
+    h = out.hidden_states[0]
+    b, n, _ = h.shape
+    heads, d = attn.num_attention_heads, attn.attention_head_size
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, n, heads, d).transpose(1, 2)
+
+    q, k, v = split(attn.query(h)), split(attn.key(h)), split(attn.value(h))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+    keep = batch["attention_mask"][:, None, None, :].to(scores.dtype)
+    xp = scores**4 * keep
+    weights = xp / (POWER_SOFTMAX_EPS + xp.sum(-1, keepdim=True) / keep.sum(-1, keepdim=True))
+    torch.testing.assert_close(out.attentions[0], weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights, ds.power_softmax_exact(scores, 4, keep=keep))
+    with torch.no_grad():
+        ctx = attn(h, attention_mask=batch["attention_mask"][:, None, None, :].bool())[0]
+    torch.testing.assert_close(ctx.reshape(b, n, heads * d), (weights @ v).transpose(1, 2).reshape(b, n, -1),
+                               rtol=1e-5, atol=1e-6)
+    # masked keys get exactly zero weight, in every layer and head
+    pad = batch["attention_mask"] == 0
+    assert bool(pad.any())
+    for a in out.attentions:
+        assert bool((a.permute(0, 3, 1, 2)[pad] == 0).all())
+
+
+def test_p_is_read_from_config(tiny_dir: Path) -> None:
+    model = BertModel.from_pretrained(str(tiny_dir)).eval()
+    batch = _batch(tiny_dir, ["one more sentence here."])
+    outs = []
+    for p in (2, 6):
+        ds.use_power_softmax(model, p=p)
+        with torch.no_grad():
+            outs.append(model(**batch, output_attentions=True).attentions[0])
+    assert not torch.allclose(outs[0], outs[1])
+
+
+# ---- calibration ------------------------------------------------------------------------
+
+
+def test_calibration_choice() -> None:
+    assert ds.nice_ceil(3.1) == 5.0 and ds.nice_ceil(100.0) == 100.0 and ds.nice_ceil(0.011) == 0.02
+    r = ds.LayerRange(denominator_min=0.5, denominator_max=40.0, head_min=[0.5], head_max=[40.0])
+    cal = ds.choose_calibration({0: r}, headroom=2.0, margin=2.0)
+    assert cal.upper == 100.0 and cal.covered
+    _, lower, _ = bounded_reciprocal_start(cal.upper, cal.iterations)
+    assert lower * 2.0 <= 0.5 and cal.lower == lower
+    _, lower_less, _ = bounded_reciprocal_start(cal.upper, cal.iterations - 1)
+    assert lower_less * 2.0 > 0.5  # the smallest iteration count that covers
+
+
+def test_align_head_scales_keeps_the_function(tiny_dir: Path) -> None:
+    model = ds.use_power_softmax(BertModel.from_pretrained(str(tiny_dir)), normalize=True).eval()
+    batch = _batch(tiny_dir, ["the first text.", "and a second text that is a bit longer."])
+    with torch.no_grad(), ds.record_denominators(4, POWER_SOFTMAX_EPS) as ranges:
+        before = model(**batch).last_hidden_state
+    ds.align_head_scales(model, ranges, 4, target=50.0)
+    with torch.no_grad(), ds.record_denominators(4, POWER_SOFTMAX_EPS) as after_ranges:
+        after = model(**batch).last_hidden_state
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    for r in after_ranges.values():
+        for hmax in r.head_max:
+            assert hmax == pytest.approx(50.0, rel=1e-3)
+
+
+# ---- distillation -----------------------------------------------------------------------
+
+
+def test_short_distillation_reduces_loss_and_saves(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "student"
+    report = ds.distill_power_softmax(
+        tiny_dir, out, p=4, steps=30, batch_size=8, max_length=32, lr=3e-3, seed=0, progress=False,
+        eval_texts=corpus.evaluation_sentences(16), calibration_batches=4, distilled_from="tiny-bert",
+    )
+    assert report.loss_end < 0.8 * report.loss_start
+    assert report.cosine_after["mean"] > report.cosine_before["mean"]
+    assert 0.0 < report.lower < report.upper
+    assert report.calibration.denominator_max * 2.0 <= report.upper
+    recipe = json.loads((out / ds.RECIPE_FILE).read_text())
+    assert recipe["softmax"] == "power" and recipe["p"] == 4 and recipe["eps"] == POWER_SOFTMAX_EPS
+    assert recipe["upper"] == report.upper and recipe["iterations"] == report.iterations
+    assert recipe["distilled_from"] == "tiny-bert" and recipe["steps"] == 30
+    for key in ("cosine_before", "cosine_after", "cosine_after_secure_form"):
+        assert set(recipe[key]) == {"mean", "min"}
+    assert (out / "model.safetensors").is_file()
+    student = ds.load_power_softmax_model(out)
+    assert student.config._attn_implementation == ds.ATTN_IMPLEMENTATION
+    assert student.config.power_softmax_p == 4 and student.config.power_softmax_upper == report.upper
+    tok = BertTokenizer.from_pretrained(str(out))
+    texts = corpus.evaluation_sentences(16)
+    teacher = BertModel.from_pretrained(str(tiny_dir)).eval()
+    b = [dict(tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt"))]
+    cos = ds.cosine_stats(ds.sentence_embeddings(student, b), ds.sentence_embeddings(teacher, b))
+    assert cos["mean"] == pytest.approx(report.cosine_after["mean"], abs=1e-5)
+
+
+# ---- corpus -----------------------------------------------------------------------------
+
+
+def test_corpus_is_deterministic_disjoint_and_varied() -> None:
+    ev = corpus.evaluation_sentences()
+    tr = corpus.training_sentences(500, seed=3)
+    assert len(ev) == 64 and len(set(ev)) == 64 and len(tr) == 500
+    corpus.all_sentences.cache_clear()
+    corpus._pools.cache_clear()
+    corpus._evaluation_phrases.cache_clear()
+    assert corpus.evaluation_sentences() == ev
+    assert corpus.training_sentences(500, seed=3) == tr
+    assert corpus.training_sentences(500, seed=4) != tr
+    assert corpus.evaluation_sentences(10) == ev[:10]
+    assert not set(ev) & set(corpus.training_sentences(3000, seed=0))
+    assert not set(corpus.training_pool()) & set(corpus.evaluation_pool())
+    assert list(corpus.all_sentences()) == sorted(set(corpus.all_sentences()))
+    words = sorted(len(s.split()) for s in ev)
+    assert words[0] <= 4 and words[-1] >= 60
+    assert len(corpus.all_sentences()) > 1000
