@@ -88,7 +88,7 @@ class Bench:
         err = float((secure - reference.double()).abs().max()) if reference.numel() else 0.0
         res = Result(op, shape, seconds, _time(plain), sent, rounds, err)
         self.results.append(res)
-        print(f"{op:<26} {shape:<22} {seconds:9.3f} s {res.slowdown:9.0f}x "
+        print(f"{op:<28} {shape:<22} {seconds:9.3f} s {res.slowdown:9.0f}x "
               f"{max(sent) / 1e6:10.2f} MB {rounds:6d} {err:10.2e}", flush=True)
         return res
 
@@ -96,7 +96,7 @@ class Bench:
 def run(quick: bool, device: str) -> list[Result]:
     torch.manual_seed(0)  # benchmark inputs only; share randomness comes from the CSPRNG
     b = Bench(device)
-    print(f"{'operation':<26} {'shape':<22} {'secure':>11} {'vs plain':>10} "
+    print(f"{'operation':<28} {'shape':<22} {'secure':>11} {'vs plain':>10} "
           f"{'max MB/party':>13} {'rounds':>6} {'max error':>10}")
 
     m, k, n = (32, 128, 128) if quick else (128, 768, 768)
@@ -108,7 +108,9 @@ def run(quick: bool, device: str) -> list[Result]:
     rows, cols = (32, 768) if quick else (128, 3072)
     y = torch.randn(rows, cols, dtype=torch.float64) * 4
     wide = sh.deal_shares((b.fp.encode(y) << b.fp.frac_bits).to(device), 2 * b.fp.frac_bits)
-    b.measure("truncation", f"{rows}x{cols}",
+    b.measure("truncation (exact)", f"{rows}x{cols}",
+              lambda p, a: ar.truncate_exact_many(p, [a], [b.fp.frac_bits])[0], [wide], lambda: y)
+    b.measure("truncation (probabilistic)", f"{rows}x{cols}",
               lambda p, a: ar.truncate_many(p, [a], [b.fp.frac_bits])[0], [wide], lambda: y)
 
     count = 10_000 if quick else 1_000_000
@@ -148,7 +150,7 @@ def run(quick: bool, device: str) -> list[Result]:
     res = b.measure("embedding, client one-hot", f"{tokens} ids, V={vocab}",
                     lambda p, o, t: embed(p, o.expand(p.id, p.device), t),
                     [onehot, table_sh], lambda: table[ids])
-    print(f"{'':<26} client upload per party: {[round(u / 1e6, 2) for u in upload]} MB")
+    print(f"{'':<28} client upload per party: {[round(u / 1e6, 2) for u in upload]} MB")
     res.op += f" (+{max(upload) / 1e6:.1f} MB client upload)"
     b.measure("embedding, PUMA equality", f"{tokens} ids, V={vocab}",
               lambda p, i, t: embed(p, puma_onehot(p, i, vocab), t),
