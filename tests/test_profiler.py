@@ -25,7 +25,7 @@ def test_spans_add_up_and_match_transport_counters(cluster, runner):
         top = party.profiler.summary(top_level_only=True)
         assert list(top) == ["outer"]
         assert top["outer"].bytes_sent == nbytes
-        assert top["outer"].rounds == 6  # two products: one round each plus exact truncation (two)
+        assert top["outer"].rounds == 4  # two products, each two rounds with its fused exact truncation
         inner = party.profiler.summary()
-        assert inner["mul"].calls == 2 and inner["truncate_exact"].calls == 2
-        assert inner["mul"].bytes_sent + inner["truncate_exact"].bytes_sent == nbytes
+        assert inner["mul_trunc"].calls == 2
+        assert inner["mul_trunc"].bytes_sent == nbytes

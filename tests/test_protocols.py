@@ -96,7 +96,7 @@ def test_multiply_and_truncate_cost_one_round_each(runner):
     assert runner.rounds_of(lambda p, a: ar.mul_many_exact(p, [(a, a)] * 3), x) == 1
     assert runner.rounds_of(lambda p, a: ar.truncate_many(p, [a, a], [18, 18]), x) == 1
     assert runner.rounds_of(lambda p, a: ar.truncate_exact_many(p, [a, a], [18, 18]), x) == 2
-    assert runner.rounds_of(lambda p, a: ar.mul(p, a, a), x) == 3  # exact truncation by default
+    assert runner.rounds_of(lambda p, a: ar.mul(p, a, a), x) == 2  # exact truncation fused into the product
     bits = runner.share(torch.tensor([0, 1, 1, 0] * 2 + [1, 0]), integral=True)
     assert runner.rounds_of(lambda p, a, b: ar.mul(p, b, a), x, bits) == 1
 

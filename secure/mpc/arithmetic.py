@@ -26,6 +26,7 @@ import torch
 
 from secure.mpc.matmul import ring_matmul
 from secure.mpc.party import Party
+from secure.mpc.randomness import csprng_words
 from secure.mpc.shares import AShare
 from secure.runtime.profiler import protocol
 
@@ -120,79 +121,141 @@ def truncate_exact_many(party: Party, xs: Sequence[AShare], bits: Sequence[int])
     """[floor(x / 2^d)] (+-1 ulp) for |x| < 2^62 ring units, with no failure mode. Two rounds.
 
     Dalskov, Escudero, Keller, "Secure Evaluation of Quantized Neural Networks" (2020),
-    sec. 3.2.2, for replicated sharing; roles A, B, D rotate over the parties. A and B hold
-    x as a 2-out-of-2 sharing (A: x_A + x_B, B: x_D). D knows r = r_A + r_B (r_A from the
-    key of A and D, r_B from the key of B and D) and deals shares of its top bit r_63 and
-    of its bits d..62, rc; A and B open c = x + 2^62 + r between them (round 1; D sends its
-    part in the same round). With x' = x + 2^62 in [0, 2^63):
-        floor(x' / 2^d) = c[d..62] - rc + 2^(63-d) (c_63 xor r_63)   (+-1 from the low bits),
-    and 2^(62-d) is subtracted again. The 2-out-of-2 result becomes replicated with one more
-    exchange between A and B (round 2), masked by PRF values that D shares with each.
-    A and B only ever see values masked by the half of r they do not know; D receives
-    nothing.
+    sec. 3.2.2, for replicated sharing (see :func:`_exact_truncation`): A and B hold x as a
+    2-out-of-2 sharing, A: x_A + x_B and B: x_D.
     """
     _owned(party, "truncate", *xs)
-    if not xs:
-        return []
+    role, _, _ = _roles(party)
+    if role == "A":
+        addends = [x.a + x.b for x in xs]
+    elif role == "B":
+        addends = [x.b for x in xs]
+    else:
+        addends = None
+    return _exact_truncation(party, addends, xs, bits, from_products=False)
+
+
+def _roles(party: Party) -> tuple[str, int, int]:
+    """This party's role in a truncation (A, B or D, rotating with the round counter so
+    traffic stays balanced) and the ids of the parties in roles A and B."""
+    rotation = party.rounds % 3
+    return "ABD"[(party.id - rotation) % 3], rotation, (rotation + 1) % 3
+
+
+def _exact_truncation(party: Party, addends: list[torch.Tensor] | None, like: Sequence[AShare],
+                      bits: Sequence[int], from_products: bool, extra: dict[int, list[torch.Tensor]] | None = None,
+                      extra_from: Sequence[int] = ()) -> list[AShare]:
+    """The exact truncation of x = sum of the parties' addends, replicated in the result.
+
+    Roles A, B, D: D knows r = r_A + r_B (+ r_D) (r_A from the key of A and D, r_B from the
+    key of B and D, r_D its own) and deals shares of r's top bit r_63 and of its bits
+    d..62, rc. A and B learn c = x + 2^62 + r (round 1: A and B swap their masked addends;
+    D sends its dealt shares and, for a 3-out-of-3 x such as a raw product, its own masked
+    addend). With x' = x + 2^62 in [0, 2^63):
+        floor(x' / 2^d) = c[d..62] - rc + 2^(63-d) (c_63 xor r_63)   (+-1 from the low bits),
+    and 2^(62-d) is subtracted again. Round 2 turns the 2-out-of-2 result into replicated
+    shares with one exchange between A and B, masked by PRF values D shares with each.
+    A and B only see values masked by parts of r they do not know; D receives nothing.
+
+    ``extra`` (messages to send in round 1, by destination) and ``extra_from`` (parties to
+    receive extra round-1 messages from) let a caller share the round; the received extra
+    tensors are returned through ``extra`` (key: sender) after the call.
+    """
+    sizes = [x.a.numel() for x in like]
+    n = sum(sizes)
+    device = like[0].device if like else party.device
+    if n == 0 and not extra and not extra_from:  # all parties see the same shapes: skip together
+        return [AShare(x.a, x.b, party.id, x.frac_bits - d) for x, d in zip(like, bits)]
+    role, a_party, b_party = _roles(party)
+    d_party = (a_party + 2) % 3
+    shift = torch.cat([torch.full((s,), d, dtype=torch.int64, device=device) for s, d in zip(sizes, bits)]) \
+        if like else torch.empty(0, dtype=torch.int64, device=device)
     if any(not 0 <= d < 62 for d in bits):
         raise ValueError(f"truncate: shifts must be in [0, 62), got {list(bits)}")
-    sizes = [x.a.numel() for x in xs]
-    n = sum(sizes)
-    device = xs[0].device
-    if n == 0:
-        return [AShare(x.a, x.b, party.id, x.frac_bits - d) for x, d in zip(xs, bits)]
-    shift = torch.cat([torch.full((s,), d, dtype=torch.int64, device=device) for s, d in zip(sizes, bits)])
-    rotation = party.rounds % 3
-    role = "ABD"[(party.id - rotation) % 3]
-    a_party, b_party = rotation, (rotation + 1) % 3
-    top = 63 - shift
+    low = (1 << (63 - shift)) - 1
+    send: dict[int, list[torch.Tensor]] = {k: list(v) for k, v in (extra or {}).items()}
+    recv = set(extra_from)
 
-    def flat(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(-1)
+    def flat(ts: list[torch.Tensor] | None) -> torch.Tensor:
+        if not ts:
+            return torch.empty(0, dtype=torch.int64, device=device)
+        return torch.cat([t.reshape(-1) for t in ts])
 
     if role == "D":
         with_a = party.keys.with_next.words(4 * n, device)  # key shared with A (the next party)
         with_b = party.keys.with_prev.words(2 * n, device)  # key shared with B
-        r_a, rb_a, rc_a, comp_a = with_a.split(n)
-        r_b, comp_d = with_b.split(n)
+        r_a, rb_a, rc_a, comp_a = _split_words(with_a, 4, n)
+        r_b, comp_d = _split_words(with_b, 2, n)
         r = r_a + r_b
+        if from_products:
+            r_d = csprng_words(n, device)
+            r = r + r_d
+            masked = flat(addends) + r_d
+            send.setdefault(a_party, []).append(masked)
+            send.setdefault(b_party, []).append(masked)
         rb = (r >> 63) & 1
-        rc = ((r << 1) >> (shift + 1)) & ((1 << (63 - shift)) - 1)
-        party.exchange({b_party: [rb - rb_a, rc - rc_a]}, [])
+        rc = ((r << 1) >> (shift + 1)) & low
+        send.setdefault(b_party, []).extend([rb - rb_a, rc - rc_a])
+        got = party.exchange(send, sorted(recv))
         party.exchange({}, [])
-        pairs = (comp_d, comp_a)
-    elif role == "A":
-        with_d = party.keys.with_prev.words(4 * n, device)
-        r_a, rb_a, rc_a, comp_a = with_d.split(n)
-        s_a = torch.cat([flat(x.a + x.b) for x in xs]) + (1 << EXACT_OFFSET_BITS)
-        mine = s_a + r_a
-        got = party.exchange({b_party: [mine]}, [b_party])[b_party][0]
-        c = mine + got
+        first, second = comp_d, comp_a
+    else:
+        key = party.keys.with_prev if role == "A" else party.keys.with_next  # the key shared with D
+        if role == "A":
+            r_own, rb_own, rc_own, comp_own = _split_words(key.words(4 * n, device), 4, n)
+            mine = flat(addends) + (1 << EXACT_OFFSET_BITS) + r_own
+            other = b_party
+        else:
+            r_own, comp_own = _split_words(key.words(2 * n, device), 2, n)
+            mine = flat(addends) + r_own
+            other = a_party
+        send.setdefault(other, []).append(mine)
+        recv |= {other} | ({d_party} if (from_products or role == "B") else set())
+        got = party.exchange(send, sorted(recv))
+        from_other = got[other]
+        from_d = got.get(d_party, [])
+        # the caller's extra messages come first in each list, ours are at the end
+        ours_other = from_other[-1]
+        ours_d = from_d[len(from_d) - ((1 if from_products else 0) + (2 if role == "B" else 0)):]
+        c = mine + ours_other + (ours_d[0] if from_products else 0)
         c_top = (c >> 63) & 1
-        c_hat = ((c << 1) >> (shift + 1)) & ((1 << (63 - shift)) - 1)
-        b_share = rb_a + c_top - 2 * c_top * rb_a
-        y = c_hat - rc_a + (b_share << top) - (1 << (EXACT_OFFSET_BITS - shift))
-        sent = y - comp_a
-        other = party.exchange({b_party: [sent]}, [b_party])[b_party][0]
-        pairs = (comp_a, sent + other)
-    else:  # role B
-        with_d = party.keys.with_next.words(2 * n, device)
-        r_b, comp_d = with_d.split(n)
-        s_b = torch.cat([flat(x.b) for x in xs])
-        mine = s_b + r_b
-        got = party.exchange({a_party: [mine]}, [a_party, (rotation + 2) % 3])
-        c = mine + got[a_party][0]
-        rb_b, rc_b = got[(rotation + 2) % 3]
-        c_top = (c >> 63) & 1
-        b_share = rb_b - 2 * c_top * rb_b
-        y = -rc_b + (b_share << top)
-        sent = y - comp_d
-        other = party.exchange({a_party: [sent]}, [a_party])[a_party][0]
-        pairs = (sent + other, comp_d)
+        if role == "A":
+            c_hat = ((c << 1) >> (shift + 1)) & low
+            b_share = rb_own + c_top - 2 * c_top * rb_own
+            y = c_hat - rc_own + (b_share << (63 - shift)) - (1 << (EXACT_OFFSET_BITS - shift))
+        else:
+            rb_b, rc_b = ours_d[-2], ours_d[-1]
+            b_share = rb_b - 2 * c_top * rb_b
+            y = -rc_b + (b_share << (63 - shift))
+        sent = y - comp_own
+        back = party.exchange({other: [sent]}, [other])[other][0]
+        if role == "A":
+            first, second = comp_own, sent + back
+        else:
+            first, second = sent + back, comp_own
+        if extra is not None:
+            extra.clear()
+            extra.update({k: v[:-1] if k == other else v[:len(v) - len(ours_d)] if k == d_party else v
+                          for k, v in got.items()})
+        return _split(party, first, second, like, bits)
+    if extra is not None:
+        extra.clear()
+        extra.update(got)
+    return _split(party, first, second, like, bits)
+
+
+def _split_words(words: torch.Tensor, parts: int, n: int) -> list[torch.Tensor]:
+    """``parts`` consecutive blocks of n words (empty blocks when n is 0)."""
+    return [words[i * n:(i + 1) * n] for i in range(parts)]
+
+
+def _split(party: Party, first: torch.Tensor, second: torch.Tensor, like: Sequence[AShare],
+           bits: Sequence[int]) -> list[AShare]:
     out, offset = [], 0
-    for x, size, d in zip(xs, sizes, bits):
-        first, second = (t[offset:offset + size].reshape(x.shape) for t in pairs)
-        out.append(AShare(first, second, party.id, x.frac_bits - d))
+    for x, d in zip(like, bits):
+        size = x.a.numel()
+        out.append(AShare(first[offset:offset + size].reshape(x.shape), second[offset:offset + size].reshape(x.shape),
+                          party.id, x.frac_bits - d))
         offset += size
     return out
 
@@ -212,9 +275,41 @@ def to_scale(party: Party, xs: Sequence[AShare]) -> list[AShare]:
     return out
 
 
+@protocol("mul_trunc")
+def mul_trunc_many(party: Party, pairs: Sequence[tuple[AShare, AShare]], matmul: bool = False) -> list[AShare]:
+    """Fixed-point [x*y] (or [x@y]) with the exact truncation fused into the product: two
+    rounds in all instead of three.
+
+    The 3-out-of-3 products z_i go straight into the truncation's first round (each party's
+    own z_i is its addend; D masks its own with private randomness), so no separate reshare
+    round is needed. Products that need no truncation (with a 0/1 bit or an integer) are
+    reshared in that same first round.
+    """
+    parts = [local_product(party, x, y, matmul) for x, y in pairs]
+    f = party.fp.frac_bits
+    scales = [x.frac_bits + y.frac_bits for x, y in pairs]
+    cut = [k for k, sc in enumerate(scales) if sc > f]
+    keep = [k for k, sc in enumerate(scales) if sc <= f]
+    extra = {party.prev: [parts[k] for k in keep]} if keep else {}
+    like = [AShare(parts[k], parts[k], party.id, scales[k]) for k in cut]
+    truncated = _exact_truncation(party, [parts[k] for k in cut], like, [scales[k] - f for k in cut],
+                                  from_products=True, extra=extra, extra_from=[party.next] if keep else [])
+    out: list[AShare | None] = [None] * len(pairs)
+    for k, t in zip(cut, truncated):
+        out[k] = t
+    if keep:
+        for k, got in zip(keep, extra[party.next]):
+            out[k] = AShare(parts[k], got, party.id, scales[k])
+    return [o for o in out if o is not None]
+
+
 def mul_many(party: Party, pairs: Sequence[tuple[AShare, AShare]]) -> list[AShare]:
-    """Fixed-point [x*y] for each pair: one multiplication round, then one truncation round
-    for the products whose scale exceeds f (a product with a 0/1 bit or an integer needs none)."""
+    """Fixed-point [x*y] for each pair. With exact truncation (the default) the product and
+    its truncation take two rounds together; with probabilistic truncation one
+    multiplication round plus one truncation round. A product with a 0/1 bit or an integer
+    needs no truncation."""
+    if party.fp.truncation == "exact" and any(x.frac_bits + y.frac_bits > party.fp.frac_bits for x, y in pairs):
+        return mul_trunc_many(party, pairs)
     return to_scale(party, mul_many_exact(party, pairs))
 
 
@@ -224,5 +319,7 @@ def mul(party: Party, x: AShare, y: AShare) -> AShare:
 
 
 def matmul(party: Party, x: AShare, y: AShare) -> AShare:
-    """Fixed-point [x @ y] (batched, broadcasting): one round plus one truncation round."""
+    """Fixed-point [x @ y] (batched, broadcasting): two rounds with the exact truncation."""
+    if party.fp.truncation == "exact" and x.frac_bits + y.frac_bits > party.fp.frac_bits:
+        return mul_trunc_many(party, [(x, y)], matmul=True)[0]
     return to_scale(party, mul_many_exact(party, [(x, y)], matmul=True))[0]
