@@ -180,7 +180,8 @@ def test_end_to_end_query_matches_plaintext(nodes: LocalNodes, plain: Plaintext)
     assert result.embedding.shape == (1, 384)
     assert plain.cosine(E2E_TEXT, result.embedding) >= 0.999
     # the three parties ran the same protocol: equal traffic, a plausible round count
-    assert len(set(result.bytes_sent)) == 1 and result.bytes_sent[0] > 0
+    # truncation roles rotate over the parties, so their traffic is balanced, not equal
+    assert min(result.bytes_sent) > 0.8 * max(result.bytes_sent)
     assert result.rounds > 100
     # party 0 gets two 16-byte seeds for the one-hot, parties 1 and 2 a dense component
     assert result.upload_bytes[0] < 1024 < result.upload_bytes[1] == result.upload_bytes[2]
