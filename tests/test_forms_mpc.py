@@ -134,3 +134,17 @@ def test_layer_norm_and_rms_norm_on_shares(runner):
     assert float((ln - ref).abs().max() / ref.abs().max()) <= 1e-3
     ref_rms = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-6) * gamma
     assert float((rms - ref_rms).abs().max() / ref_rms.abs().max()) <= 1e-3
+
+
+def test_normalised_power_softmax_rows_sum_to_one(runner):
+    x = torch.randn(2, 3, 8, 8, dtype=F64, generator=_gen(7)) * 2  # denominators inside [lower, upper]
+    mask = torch.ones(2, 1, 1, 8, dtype=F64)
+    mask[1, ..., -3:] = 0
+    xp = x**4 * mask
+    ref = xp / (1e-6 * mask.sum(-1, keepdim=True) + xp.sum(-1, keepdim=True))
+    out = runner.run(lambda p, a: power_softmax(MpcOps(p), a, p=4, mask=mask, upper=400.0, iterations=12,
+                                                normalize=True), runner.share(x))
+    assert float((out - ref).abs().max()) <= 2e-3
+    assert torch.allclose(out.sum(-1), torch.ones(2, 3, 8, dtype=F64), atol=5e-3)
+    float_out = power_softmax(FloatOps(), x, p=4, mask=mask, upper=400.0, iterations=12, normalize=True)
+    assert float((float_out - ref).abs().max()) <= 1e-3

@@ -138,6 +138,7 @@ def power_softmax(
     *,
     lower: float | None = None,
     dim: int = -1,
+    normalize: bool = False,
 ) -> T:
     """Power-Softmax (Zimerman et al. 2024) over the last dimension, no comparison at all.
 
@@ -145,7 +146,10 @@ def power_softmax(
     with ``m`` the public 0/1 ``mask`` (1 = attend; broadcasting against x; all ones if None)
     and ``L = sum_i m_i`` the number of attended entries of the row (``L = n`` without a
     mask; a fully masked row gives all zeros). Note the rows sum to about L, not 1, as in
-    the formula DESIGN.md quotes.
+    the formula DESIGN.md quotes; ``normalize=True`` divides by L so that rows sum to 1,
+    the form the distilled models are trained with (``secure.graph.distill``): with rows
+    summing to L the attention output grows with the sentence length, which no weight can
+    undo (distillation reaches cosine 0.33 that way, 0.98 normalised).
 
     The division is :func:`secure.approx.reciprocal.divide_bounded` with the public bound
     ``upper`` on the denominator ``eps + mean(x^p)``: relative error <= 1e-3 for
@@ -178,4 +182,6 @@ def power_softmax(
         inv_len = 1.0 / counts.clamp(min=1.0)
         total = ops.sum(xp, dim=-1, keepdim=True)
         denom = ops.add_public(ops.mul_public(total, inv_len), eps)
+    if normalize:  # the public 1/L per row, applied to the numerator
+        xp = ops.mul_public(xp, 1.0 / n if mask is None else inv_len)
     return divide_bounded(ops, xp, denom, upper, iterations, lower=lower)

@@ -232,7 +232,7 @@ def resolve_recipe(name: str, model_name: str) -> Recipe:
             raise FileNotFoundError(f"recipe 'power' needs a distilled model folder with {meta.name}; "
                                     f"run `python -m secure.graph.distill --out DIR` first")
         d = json.loads(meta.read_text())
-        return power_recipe(d["p"], d["eps"], d["upper"], d["iterations"])
+        return power_recipe(d["p"], d["eps"], d["upper"], d["iterations"], d.get("normalize", False))
     raise ValueError(f"unknown recipe {name!r}; choose from {sorted(RECIPES)} or 'power'")
 
 

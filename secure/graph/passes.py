@@ -39,6 +39,7 @@ class SoftmaxRecipe:
     eps: float = 1e-6
     upper: float = 1e3
     iterations: int = 10
+    normalize: bool = False  # Power-Softmax rows divided by L (sum to 1), as distilled models expect
 
     def __post_init__(self) -> None:
         if self.kind not in ("puma", "power"):
@@ -72,10 +73,10 @@ OURS = Recipe("ours", softmax=SoftmaxRecipe("puma", t=6, exp_order=3))
 RECIPES: dict[str, Recipe] = {"puma": PUMA, "ours": OURS}
 
 
-def power_recipe(p: int, eps: float, upper: float, iterations: int) -> Recipe:
+def power_recipe(p: int, eps: float, upper: float, iterations: int, normalize: bool = False) -> Recipe:
     """Power-Softmax attention (needs a distilled model) with PUMA GeLU and LayerNorm."""
     return Recipe("power", softmax=SoftmaxRecipe("power", p=p, eps=eps, upper=upper,
-                                                 iterations=iterations))
+                                                 iterations=iterations, normalize=normalize))
 
 
 # ---- passes -----------------------------------------------------------------------------

@@ -229,7 +229,8 @@ class Interpreter:
         if kw["kind"] == "power":
             return power_softmax(self.ops, x, p=kw["p"], eps=kw["eps"],
                                  mask=None if keep is None else keep.to(torch.float64),
-                                 upper=kw["upper"], iterations=kw["iterations"])
+                                 upper=kw["upper"], iterations=kw["iterations"],
+                                 normalize=kw.get("normalize", False))
         bias = None
         if keep is not None:
             bias = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, MASK_BIAS_FLOOR)
