@@ -116,12 +116,16 @@ class _Backends:
 
 
 def evaluate(model: torch.nn.Module, recipe: Recipe, batches: Sequence[Batch], backends: Sequence[str],
-             causal: bool, progress: bool = True) -> list[BackendReport]:
+             causal: bool, progress: bool = True, reference_model: torch.nn.Module | None = None
+             ) -> list[BackendReport]:
     """Run every backend on every input and compare with the exact reference.
 
-    Inputs may have different padded lengths: the model is captured once per length.
+    Inputs may have different padded lengths: the model is captured once per length. The
+    reference is the model itself with exact functions, or ``reference_model`` (the
+    original model a distilled one must match), whose layers are matched by position.
     """
     graphs: dict[int, tuple[Graph, Graph, list[tuple[str, str]]]] = {}
+    references: dict[int, tuple[Graph, dict[str, torch.Tensor], list[tuple[str, str]]]] = {}
     weights: dict[str, torch.Tensor] | None = None
     runner: _Backends | None = None
     reports: dict[str, BackendReport] = {}
@@ -134,13 +138,22 @@ def evaluate(model: torch.nn.Module, recipe: Recipe, batches: Sequence[Batch], b
             weights = weights or w
             graphs[seq] = (graph, rewrite(graph, recipe), layer_outputs(graph))
         graph, secure_graph, layers = graphs[seq]
+        if reference_model is not None and seq not in references:
+            ref_graph, ref_weights = capture(reference_model, batch)
+            references[seq] = (ref_graph, ref_weights, layer_outputs(ref_graph))
         if runner is None:
             assert weights is not None
             runner = _Backends(backends, weights)
             reports = {name: BackendReport(name, layers=[LayerError(lbl, node) for lbl, node in layers])
                        for name in backends}
         observe = [node for _, node in layers]
-        (ref_out,), ref_seen = run_reference(graph, runner.weights, batch, observe)
+        if reference_model is not None:
+            ref_graph, ref_weights, ref_layers = references[seq]
+            ref_observe = [node for _, node in ref_layers]
+            (ref_out,), ref_by_node = run_reference(ref_graph, ref_weights, batch, ref_observe)
+            ref_seen = {mine: ref_by_node[theirs] for mine, theirs in zip(observe, ref_observe)}
+        else:
+            (ref_out,), ref_seen = run_reference(graph, runner.weights, batch, observe)
         mask = batch["attention_mask"][0].bool()
         if causal:
             nll, n = _nll(ref_out, batch["input_ids"], batch["attention_mask"])
@@ -248,8 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     model, batches, causal, label = _load(args.model, args.seq, args.n)
     recipe = resolve_recipe(args.recipe, args.model)
+    reference = None
+    if recipe.softmax.kind == "power" and args.model not in ("minilm", "tiny-gpt2"):
+        reference = SentenceEncoder(load_minilm()[0])  # a distilled model must match the original
+        print("reference: the original all-MiniLM-L6-v2")
     t0 = time.perf_counter()
-    reports = evaluate(model, recipe, batches, args.backends.split(","), causal)
+    reports = evaluate(model, recipe, batches, args.backends.split(","), causal, reference_model=reference)
     lengths = sorted({int(b["input_ids"].shape[-1]) for b in batches})
     print(f"model {label}, recipe {recipe.name}, {len(batches)} inputs, padded lengths {lengths}, "
           f"{time.perf_counter() - t0:.1f} s")
