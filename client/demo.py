@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from party.launch import REPO, LocalNodes
 from secure.graph.passes import RECIPES
-from secure.models import SentenceEncoder, load_minilm
+from secure.models import SentenceEncoder, compare_embeddings, load_minilm
 from secure.runtime.breakdown import breakdown_table
 
 DEFAULT_TEXT = "A client asks a question of a model it may not see; the owner must not see the question."
@@ -65,16 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             plain = SentenceEncoder(encoder)(**inputs).double()
         secure = result.embedding
-        cosine = float(torch.nn.functional.cosine_similarity(secure, plain))
-        secure_n = torch.nn.functional.normalize(secure, dim=-1)[0]
-        plain_n = torch.nn.functional.normalize(plain, dim=-1)[0]
         print(f"[4/4] answer reconstructed by the client in {result.seconds:.2f} s "
               f"({result.rounds} rounds; MB sent per party {[round(b / 1e6, 1) for b in result.bytes_sent]}; "
-              f"client upload {[round(b / 1e6, 2) for b in result.upload_bytes]} MB)")
-        print(f"\ncosine(secure, plaintext) = {cosine:.6f}")
-        print("normalised sentence embedding, first 8 of 384:")
-        for name, t in (("plaintext", plain_n), ("secure", secure_n)):
-            print(f"  {name:<10}" + " ".join(f"{v:8.4f}" for v in t[:8].tolist()))
+              f"client upload {[round(b / 1e6, 2) for b in result.upload_bytes]} MB)\n")
+        print(compare_embeddings(secure, plain))
         print()
         print(breakdown_table([(s["name"], s["seconds"], s["bytes_sent"], s["rounds"]) for s in result.spans],
                               "part (as reported by party 0)"))

@@ -26,7 +26,7 @@ from party.config import ClusterConfig
 from protos import load as load_protos
 from secure.mpc.embedding import SeededComponent, client_onehot_shares
 from secure.mpc.ring import FixedPoint
-from secure.mpc.shares import deal_shares
+from secure.mpc.shares import deal_shares, reconstruct
 from secure.transport.wire import TensorAssembler, tensor_chunks
 
 pb2, pb2_grpc = load_protos()
@@ -200,10 +200,10 @@ class SecureClient:
             raise QueryFailed(f"query {query_id} failed: {detail}", e.code())
         outputs = []
         for index in range(len(results[0]["outputs"])):
-            pairs = [r["outputs"][index] for r in results]
-            ring = pairs[0][0] + pairs[1][0] + pairs[2][0]  # x_0 + x_1 + x_2
-            if not all(torch.equal(pairs[k][1], pairs[(k + 1) % 3][0]) for k in range(3)):
-                raise QueryFailed(f"query {query_id}: the parties' output shares are inconsistent")
+            try:
+                ring = reconstruct([tuple(r["outputs"][index]) for r in results])
+            except ValueError as e:
+                raise QueryFailed(f"query {query_id}: the parties' output shares are inconsistent ({e})") from None
             outputs.append(self.fp.decode(ring, results[0]["frac_bits"][index]))
         return QueryResult(outputs, time.perf_counter() - t0, [r["done"].seconds for r in results],
                            [int(r["done"].bytes_sent) for r in results], int(results[0]["done"].rounds), upload,

@@ -25,8 +25,7 @@ from secure.graph.capture import capture
 from secure.graph.passes import RECIPES, Recipe
 from secure.graph.passes import rewrite as rewrite_graph
 from secure.models import SentenceEncoder, load_minilm
-from secure.mpc.embedding import SeededComponent
-from secure.mpc.randomness import random_key
+from secure.mpc.embedding import SeededComponent, seeded_deal
 from secure.mpc.ring import FixedPoint
 from secure.runtime.interpreter import embedding_vocab
 
@@ -42,12 +41,7 @@ def _component(c: SeededComponent | torch.Tensor) -> dict[str, Any]:
 
 def deal_weight(value: torch.Tensor, fp: FixedPoint) -> list[tuple[dict, dict]]:
     """The three parties' pairs for one weight: x_0, x_1 from seeds, x_2 = W - x_0 - x_1."""
-    ring = fp.encode(value.to(torch.float64))
-    s0, s1 = SeededComponent(random_key()), SeededComponent(random_key())
-    shape = tuple(ring.shape)
-    x2 = ring - s0.expand(shape, "cpu") - s1.expand(shape, "cpu")
-    return [(_component(s0), _component(s1)), (_component(s1), _component(x2)),
-            (_component(x2), _component(s0))]
+    return [(_component(a), _component(b)) for a, b in seeded_deal(fp.encode(value.to(torch.float64)))]
 
 
 def deal_model(model: torch.nn.Module, example: dict[str, torch.Tensor], make_inputs: Any, model_name: str,

@@ -100,10 +100,10 @@ class LocalNodes:
         """Start one party (or all) as ``python -m party`` processes, logging to files."""
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         for i in ([party] if party is not None else [0, 1, 2]):
-            log = open(self.log_path(i), "a")  # noqa: SIM115 - kept open for the child's lifetime
-            self.procs[i] = subprocess.Popen(
-                [sys.executable, "-m", "party", "--config", str(self.config_path), "--party", str(i)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+            with open(self.log_path(i), "a") as log:  # the child keeps its own copy of the descriptor
+                self.procs[i] = subprocess.Popen(
+                    [sys.executable, "-m", "party", "--config", str(self.config_path), "--party", str(i)],
+                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Wait until all three nodes answer Health as ready; raise with their logs' tail if not."""

@@ -21,7 +21,7 @@ import torch
 from secure.graph.capture import capture
 from secure.graph.fidelity import BUCKETS, bucket_length
 from secure.graph.passes import RECIPES, rewrite
-from secure.models import SentenceEncoder, load_minilm
+from secure.models import SentenceEncoder, compare_embeddings, load_minilm
 from secure.mpc.engine import LocalCluster
 from secure.runtime.breakdown import breakdown_table
 from secure.runtime.execute import deal_inputs, deal_weights, run_mpc
@@ -64,17 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     sent = [b - b0 for b, b0 in zip(cluster.bytes_sent(), bytes0)]
     with torch.no_grad():
         plain = model(**inputs).double()
-    cosine = float(torch.nn.functional.cosine_similarity(secure, plain))
-    secure_n = torch.nn.functional.normalize(secure, dim=-1)[0]
-    plain_n = torch.nn.functional.normalize(plain, dim=-1)[0]
-
     print(f"\nsecure query: {seconds:.2f} s, {cluster.rounds - rounds0} rounds, MB sent per party "
           f"{[round(b / 1e6, 1) for b in sent]}")
-    print(f"cosine(secure, plaintext) = {cosine:.6f}   max |difference| of normalised embeddings "
-          f"{float((secure_n - plain_n).abs().max()):.2e}")
-    print("normalised embedding, first 8 of 384:")
-    for name, t in (("plaintext", plain_n), ("secure", secure_n)):
-        print(f"  {name:<10}" + " ".join(f"{v:8.4f}" for v in t[:8].tolist()))
+    print(compare_embeddings(secure, plain))
 
     spans = [(s.name, s.duration_s, s.bytes_sent, s.rounds) for s in cluster.parties[0].profiler.spans
              if s.depth == 1]  # the nodes inside the query span

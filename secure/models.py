@@ -57,6 +57,19 @@ class SentenceEncoder(nn.Module):
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 
+def compare_embeddings(secure: torch.Tensor, plain: torch.Tensor, shown: int = 8) -> str:
+    """Cosine, largest difference of the L2-normalised embeddings, and their first values."""
+    cosine = float(nn.functional.cosine_similarity(secure, plain))
+    secure_n = nn.functional.normalize(secure, dim=-1)[0]
+    plain_n = nn.functional.normalize(plain, dim=-1)[0]
+    lines = [f"cosine(secure, plaintext) = {cosine:.6f}   max |difference| of normalised embeddings "
+             f"{float((secure_n - plain_n).abs().max()):.2e}",
+             f"normalised embedding, first {shown} of {plain_n.numel()}:"]
+    for name, t in (("plaintext", plain_n), ("secure", secure_n)):
+        lines.append(f"  {name:<10}" + " ".join(f"{v:8.4f}" for v in t[:shown].tolist()))
+    return "\n".join(lines)
+
+
 class CausalLM(nn.Module):
     """A causal LM that returns the logits of every position."""
 

@@ -68,15 +68,22 @@ class OneHotShare:
         return AShare(parts[0], parts[1], owner, 0)
 
 
+def seeded_deal(x: torch.Tensor) -> list[tuple[Component, Component]]:
+    """Replicated pairs of the ring tensor x with x_0, x_1 given as fresh 128-bit seeds and
+    x_2 = x - x_0 - x_1 dense: [(s_0, s_1), (s_1, x_2), (x_2, s_0)], entry i for party i."""
+    shape = tuple(x.shape)
+    s0, s1 = SeededComponent(random_key()), SeededComponent(random_key())
+    x2 = x - s0.expand(shape, x.device) - s1.expand(shape, x.device)
+    return [(s0, s1), (s1, x2), (x2, s0)]
+
+
 def client_onehot_shares(token_ids: torch.Tensor, vocab_size: int) -> list[OneHotShare]:
     """The three parties' compressed shares of one-hot(token_ids) (L x vocab_size)."""
     ids = _check_ids(token_ids, vocab_size)
     shape = (int(ids.numel()), vocab_size)
     onehot = torch.zeros(shape, dtype=RING_DTYPE)
     onehot[torch.arange(shape[0]), ids] = 1
-    s0, s1 = SeededComponent(random_key()), SeededComponent(random_key())
-    o2 = onehot - s0.expand(shape, "cpu") - s1.expand(shape, "cpu")
-    return [OneHotShare(s0, s1, shape), OneHotShare(s1, o2, shape), OneHotShare(o2, s0, shape)]
+    return [OneHotShare(first, second, shape) for first, second in seeded_deal(onehot)]
 
 
 def _check_ids(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
