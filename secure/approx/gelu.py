@@ -149,3 +149,70 @@ def puma_silu(ops: SecureOps[T], x: T) -> T:
     dominates: its error is 0.072 at 4, 0.034 at 5, 0.015 at 6.
     """
     return _zero_poly_poly_identity(ops, x, SILU_BREAKS, SILU_Q, SILU_P)
+
+
+# ---- one polynomial on a calibrated range (HE: no comparison) ----------------------------
+POLY_GELU_DEGREE: int = 8
+"""Chebyshev degree in v = 2 (x/R)^2 - 1 of the even part; x-degree 16, depth 6 under CKKS."""
+
+
+def poly_gelu_coefficients(bound: float, degree: int = POLY_GELU_DEGREE) -> tuple[float, ...]:
+    """Chebyshev coefficients ``c_k`` with ``x erf(x / sqrt 2) ~ sum_k c_k T_k(v)``,
+    ``v = 2 (x / bound)^2 - 1`` in ``[-1, 1]``.
+
+    Public helper for :func:`poly_gelu`; a least-squares fit on 20001 evenly spaced points
+    of ``[-bound, bound]`` (float64). The Chebyshev basis keeps every coefficient below
+    ``bound`` (the monomial basis needs coefficients near 1e4 at bound 8, which multiplies a
+    CKKS error of 1e-5 into 0.06). Max abs error of the resulting GeLU (half the fit's):
+    bound 4: 1e-4; bound 8: 0.023; bound 12: 0.076 (degree 8); bound 8, degree 12: 0.0019.
+    """
+    import math
+
+    import numpy as np
+
+    if bound <= 0 or degree < 1:
+        raise ValueError(f"need bound > 0 and degree >= 1, got bound={bound}, degree={degree}")
+    x = np.linspace(-bound, bound, 20001)
+    v = 2.0 * (x / bound) ** 2 - 1.0
+    h = x * np.vectorize(math.erf)(x / math.sqrt(2.0))
+    coeffs = np.polynomial.chebyshev.chebfit(v, h, degree)
+    return tuple(float(c) for c in coeffs)
+
+
+def chebyshev_basis(ops: SecureOps[T], v: T, degree: int) -> dict[int, T]:
+    """``{k: T_k(v) for k in 1..degree}`` at depth ``ceil(log2 k)``, by
+    ``T_2k = 2 T_k^2 - 1`` and ``T_2k+1 = 2 T_k T_k+1 - T_1``; the factor 2 is an
+    addition (free in every backend), the terms of one depth form one ``mul_many`` pass."""
+    basis: dict[int, T] = {1: v}
+    top = 1
+    while top < degree:
+        jobs: list[tuple[int, int, int]] = []  # (k, a, b): T_k from 2 T_a T_b
+        for k in range(top + 1, min(2 * top, degree) + 1):
+            a = k // 2
+            jobs.append((k, a, k - a))
+        outs = ops.mul_many([(ops.add(basis[a], basis[a]), basis[b]) for _, a, b in jobs])
+        for (k, a, b), prod in zip(jobs, outs):
+            basis[k] = ops.add_public(prod, -1.0) if a == b else ops.sub(prod, basis[b - a])
+        top = min(2 * top, degree)
+    return basis
+
+
+def poly_gelu(ops: SecureOps[T], x: T, bound: float, degree: int = POLY_GELU_DEGREE) -> T:
+    """GeLU as one polynomial on ``[-bound, bound]`` (no comparison: the HE form).
+
+    Math: ``gelu(x) = 0.5 x + 0.5 x erf(x / sqrt 2)``; the even part is
+    ``sum_k c_k T_k(v)`` with ``v = 2 (x / bound)^2 - 1`` in ``[-1, 1]`` (Chebyshev basis,
+    every term bounded by 1, so nothing overflows a CKKS or fixed-point range); see
+    :func:`poly_gelu_coefficients` for the error per bound. Outside the bound the
+    polynomial diverges: calibrate ``bound`` on the model's activations
+    (``secure.graph.he_passes.calibrate_for_he``).
+
+    Cost: 1 ``mul_public``, 1 product for ``v``, ``ceil(log2 degree)`` product passes for
+    the basis, 1 ``dot_public``. Depth under CKKS: 1 + 1 + 3 + 1 = 6 (degree 8).
+    """
+    coeffs = poly_gelu_coefficients(bound, degree)
+    xs = ops.mul_public(x, 2.0**0.5 / bound)
+    v = ops.add_public(ops.mul(xs, xs), -1.0)
+    basis = chebyshev_basis(ops, v, degree)
+    terms = [basis[k] for k in range(1, degree + 1)] + [x]
+    return ops.dot_public(terms, [0.5 * c for c in coeffs[1:]] + [0.5], bias=0.5 * coeffs[0])

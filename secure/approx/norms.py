@@ -7,7 +7,7 @@ broadcasting against x (usually shape ``[n]``), or None.
 from __future__ import annotations
 
 from secure.approx.interface import SecureOps, T
-from secure.approx.reciprocal import mul_rsqrt
+from secure.approx.reciprocal import mul_rsqrt, mul_rsqrt_bounded
 
 LAYER_NORM_EPS: float = 1e-12
 """BERT's LayerNorm eps. Under fixed point with f = 18 it encodes as 0: a constant row
@@ -24,6 +24,7 @@ def layer_norm(
     beta: T | None = None,
     eps: float = LAYER_NORM_EPS,
     newton_iterations: int = 0,
+    variance_range: tuple[float, float] | None = None,
 ) -> T:
     """LayerNorm over the last dimension: ``(x - mean) / sqrt(var + eps) * gamma + beta``.
 
@@ -40,6 +41,9 @@ def layer_norm(
 
     Cost: 2 ``mul_public``/``dot_public`` (mean, variance + eps), 1 ``frexp``,
     ``4 + 2 * newton_iterations`` product calls (1 with ``d``, 3 in ``mul_rsqrt``).
+
+    With ``variance_range = (lower, upper)`` (calibrated bounds of ``var + eps``) the
+    denominator is :func:`mul_rsqrt_bounded` instead: no comparison, the HE form.
     """
     n = ops.shape(x)[-1]
     mean = ops.mul_public(ops.sum(x, dim=-1, keepdim=True), 1.0 / n)
@@ -50,7 +54,10 @@ def layer_norm(
     else:
         dd, num = ops.mul_many([(d, d), (d, gamma)])
     var_eps = ops.dot_public([ops.sum(dd, dim=-1, keepdim=True)], [1.0 / n], bias=eps)
-    y = mul_rsqrt(ops, num, var_eps, newton_iterations=newton_iterations)
+    if variance_range is not None:
+        y = mul_rsqrt_bounded(ops, num, var_eps, *variance_range)
+    else:
+        y = mul_rsqrt(ops, num, var_eps, newton_iterations=newton_iterations)
     if beta is not None:
         y = ops.add(y, beta)
     return y

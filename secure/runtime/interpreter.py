@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from secure.approx.gelu import puma_gelu, puma_silu
+from secure.approx.gelu import poly_gelu, puma_gelu, puma_silu
 from secure.approx.interface import SecureOps
 from secure.approx.norms import layer_norm
 from secure.approx.reciprocal import reciprocal, rsqrt
@@ -156,14 +156,18 @@ class Interpreter:
             parts = [self._secret_value(r, v) for r, v in zip(a[0], val[0])]
             return ops.concat(parts, val[1] if len(val) > 1 else 0)
         if op == "secure.gelu":
+            if node.kwargs.get("form") == "poly":
+                return poly_gelu(ops, val[0], node.kwargs["bound"], node.kwargs["degree"])
             return puma_gelu(ops, val[0])
         if op == "secure.silu":
             return puma_silu(ops, val[0])
         if op == "secure.rsqrt":
             return rsqrt(ops, val[0])
         if op == "secure.layer_norm":
+            var_range = node.kwargs.get("variance_range")
             return layer_norm(ops, val[0], val[1], val[2], eps=node.kwargs["eps"],
-                              newton_iterations=node.kwargs.get("newton_iterations", 0))
+                              newton_iterations=node.kwargs.get("newton_iterations", 0),
+                              variance_range=None if var_range is None else tuple(var_range))
         if op == "secure.embedding":  # client one-hot (*ids, V) @ table (V, H)
             rows = ops.matmul(val[1], val[0])
             shape = node.kwargs.get("shape")

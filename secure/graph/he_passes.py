@@ -1,0 +1,133 @@
+"""Passes that turn a rewritten graph into its HE form (CKKS evaluates polynomials only).
+
+* :func:`calibrate_for_he` -- GeLU becomes one polynomial on a calibrated range and
+  LayerNorm's inverse square root a Newton iteration on a calibrated variance range;
+  the ranges come from running the graph on sample inputs (floats, the MPC forms).
+* :func:`client_embedding_input` -- in HE mode the client looks its token ids up in the
+  embedding table itself (DESIGN.md sec. 1: the table is disclosed to clients), so the
+  lookup node becomes a new client input holding the embedded rows.
+* :func:`check_he_supported` -- names the first node that needs a comparison.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from secure.approx.gelu import POLY_GELU_DEGREE
+from secure.graph.ir import Graph, GraphInput, Node, Ref, Spec
+from secure.graph.passes import UnsupportedOpError
+from secure.runtime.execute import run_float
+
+GELU_MARGIN: float = 1.25
+"""The GeLU polynomial's bound is this much above the largest |input| seen in calibration."""
+
+VARIANCE_MARGIN: float = 3.0
+"""LayerNorm's variance range is widened by this factor on both ends of what was seen."""
+
+
+@dataclass(frozen=True)
+class ClientEmbedding:
+    """Where the client's own lookup enters the HE graph."""
+
+    table: str          # weight name of the (disclosed) embedding table
+    ids_input: str      # the original token-id input
+    embeds_input: str   # the new client input: rows of the table, shape (*ids, hidden)
+
+
+def calibrate_for_he(graph: Graph, weights: dict[str, torch.Tensor],
+                     samples: Sequence[dict[str, torch.Tensor]],
+                     gelu_degree: int = POLY_GELU_DEGREE) -> Graph:
+    """A copy of ``graph`` whose GeLU and LayerNorm nodes carry calibrated ranges.
+
+    Runs the graph on FloatOps over ``samples`` and records, per node, the largest |x|
+    entering each ``secure.gelu`` and the range of ``var(x) + eps`` entering each
+    ``secure.layer_norm``; then sets ``form="poly", bound=...`` on GeLU nodes and
+    ``variance_range=[lo, hi]`` on LayerNorm nodes (margins :data:`GELU_MARGIN`,
+    :data:`VARIANCE_MARGIN`).
+    """
+    if not samples:
+        raise ValueError("calibration needs at least one sample input")
+    watch = {n.name: n.args[0].name for n in graph.nodes
+             if n.op in ("secure.gelu", "secure.layer_norm") and isinstance(n.args[0], Ref)}
+    gelu_max: dict[str, float] = {}
+    var_lo: dict[str, float] = {}
+    var_hi: dict[str, float] = {}
+    eps = {n.name: n.kwargs.get("eps", 0.0) for n in graph.nodes if n.op == "secure.layer_norm"}
+    for sample in samples:
+        _, seen = run_float(graph, weights, sample, observe=set(watch.values()))
+        for node, source in watch.items():
+            x = seen[source]
+            if node in eps:
+                var = x.var(dim=-1, unbiased=False) + eps[node]
+                var_lo[node] = min(var_lo.get(node, math.inf), float(var.min()))
+                var_hi[node] = max(var_hi.get(node, 0.0), float(var.max()))
+            else:
+                gelu_max[node] = max(gelu_max.get(node, 0.0), float(x.abs().max()))
+    out = copy.copy(graph)
+    nodes = []
+    for n in graph.nodes:
+        if n.name in gelu_max:
+            bound = math.ceil(GELU_MARGIN * max(gelu_max[n.name], 1.0))
+            n = Node(n.name, n.op, n.args, {"form": "poly", "bound": float(bound), "degree": gelu_degree},
+                     n.spec, n.secret, n.origin)
+        elif n.name in var_lo:
+            lo, hi = var_lo[n.name] / VARIANCE_MARGIN, var_hi[n.name] * VARIANCE_MARGIN
+            n = Node(n.name, n.op, n.args, {**n.kwargs, "variance_range": [lo, hi]}, n.spec, n.secret, n.origin)
+        nodes.append(n)
+    out.nodes = nodes
+    out.meta = {**graph.meta, "he_calibrated": True}
+    return out
+
+
+def client_embedding_input(graph: Graph) -> tuple[Graph, ClientEmbedding]:
+    """Replace the lookup of the client's ids (``secure.embedding``) by a client input of
+    embedded rows; returns the new graph and where the client's lookup goes."""
+    lookups = [n for n in graph.nodes if n.op == "secure.embedding"]
+    if len(lookups) != 1:
+        raise UnsupportedOpError(f"HE mode needs exactly one lookup of the client's token ids, "
+                                 f"found {len(lookups)}")
+    node = lookups[0]
+    table, ids = node.args[0].name, node.args[1].name
+    hidden = graph.weights[table].shape[-1]
+    ids_spec = next(i for i in graph.inputs if i.name == ids).spec
+    embeds = f"{ids}_embeds"
+    shape = node.kwargs.get("shape") or [*ids_spec.shape, hidden]
+    out = copy.copy(graph)
+    out.inputs = [i for i in graph.inputs if i.name != ids] + [
+        GraphInput(embeds, "client", Spec([*ids_spec.shape, hidden], "torch.float32"))]
+    out.nodes = [Node(n.name, "aten.view.default", [Ref(embeds), list(shape)], {}, n.spec, True, n.origin)
+                 if n is node else n for n in graph.nodes]
+    out.weights = {k: v for k, v in graph.weights.items() if k != table or _still_used(graph, node, k)}
+    return out, ClientEmbedding(table, ids, embeds)
+
+
+def _still_used(graph: Graph, lookup: Node, weight: str) -> bool:
+    return any(weight in n.refs() for n in graph.nodes if n is not lookup)
+
+
+def check_he_supported(graph: Graph) -> Graph:
+    """Raise UnsupportedOpError naming the first secret node that CKKS cannot evaluate
+    (anything that needs a comparison, a max or frexp)."""
+    for n in graph.nodes:
+        if not n.secret:
+            continue
+        reason = None
+        if n.op == "secure.softmax" and n.kwargs.get("kind") != "power":
+            reason = "the clipped-exp softmax needs a row max (comparisons); use the power recipe"
+        elif n.op == "secure.gelu" and n.kwargs.get("form") != "poly":
+            reason = "piecewise GeLU needs comparisons; calibrate the graph for HE first"
+        elif n.op == "secure.layer_norm" and not n.kwargs.get("variance_range"):
+            reason = "LayerNorm needs a calibrated variance range under HE (no frexp)"
+        elif n.op in ("secure.silu", "secure.rsqrt"):
+            reason = f"{n.op} needs comparisons"
+        elif n.op == "aten.div.Tensor" and isinstance(n.args[1], Ref) and n.args[1].name in graph.secret_names():
+            reason = "division by a secret needs a reciprocal seed (frexp)"
+        if reason:
+            raise UnsupportedOpError(f"cannot run node {n.name!r} ({n.op}) in module "
+                                     f"{n.origin or '(top level)'} under CKKS: {reason}")
+    return graph

@@ -1,0 +1,148 @@
+"""The client's side of an HE query: keys, encryption, refreshes and decryption.
+
+Only this object ever holds the secret key. The server gets :meth:`HeClient.public_context`:
+the parameters, the public key, the relinearisation key and the Galois keys for exactly
+the rotation steps the planner listed.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from secure.he.engine import HeFormatError, PublicKeys, SealContext, SealEngine, Stats
+from secure.he.layout import canonical, scatter_values
+from secure.he.params import CkksParams, HeParameterError, galois_element
+
+_MAGIC = b"HECTX1"
+MAX_CONTEXT_BYTES: int = 1 << 30
+
+
+def pack_sections(header: dict, sections: list[tuple[str, bytes]]) -> bytes:
+    """magic | u32 header length | JSON header (with section sizes) | section bytes."""
+    head = json.dumps({**header, "sections": [[name, len(b)] for name, b in sections]}).encode()
+    return _MAGIC + struct.pack("<I", len(head)) + head + b"".join(b for _, b in sections)
+
+
+def unpack_sections(blob: bytes) -> tuple[dict, dict[str, bytes]]:
+    if len(blob) > MAX_CONTEXT_BYTES:
+        raise HeFormatError(f"public context of {len(blob)} bytes exceeds {MAX_CONTEXT_BYTES}")
+    if not blob.startswith(_MAGIC) or len(blob) < len(_MAGIC) + 4:
+        raise HeFormatError("not an HE public context (bad magic)")
+    (n,) = struct.unpack_from("<I", blob, len(_MAGIC))
+    start = len(_MAGIC) + 4
+    try:
+        header = json.loads(blob[start:start + n])
+        sections: dict[str, bytes] = {}
+        pos = start + n
+        for name, size in header["sections"]:
+            if size < 0 or pos + size > len(blob):
+                raise HeFormatError(f"section {name} runs past the end of the context")
+            sections[str(name)] = blob[pos:pos + size]
+            pos += size
+    except (ValueError, KeyError, TypeError) as e:
+        raise HeFormatError(f"malformed public context header: {e}") from e
+    return header, sections
+
+
+class HeClient:
+    """Generates keys for ``params`` with Galois keys for ``steps`` and serves refreshes."""
+
+    def __init__(self, params: CkksParams, steps: Iterable[int] = ()) -> None:
+        self.params = params
+        self.ctx = SealContext(params)
+        sa = self.ctx.sa
+        keygen = sa.KeyGenerator(self.ctx.context)
+        self._secret = keygen.secret_key()
+        public, relin = sa.PublicKey(), sa.RelinKeys()
+        keygen.create_public_key(public)
+        keygen.create_relin_keys(relin)
+        self.steps = sorted(set(steps))
+        galois = None
+        if self.steps:
+            galois = sa.GaloisKeys()
+            keygen.create_galois_keys([galois_element(s, params.poly_degree) for s in self.steps], galois)
+        self._keys = PublicKeys(public, relin, galois)
+        self._encryptor = sa.Encryptor(self.ctx.context, public)
+        self._decryptor = sa.Decryptor(self.ctx.context, self._secret)
+        self.stats = Stats()
+        self.slots = params.slots
+
+    def public_context(self) -> bytes:
+        """Parameters and public keys (never the secret key), for the server."""
+        sections = [("public", self.ctx.save(self._keys.public)), ("relin", self.ctx.save(self._keys.relin))]
+        if self._keys.galois is not None:
+            sections.append(("galois", self.ctx.save(self._keys.galois)))
+        return pack_sections({"params": self.params.to_dict(), "steps": self.steps}, sections)
+
+    def _encrypt_vec(self, values: np.ndarray) -> bytes:
+        with self.stats.timed("encode"):
+            pt = self.ctx.encode(values, self.ctx.top_level, self.ctx.scales[self.ctx.top_level])
+        with self.stats.timed("encrypt"):
+            ct = self.ctx.sa.Ciphertext()
+            self._encryptor.encrypt(pt, ct)
+        with self.stats.timed("serialize"):
+            return self.ctx.save(ct)
+
+    def _decrypt_vec(self, blob: bytes) -> np.ndarray:
+        with self.stats.timed("serialize"):
+            ct = self.ctx.load("Ciphertext", blob)
+        with self.stats.timed("decrypt"):
+            pt = self.ctx.sa.Plaintext()
+            self._decryptor.decrypt(ct, pt)
+            return np.asarray(self.ctx.encoder.decode_double(pt), dtype=np.float64)
+
+    def encrypt(self, x: torch.Tensor) -> tuple[list[bytes], torch.Tensor]:
+        """(ciphertexts, index) of x in the canonical layout."""
+        index, count = canonical(x.shape, self.slots)
+        vecs = scatter_values(index, x, count, self.slots).numpy()
+        return [self._encrypt_vec(v) for v in vecs], index.reshape(x.shape)
+
+    def decrypt(self, blobs: list[bytes], index: torch.Tensor) -> torch.Tensor:
+        """The tensor whose element i sits at flat slot ``index[i]`` of ``blobs``."""
+        if index.numel() and (int(index.max()) >= len(blobs) * self.slots or int(index.min()) < 0):
+            raise HeFormatError("result index points outside the returned ciphertexts")
+        flat = np.concatenate([self._decrypt_vec(b) for b in blobs])
+        return torch.from_numpy(flat[index.reshape(-1).numpy()]).view(index.shape)
+
+    def refresh(self, items: list[tuple[list[bytes], np.ndarray | None, int]]) -> list[list[bytes]]:
+        """Decrypt the masked ciphertexts, gather their slots, re-encrypt at the top level.
+
+        The client sees ``value + mask`` per slot, never the value (the server keeps the
+        mask); what that reveals is stated in the README (HE mode)."""
+        out = []
+        for blobs, gather, count in items:
+            with self.stats.timed("refresh (client)"):
+                flat = np.concatenate([self._decrypt_vec(b) for b in blobs])
+                if gather is None:
+                    moved = flat
+                else:
+                    if gather.size != count * self.slots or int(gather.max(initial=-1)) >= flat.size:
+                        raise HeFormatError("refresh gather index does not match the ciphertexts")
+                    moved = np.where(gather >= 0, flat[np.maximum(gather, 0)], 0.0)
+                if moved.size != count * self.slots:
+                    raise HeFormatError(f"refresh of {len(blobs)} ciphertexts cannot give {count}")
+                out.append([self._encrypt_vec(v) for v in moved.reshape(count, self.slots)])
+        return out
+
+
+def server_engine(public_context: bytes) -> SealEngine:
+    """The server's engine from a client's public context (validated by SEAL)."""
+    header, sections = unpack_sections(public_context)
+    try:
+        params = CkksParams.from_dict(header["params"])
+    except (KeyError, TypeError, ValueError, HeParameterError) as e:
+        raise HeFormatError(f"bad parameters in the public context: {e}") from e
+    for name in ("public", "relin"):
+        if name not in sections:
+            raise HeFormatError(f"public context lacks the {name} key")
+    if "secret" in sections:
+        raise HeFormatError("the context carries a secret key; a server must never receive it")
+    ctx = SealContext(params)
+    keys = PublicKeys(ctx.load("PublicKey", sections["public"]), ctx.load("RelinKeys", sections["relin"]),
+                      ctx.load("GaloisKeys", sections["galois"]) if "galois" in sections else None)
+    return SealEngine(ctx, keys)

@@ -1,0 +1,107 @@
+"""The level planner: depth, parameters and rotation keys of a graph, before running it.
+
+It runs the graph through :class:`~secure.he.backend.HeOps` on a
+:class:`~secure.he.engine.GhostEngine` (level counters, no cryptography), so the plan
+follows exactly the code path of the real run: the same layouts, products, rotations
+and refreshes.
+
+* With client refresh (the default) any graph fits the cheapest parameter set
+  (N = 8192, 4 levels); the plan lists the refreshes and the rotation steps whose Galois
+  keys the client must generate.
+* Without refresh, the whole graph must fit one modulus chain: the plan picks the
+  smallest 128-bit set with enough levels, or raises :class:`HeDepthError` naming the
+  node and module where the chain runs out and how many levels are missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from secure.graph.ir import Graph
+from secure.he.backend import HeOps
+from secure.he.engine import GhostCt, GhostEngine, OutOfLevelsError
+from secure.he.layout import Cipher, Plain, canonical
+from secure.he.params import PARAM_SETS, CkksParams
+from secure.runtime.interpreter import Interpreter, InterpreterError
+
+DEPTH_PROBE_LEVELS: int = 1_000_000
+
+
+class HeDepthError(ValueError):
+    """The graph cannot fit one modulus chain at 128-bit security (refresh disabled)."""
+
+
+@dataclass
+class HePlan:
+    params: CkksParams
+    steps: list[int]
+    refreshes: int
+    relayouts: int
+    depth: int
+    products: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "params": self.params.to_dict()}
+
+
+def _ghost_inputs(graph: Graph, inputs: dict[str, Any], engine: GhostEngine) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for spec in graph.inputs:
+        value = inputs[spec.name]
+        if spec.kind == "client":
+            index, count = canonical(value.shape, engine.slots)
+            out[spec.name] = Cipher([GhostCt(engine.top_level) for _ in range(count)], index.reshape(value.shape))
+        else:
+            out[spec.name] = value
+    return out
+
+
+def _run_ghost(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, Any], params: CkksParams,
+               levels: int | None, allow_refresh: bool, count_depth: bool) -> tuple[HeOps, GhostEngine, int]:
+    engine = GhostEngine(params, levels)
+    ops = HeOps(engine, allow_refresh=allow_refresh, count_depth=count_depth)
+    outs, _ = Interpreter(graph, ops).run({k: Plain(v.to(torch.float64)) for k, v in weights.items()},
+                                          _ghost_inputs(graph, inputs, engine))
+    lowest = min((c.level for o in outs if isinstance(o, Cipher) for c in o.cts), default=engine.top_level)
+    return ops, engine, engine.top_level - lowest
+
+
+def graph_depth(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, Any]) -> int:
+    """Multiplicative depth of the whole graph without any refresh."""
+    _, _, depth = _run_ghost(graph, weights, inputs, PARAM_SETS[0], DEPTH_PROBE_LEVELS, False, True)
+    return depth
+
+
+def plan(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, Any], *,
+         allow_refresh: bool = True, params: CkksParams | None = None) -> HePlan:
+    """Parameters, rotation steps and refresh count for running ``graph`` on inputs of
+    these shapes (client inputs may be any tensor of the right shape)."""
+    depth = graph_depth(graph, weights, inputs)
+    if allow_refresh:
+        chosen = params or PARAM_SETS[0]
+        ops, engine, _ = _run_ghost(graph, weights, inputs, chosen, None, True, False)
+        return HePlan(chosen, sorted(engine.steps), ops.refreshes, ops.relayouts, depth, dict(engine.stats.count))
+    for candidate in ([params] if params else PARAM_SETS):
+        if candidate.usable_levels >= depth:
+            try:
+                ops, engine, _ = _run_ghost(graph, weights, inputs, candidate, None, False, False)
+            except InterpreterError as e:
+                if isinstance(e.__cause__, OutOfLevelsError):
+                    continue
+                raise
+            return HePlan(candidate, sorted(engine.steps), 0, 0, depth, dict(engine.stats.count))
+    largest = params or PARAM_SETS[-1]
+    where = ""
+    try:
+        _run_ghost(graph, weights, inputs, largest, None, False, False)
+    except InterpreterError as e:
+        where = f" The chain runs out at {e}."
+    missing = max(depth - largest.usable_levels, 0)
+    raise HeDepthError(
+        f"the graph needs {depth} multiplicative levels without client refresh; the largest parameter set "
+        f"at 128-bit security (N={largest.poly_degree}, {largest.total_bits}-bit modulus) has {largest.usable_levels}: "
+        f"{missing} levels missing." + where +
+        " Enable client refresh (the default) or run fewer layers per query.")
