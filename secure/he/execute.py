@@ -13,6 +13,7 @@ import torch
 
 from secure.graph.ir import Graph
 from secure.he.backend import HeOps
+from secure.he.breakdown import HeTracer
 from secure.he.client import HeClient, server_engine
 from secure.he.layout import Cipher, Plain
 from secure.he.planner import HePlan, plan
@@ -29,6 +30,8 @@ class HeRun:
     client_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
     refreshes: int = 0
+    spans: list[tuple[str, float, float, int, int]] = field(default_factory=list)
+    forms: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class CountingLink:
@@ -43,8 +46,9 @@ class CountingLink:
 
 def run_he(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
            observe: Iterable[str] = (), allow_refresh: bool = True,
-           trace: Callable | None = None, on_event: Callable[[str, dict], None] | None = None) -> HeRun:
-    """Plan, generate keys, encrypt the client inputs, evaluate, decrypt."""
+           on_event: Callable[[str, dict], None] | None = None) -> HeRun:
+    """Plan, generate keys, encrypt the client inputs, evaluate (every secret node traced
+    for the breakdown), decrypt."""
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     the_plan = plan(graph, weights, inputs, allow_refresh=allow_refresh)
@@ -68,7 +72,8 @@ def run_he(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, tor
             prepared[spec.name] = value
     seconds["encrypt"] = time.perf_counter() - t
     t = time.perf_counter()
-    interp = Interpreter(graph, ops) if trace is None else Interpreter(graph, ops, trace)
+    tracer = HeTracer(ops)
+    interp = Interpreter(graph, ops, tracer)
     outs, seen = interp.run({k: Plain(v.to(torch.float64)) for k, v in weights.items()}, prepared, observe)
     seconds["evaluate"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -88,4 +93,4 @@ def run_he(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, tor
     return HeRun(outputs, observed, the_plan, seconds, engine.stats.as_dict(), client.stats.as_dict(),
                  {"public_context": len(public), "inputs": upload, "outputs": download,
                   "refresh_to_client": ops.bytes_to_client, "refresh_from_client": ops.bytes_from_client},
-                 ops.refreshes)
+                 ops.refreshes, tracer.spans, tracer.forms)

@@ -1,0 +1,98 @@
+"""HE (CKKS) query breakdown, and the same graph on the three-party engine.
+
+    python benchmarks/he_breakdown.py [--model tiny | DISTILLED_DIR] [--seq 16 32] [--no-mpc]
+
+For each sequence length: one HE query in process (client and server exchange bytes
+only), the per-layer table in the MPC breakdown's format, the CKKS-primitive and form
+table, then the same calibrated graph (polynomial GeLU, bounded rsqrt, Power-Softmax) on
+the in-process three-party engine: time and bytes side by side. Accuracy: the HE output
+against the plaintext polynomial model (FloatOps on the same graph): max abs error and
+cosine. Writes benchmarks/results/he_breakdown_<model>_<seq>/{table.txt, breakdown.json,
+trace.json, chart.png}. Takes about 15 s per length for tiny, a few minutes for MiniLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from secure.he.breakdown import operation_table
+from secure.he.execute import run_he
+from secure.he.model import HeModel, distilled_he_model, tiny_he_model
+from secure.mpc.engine import LocalCluster
+from secure.runtime.breakdown import aggregate, breakdown_table, chrome_trace, write_chart
+from secure.runtime.execute import deal_inputs, deal_weights, run_float, run_mpc
+
+
+def query(model: HeModel, seed: int = 11) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, model.table.shape[0], (1, model.seq_len), generator=gen)
+    return model.client_inputs(ids, torch.ones(1, model.seq_len, dtype=torch.long))
+
+
+def one_length(model: HeModel, out: Path, mpc: bool) -> dict:
+    inputs = query(model)
+    (ref,), _ = run_float(model.graph, model.weights, inputs)
+    t0 = time.perf_counter()
+    run = run_he(model.graph, model.weights, inputs)
+    he_wall = time.perf_counter() - t0
+    got = run.outputs[0]
+    cos = float(torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0))
+    result = {"model": model.name, "seq": model.seq_len, "he_wall_seconds": he_wall, "he_seconds": run.seconds,
+              "max_abs_error": float((got - ref).abs().max()), "cosine": cos, "refreshes": run.refreshes,
+              "plan": run.plan.to_dict(), "bytes": run.bytes, "server_ops": run.server_stats,
+              "client_ops": run.client_stats, "forms": run.forms}
+    spans = [(n, s, b, r) for n, _, s, b, r in run.spans]
+    parts = aggregate(spans)
+    table = breakdown_table(spans, "part (HE, server; rounds = client trips)")
+    ops = operation_table(run.server_stats, run.client_stats, run.forms, run.bytes)
+    lines = [f"{model.name}, seq {model.seq_len}, HE (CKKS N={run.plan.params.poly_degree}): {he_wall:.2f} s wall "
+             f"({', '.join(f'{k} {v:.2f} s' for k, v in run.seconds.items())}), {run.refreshes} client trips, "
+             f"max abs error {result['max_abs_error']:.2e}, cosine {cos:.6f} vs the plaintext polynomial model",
+             table, "", ops]
+    if mpc:
+        cluster = LocalCluster()
+        shares = deal_weights(model.weights, cluster.fp)
+        bytes0, rounds0 = cluster.bytes_sent(), cluster.rounds
+        t0 = time.perf_counter()
+        (mpc_out,), _ = run_mpc(cluster, model.graph, shares, deal_inputs(model.graph, inputs, cluster.fp))
+        mpc_wall = time.perf_counter() - t0
+        mpc_bytes = sum(b - b0 for b, b0 in zip(cluster.bytes_sent(), bytes0))
+        he_bytes = sum(run.bytes.values())
+        result["mpc"] = {"wall_seconds": mpc_wall, "bytes_all_parties": mpc_bytes, "rounds": cluster.rounds - rounds0,
+                         "cosine": float(torch.nn.functional.cosine_similarity(mpc_out.flatten(), ref.flatten(),
+                                                                              dim=0))}
+        result["he_over_mpc"] = {"time": he_wall / mpc_wall, "bytes": he_bytes / max(mpc_bytes, 1)}
+        lines += ["", f"same graph on three parties in process: {mpc_wall:.2f} s, {mpc_bytes / 1e6:.1f} MB sent "
+                      f"(all parties), {result['mpc']['rounds']} rounds; HE/MPC time {he_wall / mpc_wall:.2f}, "
+                      f"bytes {he_bytes / max(mpc_bytes, 1):.2f} (HE bytes incl. the {run.bytes['public_context'] / 1e6:.1f}"
+                      f" MB public context)"]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.txt").write_text(text + "\n")
+    (out / "breakdown.json").write_text(json.dumps({**result, "parts": parts}, indent=2))
+    (out / "trace.json").write_text(json.dumps(chrome_trace(run.spans)))
+    write_chart(parts, str(out / "chart.png"), f"HE {model.name} seq {model.seq_len}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="tiny", help="'tiny' (2 layers, hidden 128) or a distilled model folder")
+    ap.add_argument("--seq", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--no-mpc", action="store_true", help="skip the three-party comparison")
+    args = ap.parse_args(argv)
+    label = "tiny" if args.model == "tiny" else Path(args.model).name
+    for seq in args.seq:
+        model = tiny_he_model(seq) if args.model == "tiny" else distilled_he_model(args.model, seq)
+        one_length(model, Path(f"benchmarks/results/he_breakdown_{label}_{seq}"), not args.no_mpc)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""CKKS backend: each operation and form against plaintext, the planner, malformed input.
+
+Tolerances: CKKS at scale 2^30 gives about 1e-5 absolute error per fresh value; rotations
+and refreshes add a few 1e-5. Every check below states its bound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secure.approx.float_backend import FloatOps
+from secure.approx.gelu import poly_gelu
+from secure.approx.norms import layer_norm
+from secure.approx.softmax import power_softmax
+from secure.he.backend import HeOps, HeUnsupportedError
+from secure.he.client import HeClient, pack_sections, server_engine
+from secure.he.engine import MASK_BOUND, HeFormatError
+from secure.he.execute import run_he
+from secure.he.layout import Cipher, Plain
+from secure.he.model import tiny_he_model
+from secure.he.params import PARAM_SETS, CkksParams, HeParameterError
+from secure.he.planner import HeDepthError, plan
+from secure.runtime.execute import run_float
+
+P = PARAM_SETS[0]
+STRIDE = 16  # every tensor below has 16 rows: columns 16 slots apart, 256 per ciphertext
+STEPS = sorted({i * STRIDE for i in range(1, 16)} | {j * 256 for j in range(1, 16)}
+               | {STRIDE << k for k in range(8)})
+
+
+class Spy:
+    """A refresh link that records what the client decrypts."""
+
+    def __init__(self, client: HeClient) -> None:
+        self.client = client
+        self.seen: list[np.ndarray] = []
+
+    def refresh(self, items):
+        for blobs, _, _ in items:
+            self.seen.append(np.concatenate([self.client._decrypt_vec(b) for b in blobs]))
+        return self.client.refresh(items)
+
+
+@pytest.fixture(scope="module")
+def he():
+    client = HeClient(P, STEPS)
+    engine = server_engine(client.public_context())
+    spy = Spy(client)
+    ops = HeOps(engine, spy)
+
+    def enc(x: torch.Tensor) -> Cipher:
+        blobs, index = client.encrypt(x.to(torch.float64))
+        return Cipher([engine.deserialize(b) for b in blobs], index)
+
+    def dec(c: Cipher) -> torch.Tensor:
+        return client.decrypt([engine.serialize(ct) for ct in c.cts], c.index)
+
+    return ops, enc, dec, spy, engine
+
+
+def _r(*shape: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def test_elementwise_and_broadcast_within_1e4(he):
+    ops, enc, dec, _, _ = he
+    x, y = _r(16, 40), _r(16, 40, seed=1)
+    cx, cy = enc(x), enc(y)
+    assert (dec(ops.add(cx, cy)) - (x + y)).abs().max() < 1e-4
+    assert (dec(ops.sub(cx, cy)) - (x - y)).abs().max() < 1e-4
+    assert (dec(ops.mul(cx, cy)) - x * y).abs().max() < 1e-4
+    assert (dec(ops.mul_public(cx, 0.37)) - 0.37 * x).abs().max() < 1e-4
+    c = _r(40, seed=2)
+    assert (dec(ops.add_public(cx, c)) - (x + c)).abs().max() < 1e-4
+    assert (dec(ops.mul(cx, Plain(c))) - x * c).abs().max() < 1e-4
+    row = ops.sum(cx, -1, keepdim=True)  # replicated over the columns: broadcasting is free
+    assert (dec(row) - x.sum(-1, keepdim=True)).abs().max() < 1e-3
+    assert (dec(ops.sub(cx, row)) - (x - x.sum(-1, keepdim=True))).abs().max() < 1e-3
+    t = ops.map_shape(cx, lambda v: v.view(2, 8, 40).transpose(0, 1))
+    assert torch.allclose(dec(t), x.view(2, 8, 40).transpose(0, 1), atol=1e-4)
+
+
+@settings(max_examples=6, deadline=None)
+@given(k_in=st.integers(1, 300), n_out=st.integers(1, 300), seed=st.integers(0, 99))
+def test_linear_by_the_diagonal_method_matches_plaintext(he, k_in, n_out, seed):
+    ops, enc, dec, _, _ = he
+    x, w = _r(16, k_in, seed=seed), _r(k_in, n_out, scale=k_in**-0.5, seed=seed + 1)
+    got = dec(ops.matmul(enc(x), Plain(w)))
+    assert (got - x @ w).abs().max() < 1e-3
+
+
+def test_ciphertext_matmul_and_sum_over_a_middle_dim(he):
+    ops, enc, dec, _, _ = he
+    q, k = _r(1, 2, 8, 4), _r(1, 2, 4, 8, seed=3)
+    assert (dec(ops.matmul(enc(q), enc(k))) - q @ k).abs().max() < 1e-3
+    z = _r(2, 8, 5, seed=4)
+    assert (dec(ops.sum(enc(z), 1, keepdim=True)) - z.sum(1, keepdim=True)).abs().max() < 1e-3
+
+
+def test_forms_match_their_float_evaluation(he):
+    """Power-Softmax, LayerNorm (bounded rsqrt) and the GeLU polynomial: CKKS against the
+    same form on floats, within 1e-3 (several refreshes happen inside each)."""
+    ops, enc, dec, _, _ = he
+    s = _r(2, 8, 16, scale=1.5, seed=5)
+    mask = (torch.arange(16) < 12).to(torch.float64)
+    ref = power_softmax(FloatOps(), s, p=4, upper=50.0, iterations=8, mask=mask, normalize=True)
+    got = dec(power_softmax(ops, enc(s), p=4, upper=50.0, iterations=8, mask=mask, normalize=True))
+    assert (got - ref).abs().max() < 1e-3
+    assert bool((got[..., 12:].abs() < 1e-4).all())  # masked keys are 0
+    x, g, b = _r(16, 32, scale=3.0, seed=6), _r(32, seed=7) * 0.1 + 1, _r(32, seed=8) * 0.1
+    ref = layer_norm(FloatOps(), x, g, b, variance_range=(0.5, 50.0))
+    got = dec(layer_norm(ops, enc(x), Plain(g), Plain(b), variance_range=(0.5, 50.0)))
+    assert (got - ref).abs().max() < 1e-3
+    assert (ref - torch.nn.functional.layer_norm(x, (32,), g, b)).abs().max() < 1e-3  # the form itself
+    x = _r(16, 32, scale=2.0, seed=9)
+    got = dec(poly_gelu(ops, enc(x), 8.0))
+    assert (got - poly_gelu(FloatOps(), x, 8.0)).abs().max() < 1e-3
+    assert (got - torch.nn.functional.gelu(x)).abs().max() < 0.03  # the polynomial's own error at bound 8
+
+
+def test_a_refresh_shows_the_client_only_masked_values(he):
+    ops, enc, _, spy, _ = he
+    x = _r(16, 8, scale=0.5, seed=10)
+    spy.seen.clear()
+    ops.refresh([enc(x)])
+    seen = spy.seen[0]
+    used = seen[np.abs(seen) > 0]
+    assert used.size > 100 and np.std(used) > MASK_BOUND / 4  # uniform on [-2^20, 2^20], not |x| < 3
+
+
+def test_comparisons_have_no_ckks_form(he):
+    ops, enc, _, _, _ = he
+    with pytest.raises(HeUnsupportedError, match="no CKKS form"):
+        ops.less_than_public(enc(_r(16, 2)), [0.0])
+    with pytest.raises(HeUnsupportedError, match="Power-Softmax"):
+        ops.max(enc(_r(16, 2)))
+
+
+def test_malformed_ciphertext_and_context_get_clear_errors(he):
+    _, _, _, _, engine = he
+    with pytest.raises(HeFormatError, match="malformed Ciphertext"):
+        engine.deserialize(b"\x00garbage" * 20)
+    with pytest.raises(HeFormatError, match="bad magic"):
+        server_engine(b"not a context")
+    with pytest.raises(HeFormatError, match="secret key"):
+        server_engine(pack_sections({"params": P.to_dict()}, [("public", b""), ("relin", b""), ("secret", b"x")]))
+    with pytest.raises(HeFormatError, match="malformed PublicKey"):
+        server_engine(pack_sections({"params": P.to_dict()}, [("public", b"junk"), ("relin", b"junk")]))
+    with pytest.raises(HeFormatError, match="bad parameters"):
+        server_engine(pack_sections({"params": {"poly_degree": 8192}}, []))
+    with pytest.raises(HeParameterError, match="128-bit"):
+        CkksParams(8192, 40, 60, 4, 60)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return tiny_he_model(seq=8, hidden=32, layers=1, heads=2)
+
+
+def test_planner_refuses_a_graph_that_cannot_fit_without_refresh(small_model):
+    m = small_model
+    inputs = m.client_inputs(torch.arange(1, 9).view(1, 8), torch.ones(1, 8, dtype=torch.long))
+    with pytest.raises(HeDepthError) as err:
+        plan(m.graph, m.weights, inputs, allow_refresh=False)
+    msg = str(err.value)
+    assert "levels missing" in msg and "N=32768" in msg and "node" in msg and "encoder" in msg
+    ok = plan(m.graph, m.weights, inputs)  # with refresh: the cheapest set, its rotation keys
+    assert ok.params == PARAM_SETS[0] and ok.refreshes > 0 and ok.steps and ok.depth > 25
+
+
+def test_tiny_model_end_to_end_under_ckks(small_model):
+    m = small_model
+    inputs = m.client_inputs(torch.tensor([[5, 17, 3, 99, 42, 8, 150, 2]]), torch.ones(1, 8, dtype=torch.long))
+    (ref,), _ = run_float(m.graph, m.weights, inputs)
+    run = run_he(m.graph, m.weights, inputs)
+    got = run.outputs[0]
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.999 and (got - ref).abs().max() < 1e-2
+    assert run.refreshes == run.plan.refreshes  # the planner predicted the real run
+    parts = {name for name, *_ in run.spans}
+    assert any("attention" in p for p in parts) and run.bytes["refresh_from_client"] > 0
