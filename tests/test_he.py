@@ -183,3 +183,54 @@ def test_tiny_model_end_to_end_under_ckks(small_model):
     assert run.refreshes == run.plan.refreshes  # the planner predicted the real run
     parts = {name for name, *_ in run.spans}
     assert any("attention" in p for p in parts) and run.bytes["refresh_from_client"] > 0
+
+
+def test_he_queries_over_grpc_with_bad_input_answered_and_the_node_serving_on(small_model):
+    import grpc
+
+    from client.he import HeSecureClient, pb2, pb2_grpc
+    from client.sdk import QueryFailed
+    from party.he_node import HeNode
+
+    node = HeNode({("tiny", 8): small_model}, "secret-token")
+    port = node.start(0)
+    ids, mask = torch.tensor([[5, 17, 3, 99, 42, 8, 150, 2]]), torch.ones(1, 8, dtype=torch.long)
+    stub = pb2_grpc.HeInferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+    def raw(*messages):
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Query(iter(messages), timeout=60))
+        return err.value
+
+    start = pb2.HeStart(client_token="secret-token", model="tiny", seq_len=8, input_ciphertexts=1,
+                        attention_mask=mask.numpy().astype("<i8").tobytes())
+    try:
+        e = raw(pb2.HeClientMessage(start=start), pb2.HeClientMessage(blob=pb2.HeBlob(kind="context", data=b"junk")))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "public context" in e.details()
+        client = HeClient(PARAM_SETS[0], plan(small_model.graph, small_model.weights,
+                                              small_model.client_inputs(ids, mask)).steps)
+        ctx = [pb2.HeClientMessage(blob=p) for p in blob_pieces_of(client.public_context())]
+        e = raw(pb2.HeClientMessage(start=start), *ctx,
+                pb2.HeClientMessage(blob=pb2.HeBlob(kind="input", data=b"\x00garbage ciphertext")))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "input ciphertext" in e.details()
+        e = raw(pb2.HeClientMessage(blob=pb2.HeBlob(kind="input", data=b"x")))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "start" in e.details()
+        with HeSecureClient(f"127.0.0.1:{port}", "wrong") as bad, pytest.raises(QueryFailed, match="token"):
+            bad.query("tiny", ids, mask)
+        with HeSecureClient(f"127.0.0.1:{port}", "secret-token", timeout_s=120) as c:
+            with pytest.raises(QueryFailed, match="unknown model"):
+                c.query("other", ids, mask)
+            seen = []
+            result = c.query("tiny", ids, mask, progress=lambda done, total: seen.append(done))
+        (ref,), _ = run_float(small_model.graph, small_model.weights, small_model.client_inputs(ids, mask))
+        cos = torch.nn.functional.cosine_similarity(result.outputs[0].flatten(), ref.flatten(), dim=0)
+        assert cos > 0.999 and result.refreshes > 0 and seen and result.spans
+    finally:
+        node.stop()
+
+
+def blob_pieces_of(data: bytes):
+    from client.he import pb2
+    from secure.transport.he_wire import blob_pieces
+
+    return list(blob_pieces(pb2.HeBlob, "context", 0, 0, data))

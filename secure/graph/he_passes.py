@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from secure.approx.gelu import POLY_GELU_DEGREE
+from secure.approx.gelu import poly_gelu_degree
 from secure.graph.ir import Graph, GraphInput, Node, Ref, Spec
 from secure.graph.passes import UnsupportedOpError
 from secure.runtime.execute import run_float
 
-GELU_MARGIN: float = 1.25
+GELU_MARGIN: float = 1.1
 """The GeLU polynomial's bound is this much above the largest |input| seen in calibration."""
 
 VARIANCE_MARGIN: float = 3.0
@@ -41,12 +41,13 @@ class ClientEmbedding:
 
 def calibrate_for_he(graph: Graph, weights: dict[str, torch.Tensor],
                      samples: Sequence[dict[str, torch.Tensor]],
-                     gelu_degree: int = POLY_GELU_DEGREE) -> Graph:
+                     gelu_tolerance: float = 5e-3) -> Graph:
     """A copy of ``graph`` whose GeLU and LayerNorm nodes carry calibrated ranges.
 
     Runs the graph on FloatOps over ``samples`` and records, per node, the largest |x|
     entering each ``secure.gelu`` and the range of ``var(x) + eps`` entering each
-    ``secure.layer_norm``; then sets ``form="poly", bound=...`` on GeLU nodes and
+    ``secure.layer_norm``; then sets ``form="poly", bound=..., degree=...`` on GeLU nodes
+    (the least degree whose max error on the bound is ``gelu_tolerance``) and
     ``variance_range=[lo, hi]`` on LayerNorm nodes (margins :data:`GELU_MARGIN`,
     :data:`VARIANCE_MARGIN`).
     """
@@ -73,7 +74,8 @@ def calibrate_for_he(graph: Graph, weights: dict[str, torch.Tensor],
     for n in graph.nodes:
         if n.name in gelu_max:
             bound = math.ceil(GELU_MARGIN * max(gelu_max[n.name], 1.0))
-            n = Node(n.name, n.op, n.args, {"form": "poly", "bound": float(bound), "degree": gelu_degree},
+            n = Node(n.name, n.op, n.args, {"form": "poly", "bound": float(bound),
+                                            "degree": poly_gelu_degree(float(bound), gelu_tolerance)},
                      n.spec, n.secret, n.origin)
         elif n.name in var_lo:
             lo, hi = var_lo[n.name] / VARIANCE_MARGIN, var_hi[n.name] * VARIANCE_MARGIN
