@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import tempfile
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -105,7 +107,9 @@ class SealContext:
         while data is not None:
             self.parms_ids[data.chain_index()] = data.parms_id()
             data = data.next_context_data()
+        # SEAL's bindings serialise through files: a private tmpfs folder, removed with the context
         self._tmp = tempfile.mkdtemp(prefix="he-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        weakref.finalize(self, shutil.rmtree, self._tmp, True)
 
     def level(self, ct: Any) -> int:
         return self.context.get_context_data(ct.parms_id()).chain_index()
