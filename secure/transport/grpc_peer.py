@@ -1,14 +1,18 @@
 """gRPC transport between party nodes.
 
 Each ordered pair of parties has one long-lived client stream (``Peer.Link``) from the
-sender to the receiver's server. A protocol message (a list of tensors) becomes frames
-tagged (query id, sender, sequence number, tensor index) and chunked by
-``secure.transport.wire``. The receiving server files completed messages in a
+sender to the receiver's server. A protocol message (a list of tensors) becomes one frame
+tagged (query id, sender, sequence number) that lists the tensors' dtypes and shapes and
+carries their raw bytes concatenated; only a message above ``wire.PART_BYTES`` is split
+into several frames (parts). The sender encodes frames itself (a small protobuf header
+plus the data field appended to it: one copy of the tensors' memory, no protobuf
+message holding megabytes) and hands them to the link's stream through a queue, so a
+send never waits for the network. The receiving server files completed messages in a
 :class:`Mailbox` keyed by (query id, sender); a query's :class:`GrpcTransport` takes them
-in sequence order, with a deadline. A party that fails a query sends an abort frame so
-its peers fail the same query at once; a party that dies makes its peers fail the query
-at the deadline. A broken link is re-opened on the next send, so a restarted peer is
-reachable again for the next query.
+in sequence order, with a deadline, woken by the arrival of exactly the message it waits
+for. A party that fails a query sends an abort frame so its peers fail the same query at
+once; a party that dies makes its peers fail the query at the deadline. A broken link is
+re-opened on the next send, so a restarted peer is reachable again for the next query.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import logging
 import queue
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,11 +28,27 @@ import grpc
 import torch
 
 from secure.transport.base import LinkCounters, PeerTimeoutError, TransportError, payload_bytes
-from secure.transport.wire import TensorAssembler, WireError, tensor_chunks
+from secure.transport.wire import PART_BYTES, MessageAssembler, WireError, message_parts
 
 log = logging.getLogger("secure.transport.grpc")
 
 _CLOSE = object()
+_DATA_FIELD = 11  # PeerFrame.data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+_DATA_TAG = _varint(_DATA_FIELD << 3 | 2)  # field 11, length-delimited
 
 
 class Mailbox:
@@ -37,117 +56,130 @@ class Mailbox:
 
     def __init__(self, max_message_bytes: int) -> None:
         self.max_message_bytes = max_message_bytes
-        self._cond = threading.Condition()
-        self._messages: dict[tuple[str, int], dict[int, list[torch.Tensor]]] = defaultdict(dict)
-        self._partial: dict[tuple[str, int, int], dict[int, Any]] = {}
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple[str, int], threading.Condition] = {}  # one per receiving (query, sender)
+        self._messages: dict[tuple[str, int], dict[int, list[torch.Tensor]]] = {}
+        self._partial: dict[tuple[str, int, int], MessageAssembler] = {}
         self._aborted: dict[str, str] = {}
         self._finished: dict[str, None] = {}  # recently finished queries (late frames dropped)
         self._activity: dict[str, float] = {}  # query id -> last frame delivered or taken
 
     def deliver(self, frame: Any) -> None:
         """File one frame (called by the Peer server); raises WireError on a malformed one."""
-        key = (frame.query_id, int(frame.sender))
+        query_id, sender, seq = frame.query_id, int(frame.sender), int(frame.seq)
         if frame.abort_reason:
-            with self._cond:
-                self._aborted[frame.query_id] = f"party {frame.sender} aborted: {frame.abort_reason}"
-                self._cond.notify_all()
+            self.abort(query_id, f"party {sender} aborted: {frame.abort_reason}", force=True)
             return
-        count, index = int(frame.tensor_count), int(frame.tensor_index)
-        if not 0 <= index < max(count, 1) or count > 1024:
-            raise WireError(f"bad tensor index {index} of {count}")
-        mkey = (frame.query_id, int(frame.sender), int(frame.seq))
-        with self._cond:
-            if frame.query_id in self._finished:
+        index, count = int(frame.part_index), int(frame.part_count)
+        key, mkey = (query_id, sender), (query_id, sender, seq)
+        with self._lock:
+            if query_id in self._finished:
                 return
-            self._activity[frame.query_id] = time.monotonic()
-            parts = self._partial.setdefault(mkey, {})
-            if count == 0:
-                done: list[torch.Tensor] | None = []
-            else:
-                assembler = parts.setdefault(index, TensorAssembler(self.max_message_bytes))
-                if not isinstance(assembler, TensorAssembler):
-                    raise WireError(f"tensor {index} of message {frame.seq} arrived twice")
-                tensor = assembler.add(frame.chunk)
-                if tensor is not None:
-                    parts[index] = tensor
-                finished = [parts.get(i) for i in range(count)]
-                done = finished if all(isinstance(t, torch.Tensor) for t in finished) else None
-            if done is not None:
-                del self._partial[mkey]
-                self._messages[key][int(frame.seq)] = done
-                self._cond.notify_all()
+            self._activity[query_id] = time.monotonic()
+            assembler = self._partial.get(mkey)
+            if index == 0:
+                if assembler is not None or seq in self._messages.get(key, ()):
+                    raise WireError(f"message {seq} from party {sender} arrived twice")
+                specs = [(t.dtype, tuple(t.shape)) for t in frame.tensors]
+                assembler = MessageAssembler(specs, count, self.max_message_bytes)
+            elif assembler is None:
+                raise WireError(f"part {index} of message {seq} arrived before its first part")
+            elif len(frame.tensors):
+                raise WireError(f"part {index} of message {seq} lists tensors again")
+            done = assembler.add(index, count, frame.data)
+            if done is None:
+                self._partial[mkey] = assembler
+                return
+            self._partial.pop(mkey, None)
+            self._messages.setdefault(key, {})[seq] = done
+            waiter = self._waiting.get(key)
+            if waiter is not None:
+                waiter.notify()
 
-    def abort(self, query_id: str, reason: str) -> None:
-        """Fail the query's pending and future receives on this party at once."""
-        with self._cond:
-            if query_id not in self._finished:
+    def abort(self, query_id: str, reason: str, force: bool = False) -> None:
+        """Fail the query's pending and future receives on this party at once (a peer's abort
+        frame, ``force``, replaces an earlier local reason)."""
+        with self._lock:
+            if query_id in self._finished:
+                return
+            if force:
+                self._aborted[query_id] = reason
+            else:
                 self._aborted.setdefault(query_id, reason)
-                self._cond.notify_all()
+            self._activity.setdefault(query_id, time.monotonic())  # swept if the query never runs here
+            for key, waiter in self._waiting.items():
+                if key[0] == query_id:
+                    waiter.notify_all()
 
     def take(self, query_id: str, sender: int, seq: int, deadline_s: float, me: int) -> list[torch.Tensor]:
         """Message ``seq`` from ``sender`` for ``query_id``; waits up to the deadline."""
         key = (query_id, sender)
         end = time.monotonic() + deadline_s
-        with self._cond:
+        with self._lock:
             while True:
                 if query_id in self._aborted:
                     raise TransportError(f"party {me}, query {query_id}: {self._aborted[query_id]}")
                 box = self._messages.get(key)
                 if box and seq in box:
+                    self._activity[query_id] = time.monotonic()
                     return box.pop(seq)
                 left = end - time.monotonic()
                 if left <= 0:
                     raise PeerTimeoutError(f"party {me}, query {query_id}: no message #{seq} from "
                                            f"party {sender} within {deadline_s:.1f} s")
-                self._cond.wait(left)
+                waiter = self._waiting.get(key)
+                if waiter is None:
+                    waiter = self._waiting[key] = threading.Condition(self._lock)
+                waiter.wait(left)
+
+    def _drop(self, query_id: str) -> None:
+        for table in (self._messages, self._waiting, self._partial):
+            for key in [k for k in table if k[0] == query_id]:
+                del table[key]
+        self._aborted.pop(query_id, None)
+        self._activity.pop(query_id, None)
 
     def sweep(self, idle_s: float) -> None:
         """Drop messages of queries that saw no activity for ``idle_s`` (e.g. queries this
         party refused while its peers ran them)."""
         now = time.monotonic()
-        with self._cond:
-            stale = [q for q, t in self._activity.items() if now - t > idle_s]
-            for q in stale:
-                del self._activity[q]
-                for key in [k for k in self._messages if k[0] == q]:
-                    del self._messages[key]
-                for key in [k for k in self._partial if k[0] == q]:
-                    del self._partial[key]
-                self._aborted.pop(q, None)
+        with self._lock:
+            for q in [q for q, t in self._activity.items() if now - t > idle_s]:
+                self._drop(q)
 
     def finished(self, query_id: str) -> bool:
         """Whether ``query_id`` ran here recently: its frames are dropped now, so the id cannot
         serve another query."""
-        with self._cond:
+        with self._lock:
             return query_id in self._finished
 
     def forget(self, query_id: str) -> None:
         """Drop everything held for a finished query."""
-        with self._cond:
-            for key in [k for k in self._messages if k[0] == query_id]:
-                del self._messages[key]
-            for key in [k for k in self._partial if k[0] == query_id]:
-                del self._partial[key]
-            self._aborted.pop(query_id, None)
-            self._activity.pop(query_id, None)
+        with self._lock:
+            self._drop(query_id)
             self._finished[query_id] = None
             while len(self._finished) > 10_000:
                 del self._finished[next(iter(self._finished))]
 
 
-class _OutgoingLink:
-    """The sending side of one ordered pair: a queue drained into a Link stream."""
+def _raw(frame: bytes) -> bytes:
+    return frame
 
-    def __init__(self, me: int, peer: int, channel_factory: Any, stub_factory: Any) -> None:
+
+class _OutgoingLink:
+    """The sending side of one ordered pair: a queue of encoded frames drained into a Link
+    stream by gRPC's request-consuming thread."""
+
+    def __init__(self, me: int, peer: int, channel_factory: Any, method: str) -> None:
         self.me, self.peer = me, peer
         self._channel_factory = channel_factory
-        self._stub_factory = stub_factory
+        self._method = method
         self._lock = threading.Lock()
-        self._queue: queue.Queue | None = None
+        self._queue: queue.SimpleQueue | None = None
         self._thread: threading.Thread | None = None
         self.error: str | None = None
 
-    def send(self, frames: list[Any]) -> None:
+    def send(self, frames: list[bytes]) -> None:
         with self._lock:
             if self._queue is None or self._thread is None or not self._thread.is_alive():
                 self._open()
@@ -156,11 +188,11 @@ class _OutgoingLink:
                 self._queue.put(f)
 
     def _open(self) -> None:
-        q: queue.Queue = queue.Queue()
+        q: queue.SimpleQueue = queue.SimpleQueue()
         self._queue = q
         self.error = None
 
-        def frames() -> Iterator[Any]:
+        def frames() -> Iterator[bytes]:
             while True:
                 item = q.get()
                 if item is _CLOSE:
@@ -168,15 +200,21 @@ class _OutgoingLink:
                 yield item
 
         def pump() -> None:
+            channel = None
             try:
                 channel = self._channel_factory(self.peer)
-                self._stub_factory(channel).Link(frames())
+                link = channel.stream_unary(self._method, request_serializer=_raw, response_deserializer=_raw)
+                link(frames())
             except grpc.RpcError as e:
                 self.error = f"{e.code().name}: {e.details()}"
                 log.warning("link to party %d closed: %s", self.peer, self.error)
             except Exception as e:  # noqa: BLE001 - a link must never take the node down
                 self.error = f"{type(e).__name__}: {e}"
                 log.warning("link to party %d failed: %s", self.peer, self.error)
+            finally:
+                q.put(_CLOSE)  # ends gRPC's consumer of this stream's frames, if still waiting
+                if channel is not None:
+                    channel.close()
 
         self._thread = threading.Thread(target=pump, name=f"link-{self.me}->{self.peer}", daemon=True)
         self._thread.start()
@@ -188,28 +226,40 @@ class _OutgoingLink:
 
 
 class PeerLinks:
-    """This party's outgoing links to its two peers."""
+    """This party's outgoing links to its two peers.
 
-    def __init__(self, me: int, channel_factory: Any, stub_factory: Any, frame_factory: Any,
-                 chunk_factory: Any) -> None:
+    ``frame_factory`` and ``spec_factory`` are the generated PeerFrame and TensorSpec
+    message classes; the Link method's path is read from their descriptors.
+    """
+
+    def __init__(self, me: int, channel_factory: Any, frame_factory: Any, spec_factory: Any,
+                 part_bytes: int = PART_BYTES) -> None:
         self.me = me
         self.frame = frame_factory
-        self.chunk = chunk_factory
-        self.links = {p: _OutgoingLink(me, p, channel_factory, stub_factory) for p in range(3) if p != me}
+        self.spec = spec_factory
+        self.part_bytes = part_bytes
+        service = frame_factory.DESCRIPTOR.file.services_by_name["Peer"]
+        method = f"/{service.full_name}/{service.methods_by_name['Link'].name}"
+        self.links = {p: _OutgoingLink(me, p, channel_factory, method) for p in range(3) if p != me}
+
+    def encode(self, query_id: str, seq: int, tensors: list[torch.Tensor]) -> list[bytes]:
+        """The serialized PeerFrames of one message (copies the tensors' bytes)."""
+        specs, parts = message_parts(tensors, self.part_bytes)
+        frames = []
+        for index, segments in enumerate(parts):
+            header = self.frame(query_id=query_id, sender=self.me, seq=seq, part_index=index, part_count=len(parts),
+                                tensors=[self.spec(dtype=d, shape=s) for d, s in specs] if index == 0 else None)
+            size = sum(len(s) for s in segments)
+            frames.append(b"".join([header.SerializeToString(), _DATA_TAG, _varint(size), *segments]))
+        return frames
 
     def send(self, to: int, query_id: str, seq: int, tensors: list[torch.Tensor]) -> None:
-        frames = []
-        for index, t in enumerate(tensors):
-            for chunk in tensor_chunks(t, self.chunk):
-                frames.append(self.frame(query_id=query_id, sender=self.me, seq=seq, tensor_index=index,
-                                         tensor_count=len(tensors), chunk=chunk))
-        if not tensors:
-            frames.append(self.frame(query_id=query_id, sender=self.me, seq=seq, tensor_count=0))
-        self.links[to].send(frames)
+        self.links[to].send(self.encode(query_id, seq, tensors))
 
     def abort(self, query_id: str, reason: str) -> None:
+        frame = self.frame(query_id=query_id, sender=self.me, abort_reason=reason[:500]).SerializeToString()
         for link in self.links.values():
-            link.send([self.frame(query_id=query_id, sender=self.me, abort_reason=reason[:500])])
+            link.send([frame])
 
     def close(self) -> None:
         for link in self.links.values():
