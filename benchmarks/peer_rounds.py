@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import statistics
+import sys
 import tempfile
 import time
 from concurrent import futures
@@ -27,12 +28,16 @@ from party.launch import free_ports
 
 
 def _party(me: int, ports: list[int], certs: tuple[Path, list[tuple[Path, Path]]] | None, rounds: int,
-           tensors: int, numel: int, tune: bool, out: mp.Queue) -> None:
+           tensors: int, numel: int, tune: bool, extra: list[tuple[str, object]], switch_s: float | None,
+           out: mp.Queue) -> None:
     from party import node as party_node
     from party.node import CHANNEL_OPTIONS, _PeerServicer, pb2, pb2_grpc
     from secure.transport.grpc_peer import GrpcTransport, Mailbox, PeerLinks
 
     torch.set_num_threads(1)
+    if switch_s:
+        sys.setswitchinterval(switch_s)
+    channel_options = CHANNEL_OPTIONS + extra
     if tune:
         party_node.tune_malloc()
     if certs is not None:
@@ -43,14 +48,14 @@ def _party(me: int, ports: list[int], certs: tuple[Path, list[tuple[Path, Path]]
 
         def channel(peer: int) -> grpc.Channel:
             creds = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
-            return grpc.secure_channel(f"localhost:{ports[peer]}", creds, options=CHANNEL_OPTIONS)
+            return grpc.secure_channel(f"localhost:{ports[peer]}", creds, options=channel_options)
     else:
         def channel(peer: int) -> grpc.Channel:
-            return grpc.insecure_channel(f"127.0.0.1:{ports[peer]}", options=CHANNEL_OPTIONS)
+            return grpc.insecure_channel(f"127.0.0.1:{ports[peer]}", options=channel_options)
 
     mailbox = Mailbox(max_message_bytes=1 << 30)
     node = SimpleNamespace(id=me, mailbox=mailbox)
-    options = getattr(party_node, "SERVER_OPTIONS", CHANNEL_OPTIONS)
+    options = getattr(party_node, "SERVER_OPTIONS", CHANNEL_OPTIONS) + extra
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
     pb2_grpc.add_PeerServicer_to_server(_PeerServicer(node), server)
     if certs is not None:
@@ -89,7 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--numel", type=int, default=1536, help="int64 elements per tensor")
     ap.add_argument("--no-tls", action="store_true")
     ap.add_argument("--default-malloc", action="store_true", help="without the party node's malloc settings")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra gRPC channel and server option (integer values as integers)")
+    ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval in the parties")
     args = ap.parse_args(argv)
+    extra: list[tuple[str, object]] = []
+    for item in args.option:
+        key, value = item.split("=", 1)
+        extra.append((key, int(value) if value.lstrip("-").isdigit() else value))
     ports = free_ports(3)
     with tempfile.TemporaryDirectory() as tmp:
         certs = None
@@ -99,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = mp.get_context("spawn")
         out: mp.Queue = ctx.Queue()
         procs = [ctx.Process(target=_party, args=(i, ports, certs, args.rounds, args.tensors, args.numel,
-                                                          not args.default_malloc, out))
+                                                          not args.default_malloc, extra, args.switch_interval, out))
                  for i in range(3)]
         for p in procs:
             p.start()
