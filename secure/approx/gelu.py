@@ -183,7 +183,7 @@ POLY_GELU_DEGREES: tuple[int, ...] = (8, 12, 16, 24, 32, 48, 64)
 """The degrees :func:`poly_gelu_degree` chooses from (depth 6 to 9 under CKKS)."""
 
 
-def poly_gelu_degree(bound: float, tol: float = 5e-3) -> int:
+def poly_gelu_degree(bound: float, tol: float = 1e-2) -> int:
     """The smallest degree in :data:`POLY_GELU_DEGREES` whose fit on ``[-bound, bound]``
     has max abs GeLU error <= ``tol`` (the largest if none does). The error falls roughly
     like exp(-c degree / bound): measured, degree 8 gives 0.023 at bound 8 and 0.48 at

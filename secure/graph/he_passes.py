@@ -41,7 +41,7 @@ class ClientEmbedding:
 
 def calibrate_for_he(graph: Graph, weights: dict[str, torch.Tensor],
                      samples: Sequence[dict[str, torch.Tensor]],
-                     gelu_tolerance: float = 5e-3) -> Graph:
+                     gelu_tolerance: float = 1e-2) -> Graph:
     """A copy of ``graph`` whose GeLU and LayerNorm nodes carry calibrated ranges.
 
     Runs the graph on FloatOps over ``samples`` and records, per node, the largest |x|

@@ -229,6 +229,7 @@ class HeOps:
     def dot_public(self, terms: Sequence[Value], coeffs: Sequence[float], bias: float = 0.0) -> Value:
         if len(terms) != len(coeffs):
             raise ValueError(f"dot_public: {len(terms)} terms but {len(coeffs)} coefficients")
+        self._ensure_levels([t for t, c in zip(terms, coeffs) if c not in (0.0, 1.0, -1.0)])  # one trip
         out: Value | None = None
         for t, c in zip(terms, coeffs):
             if c == 0.0:
@@ -243,6 +244,7 @@ class HeOps:
         return self._binary(x, y, "mul")
 
     def mul_many(self, pairs: Sequence[tuple[Value, Value]]) -> list[Value]:
+        self._ensure_levels([v for pair in pairs for v in pair])  # every tired operand in one client trip
         return [self.mul(x, y) for x, y in pairs]
 
     # ---- reductions ------------------------------------------------------------------
