@@ -195,7 +195,7 @@ def _exact_truncation(party: Party, addends: list[torch.Tensor] | None, like: Se
             send.setdefault(b_party, []).append(masked)
         rb = (r >> 63) & 1
         rc = ((r << 1) >> (shift + 1)) & low
-        send.setdefault(b_party, []).extend([rb - rb_a, rc - rc_a])
+        send.setdefault(b_party, []).extend([_narrow_bit_share(rb - rb_a, bits), rc - rc_a])
         got = party.exchange(send, sorted(recv))
         party.exchange({}, [])
         first, second = comp_d, comp_a
@@ -224,7 +224,7 @@ def _exact_truncation(party: Party, addends: list[torch.Tensor] | None, like: Se
             b_share = rb_own + c_top - 2 * c_top * rb_own
             y = c_hat - rc_own + (b_share << (63 - shift)) - (1 << (EXACT_OFFSET_BITS - shift))
         else:
-            rb_b, rc_b = ours_d[-2], ours_d[-1]
+            rb_b, rc_b = ours_d[-2].to(torch.int64), ours_d[-1]
             b_share = rb_b - 2 * c_top * rb_b
             y = -rc_b + (b_share << (63 - shift))
         sent = y - comp_own
@@ -242,6 +242,15 @@ def _exact_truncation(party: Party, addends: list[torch.Tensor] | None, like: Se
         extra.clear()
         extra.update(got)
     return _split(party, first, second, like, bits)
+
+
+def _narrow_bit_share(share: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
+    """B's share of r_63 enters only as ``share << (63 - d)`` mod 2^64, so its low d + 1
+    bits are all B needs: with every d < 32 they travel as int32 (the low 32 bits, still
+    uniform since A's part is a full PRF word), 4 bytes instead of 8 per element."""
+    if not bits or max(bits) >= 31:
+        return share
+    return (((share + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)).to(torch.int32)
 
 
 def _split_words(words: torch.Tensor, parts: int, n: int) -> list[torch.Tensor]:
