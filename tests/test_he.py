@@ -82,6 +82,10 @@ def test_elementwise_and_broadcast_within_1e4(he):
     assert (dec(ops.sub(cx, row)) - (x - x.sum(-1, keepdim=True))).abs().max() < 1e-3
     t = ops.map_shape(cx, lambda v: v.view(2, 8, 40).transpose(0, 1))
     assert torch.allclose(dec(t), x.view(2, 8, 40).transpose(0, 1), atol=1e-4)
+    col, p = _r(16, 1, seed=11), _r(16, 8, seed=12)  # an expanded cipher meets a public matrix
+    wide = ops.map_shape(enc(col), lambda v: v.expand(16, 8))
+    assert (dec(ops.mul(wide, Plain(p))) - col * p).abs().max() < 1e-4
+    assert (dec(ops.add(wide, Plain(p))) - (col + p)).abs().max() < 1e-4
 
 
 @settings(max_examples=6, deadline=None)

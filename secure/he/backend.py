@@ -135,6 +135,13 @@ class HeOps:
         out.reshape(-1)[index.reshape(-1).numpy()] = vals.reshape(-1).numpy()
         return out
 
+    def _distinct(self, x: Cipher) -> Cipher:
+        """x with one slot per element (a re-layout if an expand made elements share slots,
+        since a public operand may give them different values)."""
+        if x.index.unique().numel() == x.index.numel():
+            return x
+        return self.relayout([(x, canonical(x.shape, self.slots)[0])])[0]
+
     def _pair(self, x: Cipher, y: Cipher) -> tuple[Cipher, Cipher, torch.Tensor, list[tuple[int, int]], int | None]:
         """Align two ciphers element-wise: (x, y, result index, ciphertext pairs, period);
         re-lays both out canonically (one refresh) when their slots do not line up."""
@@ -170,8 +177,6 @@ class HeOps:
             shape = torch.broadcast_shapes(c.shape, p.shape)
             if shape != c.shape:
                 c = self.map_shape(c, lambda t: torch.broadcast_to(t, shape))
-                if c.index.unique().numel() < c.index.numel():  # one slot would need several values
-                    c = self.relayout([(c, canonical(shape, self.slots)[0])])[0]
             if op == "mul":
                 return self.mul_public(c, p.value)
             if op == "sub" and swapped:
@@ -207,6 +212,7 @@ class HeOps:
         if not isinstance(c, torch.Tensor) or c.numel() == 1:
             v = float(c)
             return Cipher([self.engine.add_plain(ct, v) for ct in x.cts], x.index, x.period, False)
+        x = self._distinct(x)
         vecs = self._plain_vectors(x, c)
         return Cipher([self.engine.add_plain(ct, v) for ct, v in zip(x.cts, vecs)], x.index, x.period, x.clean)
 
@@ -222,6 +228,7 @@ class HeOps:
             self._ensure_levels([x])
             return Cipher([self.engine.mul_plain(ct, v) for ct in x.cts], x.index, x.period, x.clean)
         c = c.to(torch.float64)
+        x = self._distinct(x)
         vecs = self._plain_vectors(x, c)
         self._ensure_levels([x])
         return Cipher([self.engine.mul_plain(ct, v) for ct, v in zip(x.cts, vecs)], x.index, x.period, True)
