@@ -7,7 +7,8 @@ gRPC party nodes.
     parties and TLS + token for the client (``party.launch.LocalNodes``), queried through
     ``SecureClient``.
 
-After a warm-up query each, a few timed repetitions; prints wall time (median and best),
+After a warm-up query each, a few timed repetitions, alternating between the two (so that
+both see the same load when the machine is shared); prints wall time (median and best),
 bytes sent per party (protocol payload as counted by the parties: no gRPC, HTTP/2 or TLS
 framing), rounds, the ratio gRPC / in-process, and the cosine of each result with the
 plaintext model. Writes JSON (default benchmarks/results/grpc_vs_inprocess.json).
@@ -50,57 +51,88 @@ def summary(seconds: list[float], sent: list[int], rounds: int, cos: float, **ex
             "bytes_per_party": sent, "rounds": rounds, "cosine_vs_plaintext": cos, **extra}
 
 
-def bench_inprocess(model: torch.nn.Module, inputs: dict[str, torch.Tensor], recipe: str, reps: int,
-                    plain: torch.Tensor) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    graph, weights = capture(model, inputs)
-    secure_graph = rewrite(graph, RECIPES[recipe])
-    cluster = LocalCluster(profile=False)
-    weight_shares = deal_weights(weights, cluster.fp)
-    setup_s = time.perf_counter() - t0
-    seconds: list[float] = []
-    sent: list[int] = []
-    rounds = 0
-    out = None
-    for rep in range(reps + 1):  # rep 0 is the warm-up
-        client = deal_inputs(secure_graph, inputs, cluster.fp)  # the client shares afresh every query
-        bytes0, rounds0 = cluster.bytes_sent(), cluster.rounds
+class InProcess:
+    """The in-process engine, set up once; ``run`` is one query."""
+
+    def __init__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], recipe: str) -> None:
+        t0 = time.perf_counter()
+        graph, weights = capture(model, inputs)
+        self.graph = rewrite(graph, RECIPES[recipe])
+        self.inputs = inputs
+        self.cluster = LocalCluster(profile=False)
+        self.weight_shares = deal_weights(weights, self.cluster.fp)
+        self.setup_s = time.perf_counter() - t0
+        self.seconds: list[float] = []
+        self.sent: list[int] = []
+        self.rounds = 0
+        self.upload = 0
+        self.out: torch.Tensor | None = None
+
+    def run(self, timed: bool) -> float:
+        client = deal_inputs(self.graph, self.inputs, self.cluster.fp)  # the client shares afresh every query
+        bytes0, rounds0 = self.cluster.bytes_sent(), self.cluster.rounds
         t = time.perf_counter()
-        (out,), _ = run_mpc(cluster, secure_graph, weight_shares, client)
+        (self.out,), _ = run_mpc(self.cluster, self.graph, self.weight_shares, client)
         elapsed = time.perf_counter() - t
-        if rep:
-            seconds.append(elapsed)
-        sent = [b - b0 for b, b0 in zip(cluster.bytes_sent(), bytes0)]
-        rounds = cluster.rounds - rounds0
-        print(f"  in-process {'warm-up' if rep == 0 else f'rep {rep}'}: {elapsed:.2f} s", flush=True)
-    assert out is not None
-    return summary(seconds, sent, rounds, cosine(out, plain), setup_s=setup_s,
-                   upload_bytes_per_party=client.upload_bytes)
+        if timed:
+            self.seconds.append(elapsed)
+        self.sent = [b - b0 for b, b0 in zip(self.cluster.bytes_sent(), bytes0)]
+        self.rounds = self.cluster.rounds - rounds0
+        self.upload = client.upload_bytes
+        return elapsed
+
+    def summary(self, plain: torch.Tensor) -> dict[str, Any]:
+        assert self.out is not None
+        return summary(self.seconds, self.sent, self.rounds, cosine(self.out, plain), setup_s=self.setup_s,
+                       upload_bytes_per_party=self.upload)
 
 
-def bench_grpc(workdir: Path, inputs: dict[str, torch.Tensor], recipe: str, reps: int, seq: int,
-               plain: torch.Tensor) -> dict[str, Any]:
+class Grpc:
+    """A client of the three party nodes (started by the caller); ``run`` is one query."""
+
+    def __init__(self, client: Any, inputs: dict[str, torch.Tensor], setup_s: float) -> None:
+        self.client = client
+        self.inputs = inputs
+        self.setup_s = setup_s
+        self.seconds: list[float] = []
+        self.party_seconds: list[list[float]] = []
+        self.result: Any = None
+
+    def run(self, timed: bool) -> float:
+        t = time.perf_counter()
+        self.result = self.client.query(self.inputs)
+        elapsed = time.perf_counter() - t
+        if timed:
+            self.seconds.append(elapsed)
+            self.party_seconds.append(self.result.party_seconds)
+        return elapsed
+
+    def summary(self, plain: torch.Tensor) -> dict[str, Any]:
+        r = self.result
+        assert r is not None
+        return summary(self.seconds, r.bytes_sent, r.rounds, cosine(r.embedding, plain), setup_s=self.setup_s,
+                       party_seconds=self.party_seconds, upload_bytes_per_party=r.upload_bytes, tls=True)
+
+
+def bench(model: torch.nn.Module, workdir: Path, inputs: dict[str, torch.Tensor], recipe: str, reps: int,
+          seq: int, plain: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One warm-up each, then ``reps`` timed queries on each engine, alternating, so that both
+    see the same load on a shared machine."""
+    local = InProcess(model, inputs, recipe)
     t0 = time.perf_counter()
     with LocalNodes(workdir, recipe=recipe, seq_lens=(seq,), tls=True, deadline_s=60.0, progress=False) as nodes:
         setup_s = time.perf_counter() - t0
         with nodes.client(timeout_s=600) as client:
             client.describe()  # channels up, TLS handshakes done
-            seconds: list[float] = []
-            party_seconds: list[list[float]] = []
-            result = None
-            for rep in range(reps + 1):
-                t = time.perf_counter()
-                result = client.query(inputs)
-                elapsed = time.perf_counter() - t
-                if rep:
-                    seconds.append(elapsed)
-                    party_seconds.append(result.party_seconds)
-                print(f"  gRPC {'warm-up' if rep == 0 else f'rep {rep}'}: {elapsed:.2f} s "
-                      f"(parties {[round(s, 2) for s in result.party_seconds]} s)", flush=True)
-    assert result is not None
-    return summary(seconds, result.bytes_sent, result.rounds, cosine(result.embedding, plain),
-                   setup_s=setup_s, party_seconds=party_seconds, upload_bytes_per_party=result.upload_bytes,
-                   tls=True)
+            remote = Grpc(client, inputs, setup_s)
+            for rep in range(reps + 1):  # rep 0 is the warm-up
+                label = "warm-up" if rep == 0 else f"rep {rep}"
+                t_local = local.run(timed=rep > 0)
+                t_remote = remote.run(timed=rep > 0)
+                print(f"  {label}: in-process {t_local:.2f} s, gRPC {t_remote:.2f} s (parties "
+                      f"{[round(s, 2) for s in remote.result.party_seconds]} s), load average "
+                      f"{os.getloadavg()[0]:.1f}", flush=True)
+    return local.summary(plain), remote.summary(plain)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,10 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"all-MiniLM-L6-v2, recipe {args.recipe!r}, padded length {args.seq}, {args.reps} reps after a warm-up; "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
-    print("in-process engine (three parties as threads, in-process queues):", flush=True)
-    local = bench_inprocess(model, inputs, args.recipe, args.reps, plain)
-    print("gRPC nodes (three processes on loopback, TLS):", flush=True)
-    remote = bench_grpc(args.workdir, inputs, args.recipe, args.reps, args.seq, plain)
+    print("in-process engine (three parties as threads, in-process queues) and gRPC nodes (three processes on "
+          "loopback, TLS), one query each in turn:", flush=True)
+    local, remote = bench(model, args.workdir, inputs, args.recipe, args.reps, args.seq, plain)
 
     ratio = remote["median_s"] / local["median_s"]
     # the nodes agree on fresh PRF keys for every query (one round, a 16-byte key per party);
@@ -140,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         mb = "[" + ", ".join(f"{b / 1e6:.2f}" for b in r["bytes_per_party"]) + "]"
         print(f"{name:<12}{r['median_s']:10.2f}{r['best_s']:9.2f}{r['rounds']:8d}  {mb:<26}"
               f"{r['cosine_vs_plaintext']:10.6f}")
+    pairs = [g / i for g, i in zip(remote["seconds"], local["seconds"])]
     print(f"ratio gRPC / in-process (median wall time): {ratio:.2f}x; best: "
-          f"{remote['best_s'] / local['best_s']:.2f}x")
+          f"{remote['best_s'] / local['best_s']:.2f}x; median of the per-repetition ratios: "
+          f"{statistics.median(pairs):.2f}x")
+    per_round_ms = (remote["median_s"] - local["median_s"]) / remote["rounds"] * 1e3
+    print(f"gRPC overhead per round (median difference / rounds): {per_round_ms:.2f} ms")
     print(f"gRPC - in-process: {extra_bytes} bytes per party, {extra_rounds} round(s) (per-query PRF key set-up)")
 
     payload = {
@@ -150,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_start": os.getloadavg()[0],
         "bytes_note": "protocol payload counted by the parties; excludes gRPC/HTTP2/TLS framing",
         "inprocess": local, "grpc": remote, "ratio_grpc_over_inprocess_median": ratio,
-        "ratio_grpc_over_inprocess_best": remote["best_s"] / local["best_s"], "extra_bytes_per_party_grpc": extra_bytes,
+        "ratio_grpc_over_inprocess_best": remote["best_s"] / local["best_s"],
+        "ratio_grpc_over_inprocess_pairs": pairs, "overhead_ms_per_round": per_round_ms,
+        "extra_bytes_per_party_grpc": extra_bytes,
         "extra_rounds_grpc": extra_rounds,
         "extra_note": "the nodes agree on fresh PRF keys per query (1 round, 16 bytes per party); the in-process "
                       "cluster once at construction",
