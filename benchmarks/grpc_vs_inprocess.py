@@ -16,7 +16,10 @@ plaintext model. Writes JSON (default benchmarks/results/grpc_vs_inprocess.json)
     python benchmarks/grpc_vs_inprocess.py [--reps 3] [--workdir /tmp/grpc_vs_inprocess]
 
 Dealing the model for the nodes takes about half a minute the first time; the dealt
-shares in the work directory are reused by later runs.
+shares in the work directory are reused by later runs. Both sides run with the same
+allocator setting (``party.node.tune_malloc``, which the nodes apply at start-up), so
+the ratio measures the transport, not glibc; ``--default-malloc`` leaves this process's
+allocator alone.
 """
 
 from __future__ import annotations
@@ -145,8 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of this process (each party node process uses 1)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/grpc_vs_inprocess.json"))
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="do not give the in-process engine the nodes' allocator setting")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        from party.node import tune_malloc
+
+        tune_malloc()
 
     encoder, tokenizer = load_minilm()
     model = SentenceEncoder(encoder).eval()
