@@ -390,7 +390,7 @@ def test_rms_norm(newton: int, bound: float) -> None:
 # The forms only touch the interface; their call structure (rounds under MPC)
 # ---------------------------------------------------------------------------------------
 
-PRODUCTS = ("mul", "mul_many")
+PRODUCTS = ("mul", "mul_many", "sum_of_products")
 
 
 class RecordingOps:
@@ -461,9 +461,10 @@ class OpaqueOps:
     def sum(self, x: Box, dim: int, keepdim: bool = False) -> Box:
         return Box(x.v.sum(dim=dim, keepdim=keepdim))
 
-    def dot_public(self, terms: Sequence[Box], coeffs: Sequence[float], bias: float = 0.0) -> Box:
+    def dot_public(self, terms: Sequence[Box], coeffs: Sequence[float], bias: float = 0.0,
+                   truncate: bool = True) -> Box:
         assert all(isinstance(c, float | int) for c in coeffs) and isinstance(bias, float | int)
-        return Box(self.f.dot_public([t.v for t in terms], coeffs, bias))
+        return Box(self.f.dot_public([t.v for t in terms], coeffs, bias, truncate))
 
     def mul(self, x: Box, y: Box) -> Box:
         return Box(x.v * y.v)
@@ -473,6 +474,9 @@ class OpaqueOps:
 
     def matmul(self, x: Box, y: Box) -> Box:
         return Box(x.v @ y.v)
+
+    def sum_of_products(self, pairs: Sequence[tuple[Box, Box]]) -> Box:
+        return Box(sum(x.v * y.v for x, y in pairs))
 
     def less_than_public(self, x: Box, thresholds: Sequence[float]) -> list[Box]:
         return [Box(b) for b in self.f.less_than_public(x.v, thresholds)]
@@ -543,7 +547,8 @@ def test_call_structure_gelu_silu() -> None:
     for form in (puma_gelu, puma_silu):
         rec = _record(form, z)
         assert rec.calls["less_than_public"] == 1 and rec.thresholds == [3]
-        assert rec.products <= 4 and rec.calls["mul_many"] == 2
+        # powers: mul, mul_many, mul; the tail: one sum_of_products (one reshare under MPC)
+        assert rec.products <= 4 and rec.calls["mul_many"] == 1 and rec.calls["sum_of_products"] == 1
         assert rec.calls["dot_public"] == 2
         assert rec.calls["max"] == rec.calls["frexp"] == rec.calls["less_than"] == 0
 

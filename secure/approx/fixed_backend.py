@@ -268,10 +268,11 @@ class FixedPointOps:
     def sum(self, x: Fixed, dim: int, keepdim: bool = False) -> Fixed:
         return Fixed(x.ring.sum(dim=dim, keepdim=keepdim), x.frac_bits)
 
-    def dot_public(self, terms: Sequence[Fixed], coeffs: Sequence[float], bias: float = 0.0
-                   ) -> Fixed:
+    def dot_public(self, terms: Sequence[Fixed], coeffs: Sequence[float], bias: float = 0.0,
+                   truncate: bool = True) -> Fixed:
         """bias + sum_k coeffs[k] * terms[k], accumulated at 2f + k, one truncation to f
-        (k extra coefficient bits when all coefficients are small, as MpcOps)."""
+        (k extra coefficient bits when all coefficients are small, as MpcOps); left at
+        2f + k with ``truncate=False``."""
         f = self.frac_bits
         k = self.fp.dot_public_extra_bits(len(terms), coeffs, bias)
         scale = 2 * f + k
@@ -283,7 +284,7 @@ class FixedPointOps:
             acc = term if acc is None else acc + term
         assert acc is not None
         acc = acc + self._const(bias, scale, acc.device)
-        return self._to_scale(Fixed(acc, scale))
+        return self._to_scale(Fixed(acc, scale)) if truncate else Fixed(acc, scale)
 
     # ---- products -------------------------------------------------------------------------
     def mul(self, x: Fixed, y: Fixed) -> Fixed:
@@ -292,6 +293,16 @@ class FixedPointOps:
 
     def mul_many(self, pairs: Sequence[tuple[Fixed, Fixed]]) -> list[Fixed]:
         return [self.mul(x, y) for x, y in pairs]
+
+    def sum_of_products(self, pairs: Sequence[tuple[Fixed, Fixed]]) -> Fixed:
+        """sum_j x_j * y_j: ring products brought to the largest scale, one truncation (as MpcOps)."""
+        scales = [x.frac_bits + y.frac_bits for x, y in pairs]
+        top = max(scales)
+        acc = None
+        for (x, y), sc in zip(pairs, scales):
+            term = (x.ring * y.ring) << (top - sc)
+            acc = term if acc is None else acc + term
+        return self._to_scale(Fixed(acc, top))
 
     def matmul(self, x: Fixed, y: Fixed) -> Fixed:
         """x @ y exactly in the ring (``ring_matmul``), then truncated to f."""

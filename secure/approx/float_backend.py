@@ -49,7 +49,8 @@ class FloatOps:
         return x.sum(dim=dim, keepdim=keepdim)
 
     def dot_public(
-        self, terms: Sequence[torch.Tensor], coeffs: Sequence[float], bias: float = 0.0
+        self, terms: Sequence[torch.Tensor], coeffs: Sequence[float], bias: float = 0.0,
+        truncate: bool = True,
     ) -> torch.Tensor:
         if len(terms) != len(coeffs):
             raise ValueError(f"dot_public: {len(terms)} terms but {len(coeffs)} coefficients")
@@ -66,6 +67,12 @@ class FloatOps:
 
     def matmul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x @ y
+
+    def sum_of_products(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        out = pairs[0][0] * pairs[0][1]
+        for x, y in pairs[1:]:
+            out = out + x * y
+        return out
 
     def less_than_public(self, x: torch.Tensor, thresholds: Sequence[float]) -> list[torch.Tensor]:
         return [(x < c).to(x.dtype) for c in thresholds]

@@ -74,8 +74,12 @@ class SecureOps(Protocol[T]):
         """Sum over one dimension."""
         ...
 
-    def dot_public(self, terms: Sequence[T], coeffs: Sequence[float], bias: float = 0.0) -> T:
-        """bias + sum_k coeffs[k] * terms[k] (one truncation for the whole sum under MPC)."""
+    def dot_public(self, terms: Sequence[T], coeffs: Sequence[float], bias: float = 0.0,
+                   truncate: bool = True) -> T:
+        """bias + sum_k coeffs[k] * terms[k] (one truncation for the whole sum under MPC).
+
+        ``truncate=False`` leaves a fixed-point result at its higher scale (2f + k), for a
+        :meth:`sum_of_products` that truncates once; float and CKKS backends ignore it."""
         ...
 
     # ---- products -------------------------------------------------------------------
@@ -89,6 +93,11 @@ class SecureOps(Protocol[T]):
 
     def matmul(self, x: T, y: T) -> T:
         """Batched matrix product x @ y."""
+        ...
+
+    def sum_of_products(self, pairs: Sequence[tuple[T, T]]) -> T:
+        """sum_j x_j * y_j (broadcasting) in one pass: under MPC the local products are
+        summed before the one reshare, with one (fused) truncation for the whole sum."""
         ...
 
     # ---- comparisons ----------------------------------------------------------------

@@ -233,7 +233,8 @@ class HeOps:
         self._ensure_levels([x])
         return Cipher([self.engine.mul_plain(ct, v) for ct, v in zip(x.cts, vecs)], x.index, x.period, True)
 
-    def dot_public(self, terms: Sequence[Value], coeffs: Sequence[float], bias: float = 0.0) -> Value:
+    def dot_public(self, terms: Sequence[Value], coeffs: Sequence[float], bias: float = 0.0,
+                   truncate: bool = True) -> Value:
         if len(terms) != len(coeffs):
             raise ValueError(f"dot_public: {len(terms)} terms but {len(coeffs)} coefficients")
         self._ensure_levels([t for t, c in zip(terms, coeffs) if c not in (0.0, 1.0, -1.0)])  # one trip
@@ -249,6 +250,13 @@ class HeOps:
 
     def mul(self, x: Value, y: Value) -> Value:
         return self._binary(x, y, "mul")
+
+    def sum_of_products(self, pairs: Sequence[tuple[Value, Value]]) -> Value:
+        prods = self.mul_many(pairs)
+        out = prods[0]
+        for p in prods[1:]:
+            out = self.add(out, p)
+        return out
 
     def mul_many(self, pairs: Sequence[tuple[Value, Value]]) -> list[Value]:
         self._ensure_levels([v for pair in pairs for v in pair])  # every tired operand in one client trip

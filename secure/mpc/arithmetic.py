@@ -312,6 +312,30 @@ def mul_trunc_many(party: Party, pairs: Sequence[tuple[AShare, AShare]], matmul:
     return [o for o in out if o is not None]
 
 
+@protocol("sum_of_products")
+def sum_of_products(party: Party, pairs: Sequence[tuple[AShare, AShare]]) -> AShare:
+    """[sum_j x_j * y_j] (broadcasting): the 3-out-of-3 local products, each brought to the
+    largest product scale S by a public shift, are summed locally, so the whole sum costs
+    what one product does: one reshare (S <= f), or the exact truncation fused into it
+    (two rounds, the dealt masks once for the sum instead of once per product).
+    The value at scale S must stay below 2^62 in magnitude (exact truncation's range)."""
+    if not pairs:
+        raise ValueError("sum_of_products needs at least one pair")
+    scales = [x.frac_bits + y.frac_bits for x, y in pairs]
+    top = max(scales)
+    total: torch.Tensor | None = None
+    for (x, y), sc in zip(pairs, scales):
+        part = local_product(party, x, y) << (top - sc)
+        total = part if total is None else total + part
+    assert total is not None
+    f = party.fp.frac_bits
+    if top > f and party.fp.truncation == "exact":
+        like = [AShare(total, total, party.id, top)]
+        return _exact_truncation(party, [total], like, [top - f], from_products=True)[0]
+    got = reshare(party, [total])[0]
+    return to_scale(party, [AShare(total, got, party.id, top)])[0]
+
+
 def mul_many(party: Party, pairs: Sequence[tuple[AShare, AShare]]) -> list[AShare]:
     """Fixed-point [x*y] for each pair. With exact truncation (the default) the product and
     its truncation take two rounds together; with probabilistic truncation one

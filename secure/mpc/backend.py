@@ -80,8 +80,8 @@ class MpcOps:
     def sum(self, x: AShare, dim: int, keepdim: bool = False) -> AShare:
         return sh.sum_share(x, dim, keepdim)
 
-    def dot_public(self, terms: Sequence[AShare], coeffs: Sequence[float], bias: float = 0.0
-                   ) -> AShare:
+    def dot_public(self, terms: Sequence[AShare], coeffs: Sequence[float], bias: float = 0.0,
+                   truncate: bool = True) -> AShare:
         f = self.frac_bits
         k = self.party.fp.dot_public_extra_bits(len(terms), coeffs, bias)
         scale = 2 * f + k
@@ -94,7 +94,7 @@ class MpcOps:
             acc = term if acc is None else sh.add(acc, term)
         assert acc is not None
         acc = sh.add_ring_public(acc, self._encode(bias, scale), self.party.id)
-        return ar.to_scale(self.party, [acc])[0]
+        return ar.to_scale(self.party, [acc])[0] if truncate else acc
 
     def mul(self, x: AShare, y: AShare) -> AShare:
         return ar.mul(self.party, x, y)
@@ -104,6 +104,9 @@ class MpcOps:
 
     def matmul(self, x: AShare, y: AShare) -> AShare:
         return ar.matmul(self.party, x, y)
+
+    def sum_of_products(self, pairs: Sequence[tuple[AShare, AShare]]) -> AShare:
+        return ar.sum_of_products(self.party, pairs)
 
     def less_than_public(self, x: AShare, thresholds: Sequence[float]) -> list[AShare]:
         return cmp.less_than_public(self.party, x, thresholds)
