@@ -62,6 +62,35 @@ def test_mul_matches_plaintext(runner, x, data):
     assert torch.all((out - x * y).abs() <= tol + 1e-9)
 
 
+@given(tensors(st.sampled_from([(1,), (6,), (2, 5)]), -100, 100), st.data())
+def test_sum_of_products_of_bits_and_values_matches_plaintext(runner, x, data):
+    """Bits times values at mixed scales (f and 2f), summed: one reshare, one fused truncation."""
+    y = data.draw(tensors(st.just(tuple(x.shape)), -100, 100))
+    bits = data.draw(tensors(st.just(tuple(x.shape)), 0, 1)).round()
+    X, Y, B = runner.share(x), runner.share(y), runner.share(bits, integral=True)
+
+    def program(p, a, b, c):
+        y2 = ar.mul_many_exact(p, [(b, b)])[0]  # y^2 at scale 2f, untruncated
+        return ar.sum_of_products(p, [(c, a), (c, y2), (a, b)])
+
+    out = runner.run(program, X, Y, B)
+    want = bits * x + bits * y * y + x * y
+    tol = (x.abs() + y.abs() * (1 + 2 * y.abs()) + 1) * ULP * 2
+    assert torch.all((out - want).abs() <= tol + 1e-9)
+
+
+def test_sum_of_products_costs_what_one_product_costs(runner):
+    x = torch.randn(64, dtype=torch.float64)
+    X, B = runner.share(x), runner.share((x > 0).double(), integral=True)
+    r0, b0 = runner.cluster.rounds, sum(runner.cluster.bytes_sent())
+    runner.run(lambda p, a, b: ar.sum_of_products(p, [(b, a), (a, a), (b, a)]), X, B)
+    r1, b1 = runner.cluster.rounds, sum(runner.cluster.bytes_sent())
+    runner.run(lambda p, a: ar.mul(p, a, a), X)
+    r2, b2 = runner.cluster.rounds, sum(runner.cluster.bytes_sent())
+    assert r1 - r0 == r2 - r1  # the open after each program included in both
+    assert b1 - b0 == b2 - b1
+
+
 def test_mul_broadcasts_and_handles_large_magnitudes(runner):
     x = torch.tensor([[1e4], [-1e4], [3.5]], dtype=torch.float64)
     y = torch.tensor([[2.0, -1e3, 1e-3]], dtype=torch.float64)
