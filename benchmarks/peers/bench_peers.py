@@ -11,9 +11,11 @@ ours again) so a load change on the machine hits all three alike.
   ``secure.graph.capture.capture`` (hidden states secret, additive mask public), rewritten
   with PUMA's forms (``RECIPES["puma"]``), weights and input dealt, run with ``run_mpc`` on a
   ``LocalCluster(profile=False)``; wall time of ``run_mpc`` after one warm-up run, bytes sent
-  by party 0 and rounds (deltas of ``cluster.bytes_sent()`` / ``cluster.rounds``).
+  per party (mean over the three parties: their roles rotate, so party 0's share moves) and
+  rounds (deltas of ``cluster.bytes_sent()`` / ``cluster.rounds``).
 * SPU 0.9.5 (``spu_runner.py`` in the SPU venv): simulator, ABY3, FM64, f = 18, PUMA's
-  GeLU/softmax in jax; bytes sent by party 0 from rank 0's "Link details" log line.
+  GeLU/softmax in jax; bytes sent by party 0 from rank 0's "Link details" log line, averaged
+  over its calls (warm-up included: the same program; it varies by about +-5% per call).
 * CrypTen 0.4.1 (``crypten_runner.py`` in the CrypTen venv): three processes, CrypTen's
   softmax, PUMA GeLU in crypten ops; bytes as CrypTen counts them (sent + received).
 
@@ -204,8 +206,9 @@ def peer_bytes(name: str, r: dict[str, Any]) -> tuple[float | None, float | None
     """(bytes as the peer reports them, estimate of bytes SENT by party 0)."""
     if not r or not r.get("ok"):
         return None, None
-    if name == "spu":
-        b = r.get("bytes_sent_p0")
+    if name == "spu":  # party 0's bytes vary from call to call (+-5% measured): the mean of its calls
+        per_call = [c["bytes_sent_p0"] for c in r.get("calls", []) if c.get("bytes_sent_p0") is not None]
+        b = sum(per_call) / len(per_call) if per_call else r.get("bytes_sent_p0")
         return b, b
     b = r.get("bytes_p0")  # CrypTen counts sent + received; symmetric protocol: sent ~ half
     return b, (b / 2 if b is not None else None)
@@ -305,16 +308,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         c_rep, c_sent = peer_bytes("crypten", c)
         s_t = s.get("seconds") if s.get("ok") else None
         c_t = c.get("seconds") if c.get("ok") else None
+        # our parties take turns in each protocol's roles (by round number), so party 0's share
+        # moves between runs; the mean per party over the timed runs is the stable figure
+        per_party = [b for run in row["ours_runs"] for b in run.get("bytes_sent_per_party", [])]
+        o_mean = sum(per_party) / len(per_party) if per_party else o["bytes_sent_p0"]
         summary.append({
             "shape": row["label"], "ours_s": o["seconds"], "spu_s": s_t, "crypten_s": c_t,
             "ours_over_spu_time": _ratio(o["seconds"], s_t),
             "ours_over_crypten_time": _ratio(o["seconds"], c_t),
             "ours_MB_sent_p0": o["bytes_sent_p0"] / 1e6,
+            "ours_MB_sent_mean_per_party": o_mean / 1e6,
             "spu_MB_sent_p0": s_sent and s_sent / 1e6,
             "crypten_MB_p0_crypten_count": c_rep and c_rep / 1e6,
             "crypten_MB_sent_p0_estimate": c_sent and c_sent / 1e6,
-            "ours_over_spu_bytes": _ratio(o["bytes_sent_p0"], s_sent),
-            "ours_over_crypten_bytes_vs_sent_estimate": _ratio(o["bytes_sent_p0"], c_sent),
+            "ours_over_spu_bytes": _ratio(o_mean, s_sent),
+            "ours_over_crypten_bytes_vs_sent_estimate": _ratio(o_mean, c_sent),
             "ours_rounds": o["rounds"], "spu_send_actions_p0": s.get("send_actions_p0"),
             "crypten_comm_calls_p0": c.get("rounds_p0"),
             "max_abs_error": {"ours": o["max_abs_error"], "spu": s.get("max_abs_error"),
@@ -326,8 +334,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "loadavg_start_end": [_loadavg_at_start, _loadavg()]},
         "note": "ours and each peer measured in the same run, interleaved per shape (ours, peers, ours "
                 "again; ours = the faster of its two timed runs). Times: wall seconds per call after "
-                "one warm-up. Bytes: ours and SPU = sent by party 0; CrypTen's own counter counts "
-                "sent + received per party, so its ratio uses half of it as the sent estimate.",
+                "one warm-up. Bytes: ours = sent per party, mean over the parties and the timed runs (our "
+                "roles rotate, so party 0's share moves by +-3% between runs); SPU = sent by party 0, mean "
+                "over its calls (it varies by +-5% from call to call); CrypTen's own counter counts sent + "
+                "received per party, so its ratio uses half of it as the sent estimate.",
         "wall_seconds_total": time.perf_counter() - start,
         "summary": summary, "notes": notes, "rows": rows,
     }
@@ -356,11 +366,12 @@ def print_table(result: dict[str, Any]) -> None:
         errs = "/".join(_fmt(v, ".1e") for v in (e["ours"], e["spu"], e["crypten"]))
         print(f"{s['shape']:<22} {s['ours_s']:7.2f} {_fmt(s['spu_s'], '7.2f')} {_fmt(s['crypten_s'], '9.2f')} "
               f"{_fmt(s['ours_over_spu_time'], '8.3f')} {_fmt(s['ours_over_crypten_time'], '8.3f')} "
-              f"{s['ours_MB_sent_p0']:8.1f} {_fmt(s['spu_MB_sent_p0'], '8.1f')} "
+              f"{s['ours_MB_sent_mean_per_party']:8.1f} {_fmt(s['spu_MB_sent_p0'], '8.1f')} "
               f"{_fmt(s['crypten_MB_p0_crypten_count'], '8.1f')} {_fmt(s['ours_over_spu_bytes'], '8.3f')} "
               f"{_fmt(s['ours_over_crypten_bytes_vs_sent_estimate'], '8.3f')} {rounds:>17}  {errs}")
-    print("MB: sent by party 0 (ours, SPU). CrT MB*: CrypTen's own count for party 0 (sent + received);"
-          " o/CrT B* compares with half of it (sent estimate).\nrounds: ours = communication rounds;"
+    print("MB: ours = sent per party (mean over parties and runs); SPU = sent by party 0 (mean over its calls)."
+          " CrT MB*: CrypTen's own count for party 0 (sent + received); o/CrT B* compares with half of it."
+          "\nrounds: ours = communication rounds;"
           " SPU = messages sent by party 0 ('send actions'); CrypTen = its communication calls.")
     for n in result["notes"]:
         print(f"note: {n}")
