@@ -34,8 +34,9 @@ class HeRun:
     forms: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-class CountingLink:
-    """In-process refresh link: hands the bytes to the client and counts them."""
+class InProcessLink:
+    """In-process refresh link: the server's serialised ciphertexts go to the client object
+    as bytes (HeOps counts them), exactly what the gRPC stream would carry."""
 
     def __init__(self, client: HeClient) -> None:
         self.client = client
@@ -58,7 +59,7 @@ def run_he(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, tor
     public = client.public_context()
     seconds["keygen"] = time.perf_counter() - t
     engine = server_engine(public)
-    ops = HeOps(engine, CountingLink(client), allow_refresh=allow_refresh, on_event=on_event)
+    ops = HeOps(engine, InProcessLink(client), allow_refresh=allow_refresh, on_event=on_event)
     t = time.perf_counter()
     upload = 0
     prepared: dict[str, Any] = {}
