@@ -44,18 +44,20 @@ def query(model: HeModel, seed: int = 11) -> dict[str, torch.Tensor]:
     return model.client_inputs(enc["input_ids"], enc["attention_mask"])
 
 
-def original_cosine(model: HeModel, inputs: dict[str, torch.Tensor], embedding: torch.Tensor) -> float | None:
-    """Cosine of an embedding against the original all-MiniLM-L6-v2 (distilled models only)."""
+def original_embedding(model: HeModel) -> torch.Tensor | None:
+    """The original all-MiniLM-L6-v2's embedding of the query (distilled models only)."""
     if model.name.startswith("tiny"):
         return None
     from secure.models import SentenceEncoder, load_minilm
 
     encoder, tokenizer = load_minilm()
     enc = tokenizer([QUERY], padding="max_length", truncation=True, max_length=model.seq_len, return_tensors="pt")
-    ids = enc["input_ids"]
     with torch.no_grad():
-        plain = SentenceEncoder(encoder)(ids, enc["attention_mask"]).to(torch.float64)
-    return float(torch.nn.functional.cosine_similarity(plain.flatten(), embedding.flatten(), dim=0))
+        return SentenceEncoder(encoder)(enc["input_ids"], enc["attention_mask"]).to(torch.float64)
+
+
+def cosine(a: torch.Tensor | None, b: torch.Tensor) -> float | None:
+    return None if a is None else float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
 
 def one_length(model: HeModel, out: Path, mpc: bool) -> dict:
@@ -65,13 +67,14 @@ def one_length(model: HeModel, out: Path, mpc: bool) -> dict:
     run = run_he(model.graph, model.weights, inputs)
     he_wall = time.perf_counter() - t0
     got = run.outputs[0]
-    cos = float(torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0))
+    cos = cosine(ref, got)
+    original = original_embedding(model)
     result = {"model": model.name, "seq": model.seq_len, "he_wall_seconds": he_wall, "he_seconds": run.seconds,
               "max_abs_error": float((got - ref).abs().max()), "cosine": cos, "refreshes": run.refreshes,
               "plan": run.plan.to_dict(), "bytes": run.bytes, "server_ops": run.server_stats,
               "client_ops": run.client_stats, "forms": run.forms,
-              "cosine_vs_original_minilm": original_cosine(model, inputs, got),
-              "float_form_cosine_vs_original_minilm": original_cosine(model, inputs, ref)}
+              "cosine_vs_original_minilm": cosine(original, got),
+              "float_form_cosine_vs_original_minilm": cosine(original, ref)}
     spans = [(n, s, b, r) for n, _, s, b, r in run.spans]
     parts = aggregate(spans)
     table = breakdown_table(spans, "part (HE, server; rounds = client trips)")
@@ -93,8 +96,7 @@ def one_length(model: HeModel, out: Path, mpc: bool) -> dict:
         mpc_bytes = sum(b - b0 for b, b0 in zip(cluster.bytes_sent(), bytes0))
         he_bytes = sum(run.bytes.values())
         result["mpc"] = {"wall_seconds": mpc_wall, "bytes_all_parties": mpc_bytes, "rounds": cluster.rounds - rounds0,
-                         "cosine": float(torch.nn.functional.cosine_similarity(mpc_out.flatten(), ref.flatten(),
-                                                                              dim=0))}
+                         "cosine": cosine(ref, mpc_out)}
         result["he_over_mpc"] = {"time": he_wall / mpc_wall, "bytes": he_bytes / max(mpc_bytes, 1)}
         lines += ["", f"same graph on three parties in process: {mpc_wall:.2f} s, {mpc_bytes / 1e6:.1f} MB sent "
                       f"(all parties), {result['mpc']['rounds']} rounds; HE/MPC time {he_wall / mpc_wall:.2f}, "

@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import torch
 
-from client.sdk import QueryFailed
+from client.sdk import CHANNEL_OPTIONS, QueryFailed
 from protos import load
 from secure.he.client import HeClient
 from secure.he.params import CkksParams
@@ -31,7 +31,6 @@ from secure.transport.he_wire import BlobReader, blob_pieces
 from secure.transport.wire import TensorAssembler
 
 pb2, pb2_grpc = load()
-OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
 
 
 @dataclass
@@ -54,9 +53,9 @@ class HeSecureClient:
         self.token = token
         self.timeout_s = timeout_s
         if root_cert is None:
-            self.channel = grpc.insecure_channel(target, options=OPTIONS)
+            self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         else:
-            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_cert), options=OPTIONS)
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_cert), options=CHANNEL_OPTIONS)
         self.stub = pb2_grpc.HeInferenceStub(self.channel)
         self._tables: dict[str, torch.Tensor] = {}
 

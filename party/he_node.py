@@ -34,6 +34,7 @@ import grpc
 import numpy as np
 import torch
 
+from party.node import CHANNEL_OPTIONS
 from protos import load
 from secure.he.backend import HeOps
 from secure.he.breakdown import HeTracer
@@ -49,8 +50,6 @@ from secure.transport.wire import WireError, tensor_chunks
 pb2, pb2_grpc = load()
 log = logging.getLogger("party.he_node")
 
-OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20),
-           ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
 MAX_CONTEXT_BYTES = 1 << 30
 MAX_CIPHERTEXT_BYTES = 8 << 20
 _END = object()
@@ -117,7 +116,7 @@ class HeNode:
         if engine.ctx.params != the_plan.params:
             raise HeRejected(grpc.StatusCode.INVALID_ARGUMENT, f"the context's parameters {engine.ctx.params} "
                                                                f"differ from the plan's {the_plan.params}")
-        hidden = m.graph.inputs[[i.name for i in m.graph.inputs].index(m.embeds_input)].spec.shape
+        hidden = m.embeds_shape
         index, count = canonical(hidden, engine.slots)
         if int(start.input_ciphertexts) != count:
             raise HeRejected(grpc.StatusCode.INVALID_ARGUMENT,
@@ -154,7 +153,7 @@ class HeNode:
         log.info("HE query on %s (seq %d): %.2f s, %d client trips", m.name, m.seq_len, seconds, ops.refreshes)
 
     def start(self, port: int, cert: Path | None = None, key: Path | None = None) -> int:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=OPTIONS)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=CHANNEL_OPTIONS)
         pb2_grpc.add_HeInferenceServicer_to_server(_Servicer(self), server)
         if cert and key:
             creds = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])

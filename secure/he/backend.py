@@ -59,6 +59,13 @@ class RefreshLink(Protocol):
         ...
 
 
+def _refreshed(x: Cipher, target: torch.Tensor | None, cts: list[Any]) -> Cipher:
+    """The cipher a refresh returns: x's layout kept (target None) or the new one, clean."""
+    if target is None:
+        return Cipher(cts, x.index, x.period, x.clean)
+    return Cipher(cts, target, None, True)
+
+
 class HeOps:
     """SecureOps over CKKS ciphertexts (SealEngine) or level counters (GhostEngine).
 
@@ -439,8 +446,7 @@ class HeOps:
         """Refresh (one trip) every cipher in xs with a ciphertext at the floor level."""
         tired = [x for x in xs if isinstance(x, Cipher)
                  and any(self.engine.level(c) <= self.engine.floor for c in x.cts)]
-        seen: set[int] = set()
-        unique = [x for x in tired if not (id(x) in seen or seen.add(id(x)))]
+        unique = list({id(x): x for x in tired}.values())
         if unique:
             fresh = self.refresh(unique)
             for old, new in zip(unique, fresh):
@@ -480,8 +486,7 @@ class HeOps:
             out = []
             for x, target, count, _ in items:
                 cts = [self.engine.encrypt(None) for _ in range(count)]
-                out.append(Cipher(cts, x.index if target is None else target,
-                                  x.period if target is None else None, x.clean if target is None else True))
+                out.append(_refreshed(x, target, cts))
             return out
         if self.link is None:
             raise OutOfLevelsError("a refresh through the client is needed but no client link is set")
@@ -512,8 +517,7 @@ class HeOps:
                 moved = mask if gather is None else np.where(gather >= 0, mask[np.maximum(gather, 0)], 0.0)
                 moved = moved.reshape(count, self.slots)
                 cts = [self.engine.add_plain(self.engine.deserialize(b), -moved[i]) for i, b in enumerate(reply)]
-                out.append(Cipher(cts, x.index if target is None else target,
-                                  x.period if target is None else None, x.clean if target is None else True))
+                out.append(_refreshed(x, target, cts))
         return out
 
     # ---- no CKKS form -----------------------------------------------------------------

@@ -32,6 +32,11 @@ class HeModel:
     embeds_input: str
     seq_len: int
 
+    @property
+    def embeds_shape(self) -> list[int]:
+        """Shape of the client's embedded rows, (1, seq_len, hidden)."""
+        return next(i.spec.shape for i in self.graph.inputs if i.name == self.embeds_input)
+
     def client_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """The client's side of the lookup: rows of the table for its ids (plus the public mask)."""
         if tuple(input_ids.shape) != (1, self.seq_len):
