@@ -1,9 +1,13 @@
 """One secure query from the command line; prints the sentence embedding (L2-normalised,
 as sentence-transformers gives it) as JSON.
 
-    python -m client --config cluster.json --token-file TOKEN "sentence"            # MPC
-    python -m client --mode he --server 127.0.0.1:50070 --model DIR --seq 16 \
-        --token-file TOKEN "sentence"                                                # HE
+    echo "sentence" | python -m client --config cluster.json --token-file TOKENS.json    # MPC
+    python -m client --mode he --config he.json --token-file TOKEN --text-file Q.txt     # HE
+
+The query is read from standard input (``-`` or no text), from ``--text-file``, or from
+the command line; prefer the first two: a command line is visible to every user of the
+machine (``ps``). MPC mode's token file holds one token per party (JSON, see
+``party.config.load_client_tokens``).
 
 MPC mode secret-shares the query to the three party nodes of the cluster config. HE mode
 encrypts it under a fresh CKKS key for one HE node (``python -m party.he_node``) serving a
@@ -22,33 +26,38 @@ from pathlib import Path
 import torch
 
 from client.sdk import QueryFailed, SecureClient
-from party.config import ClusterConfig, ConfigError
+from party.config import ClusterConfig, ConfigError, HeNodeConfig, load_client_tokens
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("text")
+    ap.add_argument("text", nargs="?", default="-",
+                    help="the query; '-' or nothing reads standard input (recommended: argv is visible in ps)")
+    ap.add_argument("--text-file", type=Path, help="read the query from this file")
     ap.add_argument("--mode", choices=["mpc", "he"], default="mpc")
-    ap.add_argument("--config", type=Path, help="cluster config (MPC mode)")
-    ap.add_argument("--server", default="127.0.0.1:50070", help="HE node address (HE mode)")
+    ap.add_argument("--config", type=Path, required=True,
+                    help="cluster config (MPC mode) or HE node config (HE mode, party.he_config)")
     ap.add_argument("--model", default="tiny", help="model name on the HE node (HE mode)")
     ap.add_argument("--seq", type=int, default=16, help="padded length the HE node serves (HE mode)")
-    ap.add_argument("--root-cert", type=Path, help="CA certificate of the HE node's TLS (HE mode)")
     ap.add_argument("--token-file", type=Path, required=True)
     ap.add_argument("--timeout", type=float, default=None, help="seconds for the whole query")
+    ap.add_argument("--insecure", action="store_true", help="allow a configuration without TLS (local demos only)")
     args = ap.parse_args(argv)
+    try:
+        args.text = _query_text(args)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.mode == "he":
         return _he(args)
-    if args.config is None:
-        print("error: --config is required in MPC mode", file=sys.stderr)
-        return 2
     try:
         cfg = ClusterConfig.load(args.config)
-        token = args.token_file.read_text().strip()
+        tokens = load_client_tokens(args.token_file)
+        client = SecureClient(cfg, tokens, args.timeout, insecure=args.insecure)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with SecureClient(cfg, token, args.timeout) as client:
+    with client:
         try:
             result = client.embed(args.text)
         except QueryFailed as e:
@@ -60,19 +69,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _query_text(args: argparse.Namespace) -> str:
+    if args.text_file is not None:
+        text = args.text_file.read_text()
+    elif args.text == "-":
+        if sys.stdin.isatty():
+            print("query (end with Ctrl-D):", file=sys.stderr)
+        text = sys.stdin.read()
+    else:
+        text = args.text
+    text = text.strip()
+    if not text:
+        raise ValueError("the query is empty")
+    return text
+
+
 def _he(args: argparse.Namespace) -> int:
     from client.he import HeSecureClient
     from secure.models import load_minilm
 
     try:
         token = args.token_file.read_text().strip()
-        root = args.root_cert.read_bytes() if args.root_cert else None
-    except OSError as e:
+        client = HeSecureClient.from_config(HeNodeConfig.load(args.config), token, args.timeout, args.insecure)
+    except (ConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _, tokenizer = load_minilm(None if args.model == "tiny" else args.model)
     enc = tokenizer([args.text], padding="max_length", truncation=True, max_length=args.seq, return_tensors="pt")
-    with HeSecureClient(args.server, token, args.timeout, root) as client:
+    with client:
         ids = enc["input_ids"]
         if args.model == "tiny":
             ids = ids % client.table(args.model).shape[0]

@@ -1,6 +1,6 @@
 """Client SDK for HE queries: keys stay here, the server sees ciphertexts only.
 
-    with HeSecureClient("127.0.0.1:50070", token) as c:
+    with HeSecureClient.from_config(HeNodeConfig.load("he.json"), token) as c:
         result = c.query("tiny", input_ids, attention_mask)
 
 Steps: ask the server for the plan (CKKS parameters and rotation steps for this model
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from client.sdk import CHANNEL_OPTIONS, QueryFailed
+from party.config import TOKEN_METADATA_KEY, HeNodeConfig
 from protos import load
 from secure.he.client import HeClient
 from secure.he.params import CkksParams
@@ -46,18 +47,32 @@ class HeQueryResult:
 
 
 class HeSecureClient:
-    """One HE server; ``root_cert`` turns on TLS (the server's certificate authority)."""
+    """One HE server, over TLS with ``root_cert`` (the server's certificate authority),
+    expecting ``server_name`` in its certificate; plaintext only with ``insecure=True``.
+    The token travels in the call metadata."""
 
     def __init__(self, target: str, token: str, timeout_s: float | None = None,
-                 root_cert: bytes | None = None) -> None:
-        self.token = token
+                 root_cert: bytes | None = None, server_name: str = "he-node", insecure: bool = False) -> None:
+        self.metadata = ((TOKEN_METADATA_KEY, token),)
         self.timeout_s = timeout_s
         if root_cert is None:
+            if not insecure:
+                raise ValueError(f"no CA certificate for the HE node at {target}: refusing to send the query in "
+                                 "plaintext (give the configuration a tls section, or insecure=True for a local demo)")
             self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         else:
-            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_cert), options=CHANNEL_OPTIONS)
+            options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", server_name)]
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_cert), options=options)
         self.stub = pb2_grpc.HeInferenceStub(self.channel)
         self._tables: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def from_config(cfg: HeNodeConfig, token: str, timeout_s: float | None = None,
+                    insecure: bool = False) -> HeSecureClient:
+        """A client for the node that ``cfg`` describes."""
+        cfg.require_tls(insecure)
+        root = cfg.ca.read_bytes() if cfg.ca is not None else None
+        return HeSecureClient(cfg.address, token, timeout_s, root, cfg.server_name, insecure)
 
     def __enter__(self) -> HeSecureClient:
         return self
@@ -72,15 +87,15 @@ class HeSecureClient:
             raise QueryFailed(f"HE server: {e.details()}", e.code()) from e
 
     def plan(self, model: str, seq_len: int) -> Any:
-        return self._call(lambda: self.stub.Plan(pb2.HePlanRequest(client_token=self.token, model=model,
-                                                                   seq_len=seq_len), timeout=60))
+        return self._call(lambda: self.stub.Plan(pb2.HePlanRequest(model=model, seq_len=seq_len),
+                                                   metadata=self.metadata, timeout=60))
 
     def table(self, model: str) -> torch.Tensor:
         if model not in self._tables:
             def fetch() -> torch.Tensor:
                 asm = TensorAssembler(max_bytes=1 << 30)
                 t = None
-                for chunk in self.stub.Embedding(pb2.HeEmbeddingRequest(client_token=self.token, model=model),
+                for chunk in self.stub.Embedding(pb2.HeEmbeddingRequest(model=model), metadata=self.metadata,
                                                  timeout=120):
                     t = asm.add(chunk)
                 if t is None:
@@ -113,7 +128,7 @@ class HeSecureClient:
             requests.put(msg)
 
         send(pb2.HeClientMessage(start=pb2.HeStart(
-            client_token=self.token, model=model, seq_len=seq, input_ciphertexts=len(blobs),
+            model=model, seq_len=seq, input_ciphertexts=len(blobs),
             attention_mask=attention_mask.to(torch.int64).numpy().astype("<i8").tobytes())))
         for piece in blob_pieces(pb2.HeBlob, "context", 0, 0, context):
             send(pb2.HeClientMessage(blob=piece))
@@ -128,7 +143,7 @@ class HeSecureClient:
                     return
                 yield msg
 
-        responses = self.stub.Query(request_stream(), timeout=self.timeout_s)
+        responses = self.stub.Query(request_stream(), metadata=self.metadata, timeout=self.timeout_s)
         down = [0]
 
         def counted() -> Iterator[Any]:

@@ -1,12 +1,19 @@
 """Client SDK: tokenize locally, secret-share the query, gather and open the answer.
 
-    client = SecureClient(ClusterConfig.load("cluster.json"), token="...")
+    client = SecureClient(ClusterConfig.load("cluster.json"), load_client_tokens("tokens.json"))
     result = client.embed("How private is this question?")
     result.embedding        # the sentence embedding, reconstructed by the client only
 
 Each party receives only its own pair of shares (for token ids: the PRG-compressed
 one-hot, so party 0 receives two 16-byte seeds) and returns its pair of the output
 shares; no party ever sees the text, the token ids or the answer.
+
+Before any share leaves, the client checks whom it talks to: it dials party N expecting
+the certificate name ``partyN`` (so a node at the wrong address fails the TLS handshake),
+then asks every node to describe itself and refuses unless each reports the party id it
+was dialled as, the configured model and the share-file digest the configuration pins.
+Each party gets its own token, in the call metadata. Without ``tls`` in the configuration
+the client refuses to connect unless it is made with ``insecure=True``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import Any
 import grpc
 import torch
 
-from party.config import ClusterConfig
+from party.config import TOKEN_METADATA_KEY, ClusterConfig, party_name
 from protos import load as load_protos
 from secure.mpc.embedding import SeededComponent, client_onehot_shares
 from secure.mpc.ring import FixedPoint
@@ -60,21 +67,30 @@ class QueryResult:
 class SecureClient:
     """Talks to the three parties of a cluster."""
 
-    def __init__(self, cfg: ClusterConfig, token: str, timeout_s: float | None = None) -> None:
+    def __init__(self, cfg: ClusterConfig, tokens: list[str], timeout_s: float | None = None,
+                 insecure: bool = False) -> None:
+        if isinstance(tokens, str) or len(tokens) != 3:
+            raise ValueError("a client needs one token per party (three), see party.config.load_client_tokens")
+        cfg.require_tls(insecure)
         self.cfg = cfg
-        self.token = token
+        self.tokens = list(tokens)
         self.timeout_s = timeout_s or cfg.deadline_s * 4
         self.fp = FixedPoint(cfg.frac_bits)
-        self._channels = [self._channel(cfg.party(i).client_address) for i in range(3)]
+        self._channels = [self._channel(i) for i in range(3)]
         self.stubs = [pb2_grpc.PartyStub(c) for c in self._channels]
-        self._info: Any = None
+        self._infos: list[Any] | None = None
         self._tokenizer: Any = None
 
-    def _channel(self, target: str) -> grpc.Channel:
+    def _channel(self, party: int) -> grpc.Channel:
+        target = self.cfg.party(party).client_address
         if self.cfg.ca is None:
             return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials(self.cfg.ca.read_bytes()),
-                                   options=CHANNEL_OPTIONS)
+        options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", party_name(party))]
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(self.cfg.ca.read_bytes()), options=options)
+
+    def metadata(self, party: int) -> tuple[tuple[str, str], ...]:
+        """The call metadata that authenticates this client to ``party``."""
+        return ((TOKEN_METADATA_KEY, self.tokens[party]),)
 
     def close(self) -> None:
         for c in self._channels:
@@ -97,12 +113,24 @@ class SecureClient:
         return out
 
     def describe(self) -> Any:
-        if self._info is None:
-            try:
-                self._info = self.stubs[0].Describe(pb2.DescribeRequest(client_token=self.token), timeout=10)
-            except grpc.RpcError as e:
-                raise QueryFailed(f"describe failed: {e.code().name}: {e.details()}", e.code()) from None
-        return self._info
+        """Party 0's description of the model, once every party has been verified."""
+        return self.verify_parties()[0]
+
+    def verify_parties(self) -> list[Any]:
+        """Each node's description, after checking that it is the party it was dialled as,
+        serves the configured model and holds the share file the configuration pins."""
+        if self._infos is None:
+            infos = []
+            for i, stub in enumerate(self.stubs):
+                try:
+                    info = stub.Describe(pb2.DescribeRequest(), metadata=self.metadata(i), timeout=10)
+                except grpc.RpcError as e:
+                    raise QueryFailed(f"describe failed on party {i}: {e.code().name}: {e.details()}",
+                                      e.code()) from None
+                _check_identity(self.cfg, i, info)
+                infos.append(info)
+            self._infos = infos
+        return self._infos
 
     # ---- high level: sentence embeddings ------------------------------------------------
     def tokenizer(self) -> Any:
@@ -134,8 +162,7 @@ class SecureClient:
                    ) -> tuple[list[list[Any]], list[int]]:
         info = self.describe()
         per_party: list[list[Any]] = [[pb2.QueryPart(header=pb2.QueryHeader(
-            query_id=query_id, model=self.cfg.model, client_token=self.token, seq_len=seq_len, want_trace=trace))]
-            for _ in range(3)]
+            query_id=query_id, model=self.cfg.model, seq_len=seq_len, want_trace=trace))] for _ in range(3)]
         upload = [0, 0, 0]
 
         def add(i: int, name: str, kind: str, part: int, t: torch.Tensor) -> None:
@@ -172,7 +199,8 @@ class SecureClient:
         parts, upload = self._parts_for(inputs, seq_len, query_id, trace)
         results: list[Any] = [None, None, None]
         errors: queue.Queue = queue.Queue()
-        calls = [self.stubs[i].Query(iter(parts[i]), timeout=self.timeout_s) for i in range(3)]
+        calls = [self.stubs[i].Query(iter(parts[i]), metadata=self.metadata(i), timeout=self.timeout_s)
+                 for i in range(3)]
         t0 = time.perf_counter()
 
         def call(i: int) -> None:
@@ -232,3 +260,18 @@ class SecureClient:
             raise QueryFailed("a party closed the stream without finishing")
         ordered = [outputs[k] for k in sorted(outputs)]
         return {"outputs": ordered, "frac_bits": [frac_bits[k] for k in sorted(outputs)], "done": done}
+
+
+def _check_identity(cfg: ClusterConfig, party: int, info: Any) -> None:
+    """Refuse a node that is not the party the configuration names at its address."""
+    where = cfg.party(party).client_address
+    if info.party_id != party:
+        raise QueryFailed(f"the node at {where} says it is party {info.party_id}, not party {party}: refusing to "
+                          f"send it party {party}'s shares")
+    if info.model != cfg.model:
+        raise QueryFailed(f"party {party} at {where} serves model {info.model!r}, the configuration says "
+                          f"{cfg.model!r}")
+    pinned = cfg.party(party).shares_sha256
+    if pinned and info.shares_sha256 != pinned:
+        raise QueryFailed(f"party {party} at {where} holds share file {info.shares_sha256[:16] or '(none)'}..., "
+                          f"the configuration pins {pinned[:16]}...: refusing to send it shares")

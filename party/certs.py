@@ -1,7 +1,8 @@
 """Development certificates: a cluster CA and one certificate per party.
 
 For local clusters and tests. Production clusters bring their own PKI; the nodes only
-need a CA file and each party's certificate and key (PEM).
+need a CA file and each party's certificate and key (PEM). Keys are written 0600 from
+their first byte into a 0700 folder (``party.private_files``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from party.private_files import make_private_dir, write_private
+
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "secure-inference"),
@@ -21,15 +24,17 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
+    """Certificates are public; keys are created 0600 from their first byte (``write_private``)."""
     if private:
-        path.chmod(0o600)
+        write_private(path, data)
+    else:
+        path.write_bytes(data)
 
 
 def make_ca(out: Path, name: str = "secure-inference cluster CA"
             ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A self-signed CA written to out/ca.pem and out/ca.key."""
-    out.mkdir(parents=True, exist_ok=True)
+    """A self-signed CA written to out/ca.pem and out/ca.key (the folder 0700, the key 0600)."""
+    make_private_dir(out)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
@@ -45,12 +50,16 @@ def make_ca(out: Path, name: str = "secure-inference cluster CA"
 
 def make_leaf(out: Path, stem: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
               hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> tuple[Path, Path]:
-    """A certificate for ``stem`` (client and server use) signed by the CA: out/stem.pem/.key."""
+    """A certificate for ``stem`` (client and server use) signed by the CA: out/stem.pem/.key.
+
+    Its subject's common name and its first DNS name are ``stem`` (``party1``): peers and
+    clients dial a party by that name, so a certificate of another party (same CA) fails
+    their handshake whatever address it answers on."""
     import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    names: list[x509.GeneralName] = []
+    names: list[x509.GeneralName] = [x509.DNSName(stem)]
     for h in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(h)))
@@ -62,6 +71,7 @@ def make_leaf(out: Path, stem: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert:
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .sign(ca_key, hashes.SHA256()))
+    make_private_dir(out)
     cert_path, key_path = out / f"{stem}.pem", out / f"{stem}.key"
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     _write(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

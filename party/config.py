@@ -6,32 +6,53 @@ One JSON file per cluster::
       "model": "minilm",
       "frac_bits": 18,
       "deadline_s": 60,
+      "receive_timeout_s": 60,                  // a client's upload, from its first byte
       "max_request_bytes": 268435456,
-      "client_token_sha256": ["<hex digest of each accepted client token>"],
-      "tls": {"ca": "certs/ca.pem"},            // omit for the logged insecure mode
+      "tls": {"ca": "certs/ca.pem"},            // required unless nodes and client run --insecure
+      "dealer_public_key": "dealer.pub",        // optional: Ed25519 key (PEM) signing the deal's manifest
       "parties": [
         {"id": 0, "host": "127.0.0.1", "peer_port": 50100, "client_port": 50200,
-         "shares": "deal/party0.pt", "cert": "certs/party0.pem", "key": "certs/party0.key"},
+         "shares": "deal/party0/shares.pt", "cert": "certs/party0.pem", "key": "certs/party0.key",
+         "shares_sha256": "<hex SHA-256 of the share file, as the dealer printed it>",
+         "manifest": "deal/manifest.json",    // optional; needed with dealer_public_key
+         "client_token_sha256": ["<hex SHA-256 of each client token party 0 accepts>"]},
         ...
       ]
     }
 
 Relative paths are relative to the file. A party only reads its own entry's shares, cert
 and key; on separate hosts each host's copy needs only its own.
+
+Share files are pinned: a node loads its file only if its SHA-256 equals the entry's
+``shares_sha256``, or, with ``dealer_public_key``, the digest listed for that party in the
+entry's ``manifest`` whose signature (``manifest.sig`` beside it) verifies under that key
+(see ``party.integrity``). An unpinned share file is refused.
+
+Identities: party N's certificate names it (``partyN``, in its subject and its DNS names);
+peers and clients dial party N expecting that name, whatever address it has. Client
+tokens are per party (a client holds three, see :func:`load_client_tokens`), so no party
+can replay the token it received at another. A client sends its token in the call
+metadata (:data:`TOKEN_METADATA_KEY`), where the node checks it before reading anything.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+TOKEN_METADATA_KEY = "x-client-token"
 
 
 class ConfigError(ValueError):
     """The cluster configuration is missing something or contradicts itself."""
+
+
+def party_name(party_id: int) -> str:
+    """The name party ``party_id``'s certificate carries and everyone dials it by."""
+    return f"party{party_id}"
 
 
 @dataclass(frozen=True)
@@ -43,6 +64,13 @@ class PartyEntry:
     shares: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+    client_token_sha256: tuple[str, ...] = ()
+    shares_sha256: str | None = None  # the pinned SHA-256 (hex) of ``shares``
+    manifest: Path | None = None  # the dealer's manifest.json (its .sig beside it)
+
+    @property
+    def name(self) -> str:
+        return party_name(self.id)
 
     @property
     def peer_address(self) -> str:
@@ -59,9 +87,10 @@ class ClusterConfig:
     parties: list[PartyEntry]
     frac_bits: int = 18
     deadline_s: float = 60.0
+    receive_timeout_s: float = 60.0
     max_request_bytes: int = 256 << 20
-    client_token_sha256: list[str] = field(default_factory=list)
     ca: Path | None = None
+    dealer_public_key: Path | None = None  # Ed25519 public key (PEM) that signs the dealer's manifests
     path: Path | None = None
 
     @property
@@ -74,13 +103,12 @@ class ClusterConfig:
                 return p
         raise ConfigError(f"party {party_id} is not in the configuration (ids: {[p.id for p in self.parties]})")
 
-    def accepts_token(self, token: str) -> bool:
-        """Constant-time check of a client token against the configured digests."""
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        ok = False
-        for allowed in self.client_token_sha256:
-            ok |= hmac.compare_digest(digest, allowed)
-        return ok
+    def require_tls(self, insecure: bool) -> None:
+        """Refuse to run without TLS unless explicitly told ``insecure``."""
+        if not self.tls and not insecure:
+            raise ConfigError(f"{self.path or 'the configuration'} has no 'tls' section: refusing to run in "
+                              "plaintext; add tls (a CA and per-party certificates) or pass --insecure for a local "
+                              "demo")
 
     @staticmethod
     def load(path: str | Path) -> ClusterConfig:
@@ -103,17 +131,24 @@ class ClusterConfig:
             p = Path(v)
             return p if p.is_absolute() else base / p
 
+        if "client_token_sha256" in raw:
+            raise ConfigError("'client_token_sha256' belongs in each party's entry now (one token per party, so "
+                              "that no party can replay its token at another)")
         try:
             parties = [PartyEntry(int(p["id"]), str(p["host"]), int(p["peer_port"]), int(p["client_port"]),
-                                  file(p.get("shares")), file(p.get("cert")), file(p.get("key")))
+                                  file(p.get("shares")), file(p.get("cert")), file(p.get("key")),
+                                  tuple(str(t).lower() for t in p.get("client_token_sha256", [])),
+                                  shares_sha256=sha256_hex(p["shares_sha256"]) if p.get("shares_sha256") else None,
+                                  manifest=file(p.get("manifest")))
                        for p in raw["parties"]]
             tls = raw.get("tls")
+            deadline_s = float(raw.get("deadline_s", 60.0))
             cfg = ClusterConfig(
                 model=str(raw["model"]), parties=parties, frac_bits=int(raw.get("frac_bits", 18)),
-                deadline_s=float(raw.get("deadline_s", 60.0)),
+                deadline_s=deadline_s, receive_timeout_s=float(raw.get("receive_timeout_s", deadline_s)),
                 max_request_bytes=int(raw.get("max_request_bytes", 256 << 20)),
-                client_token_sha256=[str(t) for t in raw.get("client_token_sha256", [])],
-                ca=file(tls["ca"]) if tls else None, path=path)
+                ca=file(tls["ca"]) if tls else None, dealer_public_key=file(raw.get("dealer_public_key")),
+                path=path)
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"bad cluster configuration{f' in {path}' if path else ''}: "
                               f"{type(e).__name__}: {e}") from None
@@ -136,16 +171,134 @@ class ClusterConfig:
 
         out: dict[str, Any] = {
             "model": self.model, "frac_bits": self.frac_bits, "deadline_s": self.deadline_s,
-            "max_request_bytes": self.max_request_bytes, "client_token_sha256": self.client_token_sha256,
+            "receive_timeout_s": self.receive_timeout_s, "max_request_bytes": self.max_request_bytes,
             "parties": [{"id": p.id, "host": p.host, "peer_port": p.peer_port, "client_port": p.client_port,
-                         "shares": rel(p.shares), "cert": rel(p.cert), "key": rel(p.key)}
+                         "shares": rel(p.shares), "cert": rel(p.cert), "key": rel(p.key),
+                         "client_token_sha256": list(p.client_token_sha256),
+                         "shares_sha256": p.shares_sha256, "manifest": rel(p.manifest)}
                         for p in self.parties],
         }
         if self.ca is not None:
             out["tls"] = {"ca": rel(self.ca)}
+        if self.dealer_public_key is not None:
+            out["dealer_public_key"] = rel(self.dealer_public_key)
         return out
 
 
 def token_digest(token: str) -> str:
-    """What the configuration stores for a client token."""
+    """What a configuration stores for a client token: its SHA-256, hex."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def sha256_hex(value: Any) -> str:
+    """A SHA-256 digest as 64 lower-case hex digits; ValueError for anything else."""
+    digest = str(value).lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"{value!r} is not a hex SHA-256 digest")
+    return digest
+
+
+def load_client_tokens(path: str | Path) -> list[str]:
+    """A client's tokens, one per party: a JSON object ``{"party0": ..., "party1": ..., "party2": ...}``."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+        tokens = [str(raw[party_name(i)]) for i in range(3)]
+    except FileNotFoundError:
+        raise ConfigError(f"token file {path} does not exist") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"token file {path} must be a JSON object with one token per party "
+                          f"({', '.join(party_name(i) for i in range(3))}): {type(e).__name__}: {e}") from None
+    if not all(tokens):
+        raise ConfigError(f"token file {path} has an empty token")
+    return tokens
+
+
+@dataclass(frozen=True)
+class HeModelEntry:
+    """A model an HE node serves: ``tiny`` or a distilled Power-Softmax folder, at these lengths."""
+
+    model: str
+    seq_lens: tuple[int, ...] = (16,)
+
+
+@dataclass(frozen=True)
+class HeNodeConfig:
+    """The HE node's configuration file, read by the node and by its clients::
+
+        {
+          "address": "he.example.org:50070",     // where clients dial
+          "bind": "[::]:50070",                  // where the node listens (default: [::] and the port)
+          "tls": {"ca": "certs/ca.pem", "cert": "certs/he-node.pem", "key": "certs/he-node.key",
+                  "name": "he-node"},             // the name clients expect in the certificate
+          "client_token_sha256": ["<hex SHA-256 of each accepted client token>"],
+          "models": [{"model": "tiny", "seq_lens": [16]}],
+          "max_concurrent_queries": 2,
+          "receive_timeout_s": 120               // each message the node waits for (refresh replies too)
+        }
+
+    Relative paths are relative to the file; a client needs only ``address`` and ``tls.ca``.
+    """
+
+    address: str
+    models: tuple[HeModelEntry, ...]
+    client_token_sha256: tuple[str, ...] = ()
+    bind: str = ""
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str = "he-node"
+    max_concurrent_queries: int = 2
+    receive_timeout_s: float = 120.0
+    path: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.ca is not None
+
+    @property
+    def bind_address(self) -> str:
+        return self.bind or f"[::]:{self.address.rsplit(':', 1)[-1]}"
+
+    def require_tls(self, insecure: bool) -> None:
+        """Refuse to run without TLS unless explicitly told ``insecure``."""
+        if not self.tls and not insecure:
+            raise ConfigError(f"{self.path or 'the HE configuration'} has no 'tls' section: refusing to run in "
+                              "plaintext; add tls or pass --insecure for a local demo")
+
+    @staticmethod
+    def load(path: str | Path) -> HeNodeConfig:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"HE configuration file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"HE configuration file {path} is not valid JSON: {e}") from None
+        return HeNodeConfig.from_dict(raw, path)
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any], path: Path | None = None) -> HeNodeConfig:
+        base = path.parent if path else Path.cwd()
+
+        def file(v: Any) -> Path | None:
+            return None if v is None else (Path(v) if Path(v).is_absolute() else base / v)
+
+        try:
+            tls = raw.get("tls") or {}
+            cfg = HeNodeConfig(
+                address=str(raw["address"]),
+                models=tuple(HeModelEntry(str(m["model"]), tuple(int(s) for s in m.get("seq_lens", [16])))
+                             for m in raw["models"]),
+                client_token_sha256=tuple(str(t).lower() for t in raw.get("client_token_sha256", [])),
+                bind=str(raw.get("bind", "")), ca=file(tls.get("ca")), cert=file(tls.get("cert")),
+                key=file(tls.get("key")), server_name=str(tls.get("name", "he-node")),
+                max_concurrent_queries=int(raw.get("max_concurrent_queries", 2)),
+                receive_timeout_s=float(raw.get("receive_timeout_s", 120.0)), path=path)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"bad HE configuration{f' in {path}' if path else ''}: {type(e).__name__}: {e}") from None
+        if not cfg.models:
+            raise ConfigError("the HE configuration serves no model ('models' is empty)")
+        if tls and (cfg.ca is None or cfg.cert is None or cfg.key is None):
+            raise ConfigError("the HE configuration's tls needs 'ca', 'cert' and 'key'")
+        return cfg

@@ -1,32 +1,36 @@
 """The HE inference node: one server holding the plaintext model, answering CKKS queries.
 
-    python -m party.he_node --model tiny|DISTILLED_DIR --seq 16 [--port 50070]
-        --token-file TOKEN [--cert server.pem --key server.key]
+    python -m party.he_node --config he.json [--insecure]
+
+The configuration (``party.config.HeNodeConfig``) names the bind address, TLS files, the
+accepted client-token digests and the models with their lengths. The serving layer is the
+MPC node's (``party.serving``): the token is checked from the call metadata before any
+message is read, a query slot is taken before its upload, every message the node waits
+for has a receive deadline, and the standard ``grpc.health.v1`` service answers probes.
 
 A query (``HeInference.Query``, one bidirectional stream): the client sends a start
-message (token, model, sequence length, the public attention mask), its public context
+message (model, sequence length, the public attention mask), its public context
 (parameters, public/relinearisation/Galois keys; never the secret key) and its
 encrypted embedded rows. The node evaluates the compiled graph with
 :class:`secure.he.backend.HeOps`; when a ciphertext runs out of levels or must change
 layout, it streams a masked refresh request and waits for the client's fresh
 ciphertexts on the same stream. It ends with the output ciphertexts, their slot
 indices and the per-part spans. Malformed input gets INVALID_ARGUMENT with the reason,
-a wrong token UNAUTHENTICATED, an unknown model NOT_FOUND; the node keeps serving.
-Queries run at most ``--max-concurrent`` at a time (RESOURCE_EXHAUSTED beyond), each in
-its own worker thread.
+a wrong token UNAUTHENTICATED, an unknown model NOT_FOUND, a client that stops sending
+DEADLINE_EXCEEDED; the node keeps serving. Queries run at most
+``max_concurrent_queries`` at a time (RESOURCE_EXHAUSTED beyond), each in its own
+worker thread.
 """
 
 from __future__ import annotations
 
 import argparse
-import hmac
 import json
 import logging
-import queue
+import signal
 import threading
 import time
-from collections.abc import Iterator
-from concurrent import futures
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,21 @@ import grpc
 import numpy as np
 import torch
 
-from party.node import CHANNEL_OPTIONS
+from party.config import ConfigError, HeNodeConfig
+from party.serving import (
+    Admission,
+    ReceiveDeadline,
+    Rejected,
+    ServingLimits,
+    TokenCheck,
+    TokenInterceptor,
+    abort_with,
+    add_standard_health,
+    bind,
+    make_server,
+    run_in_worker,
+    server_credentials,
+)
 from protos import load
 from secure.he.backend import HeOps
 from secure.he.breakdown import HeTracer
@@ -52,29 +70,28 @@ log = logging.getLogger("party.he_node")
 
 MAX_CONTEXT_BYTES = 1 << 30
 MAX_CIPHERTEXT_BYTES = 8 << 20
-_END = object()
-
-
-class HeRejected(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+HEALTH_METHOD = "/secureinference.HeInference/Health"
+HeRejected = Rejected  # a query refused with its gRPC status
 
 
 class HeNode:
-    """Serves HE queries for compiled models keyed by (name, sequence length)."""
+    """Serves HE queries for compiled models keyed by (name, sequence length).
 
-    def __init__(self, models: dict[tuple[str, int], HeModel], token: str, max_concurrent: int = 2) -> None:
+    ``token_sha256`` lists the accepted client tokens' digests; ``limits`` bounds the
+    admitted queries and the receive deadline.
+    """
+
+    def __init__(self, models: dict[tuple[str, int], HeModel], token_sha256: list[str],
+                 limits: ServingLimits | None = None) -> None:
         self.models = models
-        self.token = token
-        self.slots = threading.BoundedSemaphore(max_concurrent)
+        self.tokens = TokenCheck(token_sha256)
+        if not self.tokens.digests:
+            raise ConfigError("the HE node accepts no client token: give it 'client_token_sha256'")
+        self.limits = limits or ServingLimits(max_streams=2, receive_timeout_s=120.0)
+        self.admission = Admission(self.limits.max_streams, "HE queries")
         self.plans: dict[tuple[str, int], HePlan] = {}
-        self.running = 0
+        self._plan_lock = threading.Lock()
         self.server: grpc.Server | None = None
-
-    def check_token(self, token: str) -> None:
-        if not token or not hmac.compare_digest(token.encode(), self.token.encode()):
-            raise HeRejected(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong client token")
 
     def model(self, name: str, seq: int) -> HeModel:
         m = self.models.get((name, seq))
@@ -86,6 +103,10 @@ class HeNode:
 
     def plan_for(self, m: HeModel) -> HePlan:
         key = (m.name, m.seq_len)
+        with self._plan_lock:
+            return self._plan(m, key)
+
+    def _plan(self, m: HeModel, key: tuple[str, int]) -> HePlan:
         if key not in self.plans:
             inputs = m.client_inputs(torch.ones(1, m.seq_len, dtype=torch.long), torch.ones(1, m.seq_len,
                                                                                                 dtype=torch.long))
@@ -93,14 +114,14 @@ class HeNode:
         return self.plans[key]
 
     # ---- one query, in a worker thread -------------------------------------------------
-    def serve(self, requests: Iterator[Any], out: queue.Queue) -> None:
+    def serve(self, requests: Iterator[Any], emit: Callable[[Any], None]) -> None:
+        """One query: ``requests`` are the client's messages, ``emit`` sends the node's."""
         reader = BlobReader(requests, lambda m: m.blob if m.WhichOneof("msg") == "blob" else None,
                             MAX_CONTEXT_BYTES)
         first = reader.next_message()
         if first.WhichOneof("msg") != "start":
             raise HeRejected(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a query must be its start")
         start = first.start
-        self.check_token(start.client_token)
         m = self.model(start.model, int(start.seq_len))
         mask_bytes = bytes(start.attention_mask)
         if len(mask_bytes) != 8 * m.seq_len:
@@ -127,8 +148,8 @@ class HeNode:
             cts = [engine.deserialize(reader.read("input", 0, i)) for i in range(count)]
         except HeFormatError as e:
             raise HeRejected(grpc.StatusCode.INVALID_ARGUMENT, f"input ciphertext: {e}") from e
-        link = _StreamLink(reader, out)
-        ops = HeOps(engine, link, on_event=lambda kind, d: out.put(pb2.HeServerMessage(
+        link = _StreamLink(reader, emit)
+        ops = HeOps(engine, link, on_event=lambda kind, d: emit(pb2.HeServerMessage(
             progress=pb2.Progress(done=link.trips, total=the_plan.refreshes, stage=kind))))
         tracer = HeTracer(ops)
         t0 = time.perf_counter()
@@ -141,26 +162,24 @@ class HeNode:
             o = o if isinstance(o, Cipher) else ops.encrypt_public(o.value)
             for j, ct in enumerate(o.cts):
                 for piece in blob_pieces(pb2.HeBlob, "output", i, j, engine.serialize(ct)):
-                    out.put(pb2.HeServerMessage(blob=piece))
+                    emit(pb2.HeServerMessage(blob=piece))
             for piece in blob_pieces(pb2.HeBlob, "index", i, 0, o.index.numpy().astype("<i8").tobytes()):
-                out.put(pb2.HeServerMessage(blob=piece))
+                emit(pb2.HeServerMessage(blob=piece))
             counts.append(len(o.cts))
             shapes.append(json.dumps(list(o.shape)))
         spans = [pb2.Span(name=n, start=s, seconds=d, bytes_sent=b, rounds=r) for n, s, d, b, r in tracer.spans]
-        out.put(pb2.HeServerMessage(result=pb2.HeResult(
+        emit(pb2.HeServerMessage(result=pb2.HeResult(
             ciphertexts=counts, shapes=shapes, seconds=seconds, bytes_to_client=ops.bytes_to_client,
             bytes_from_client=ops.bytes_from_client, refreshes=ops.refreshes, spans=spans)))
         log.info("HE query on %s (seq %d): %.2f s, %d client trips", m.name, m.seq_len, seconds, ops.refreshes)
 
-    def start(self, port: int, cert: Path | None = None, key: Path | None = None) -> int:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=CHANNEL_OPTIONS)
+    def start(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
+        """Listen on ``address`` (TLS with ``credentials``; None is plaintext, logged loudly) and
+        return the bound port."""
+        server = make_server(self.limits, [TokenInterceptor(self.tokens, open_methods=[HEALTH_METHOD])])
         pb2_grpc.add_HeInferenceServicer_to_server(_Servicer(self), server)
-        if cert and key:
-            creds = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
-            bound = server.add_secure_port(f"127.0.0.1:{port}", creds)
-        else:
-            log.warning("HE node without TLS (local demo mode): the client token travels in the clear")
-            bound = server.add_insecure_port(f"127.0.0.1:{port}")
+        add_standard_health(server, ["secureinference.HeInference"])
+        bound = bind(server, address, credentials, "HE node's client port")
         server.start()
         self.server = server
         return bound
@@ -173,108 +192,112 @@ class HeNode:
 class _StreamLink:
     """The refresh link over the query's own stream."""
 
-    def __init__(self, reader: BlobReader, out: queue.Queue) -> None:
+    def __init__(self, reader: BlobReader, emit: Callable[[Any], None]) -> None:
         self.reader = reader
-        self.out = out
+        self.emit = emit
         self.trips = 0
 
     def refresh(self, items: list) -> list[list[bytes]]:
         self.trips += 1
-        self.out.put(pb2.HeServerMessage(refresh=pb2.HeRefreshRequest(
+        self.emit(pb2.HeServerMessage(refresh=pb2.HeRefreshRequest(
             id=self.trips, inputs=[len(b) for b, _, _ in items], outputs=[c for _, _, c in items],
             gathers=[g is not None for _, g, _ in items])))
         for i, (blobs, gather, _) in enumerate(items):
             for j, b in enumerate(blobs):
                 for piece in blob_pieces(pb2.HeBlob, "refresh", i, j, b):
-                    self.out.put(pb2.HeServerMessage(blob=piece))
+                    self.emit(pb2.HeServerMessage(blob=piece))
             if gather is not None:
                 for piece in blob_pieces(pb2.HeBlob, "gather", i, 0, gather.astype("<i4").tobytes()):
-                    self.out.put(pb2.HeServerMessage(blob=piece))
+                    self.emit(pb2.HeServerMessage(blob=piece))
         return [[self.reader.read("refresh", i, j) for j in range(count)] for i, (_, _, count) in enumerate(items)]
 
 
 class _Servicer(pb2_grpc.HeInferenceServicer):
+    """The gRPC face of an :class:`HeNode`; the client token was checked by the interceptor."""
+
     def __init__(self, node: HeNode) -> None:
         self.node = node
 
     def Plan(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         try:
-            self.node.check_token(request.client_token)
             m = self.node.model(request.model, int(request.seq_len))
             p = self.node.plan_for(m)
-        except HeRejected as e:
-            context.abort(e.code, str(e))
+        except Rejected as e:
+            abort_with(context, e)
         return pb2.HePlanReply(params_json=json.dumps(p.params.to_dict()), steps=p.steps, refreshes=p.refreshes,
                                depth=p.depth, embeds_input=m.embeds_input)
 
     def Embedding(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
-        try:
-            self.node.check_token(request.client_token)
-            tables = [m.table for (name, _), m in self.node.models.items() if name == request.model]
-            if not tables:
-                raise HeRejected(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}")
-        except HeRejected as e:
-            context.abort(e.code, str(e))
+        tables = [m.table for (name, _), m in self.node.models.items() if name == request.model]
+        if not tables:
+            abort_with(context, Rejected(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}"))
         yield from tensor_chunks(tables[0].to(torch.float32), pb2.TensorChunk)
 
     def Health(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        return pb2.HealthReply(live=True, ready=True, detail=f"{len(self.node.models)} compiled models",
-                               running_queries=self.node.running)
+        """Open to anyone: it names no model and counts no queries."""
+        return pb2.HealthReply(live=True, ready=True, detail="HE node serving")
 
     def Query(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
-        if not self.node.slots.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many HE queries running; retry later")
-        out: queue.Queue = queue.Queue()
-        failure: list[tuple[grpc.StatusCode, str]] = []
+        node = self.node
+        try:
+            node.admission.acquire()  # before reading: a stream still uploading holds a slot
+        except Rejected as e:
+            abort_with(context, e)
 
-        def work() -> None:
-            self.node.running += 1
-            try:
-                self.node.serve(request_iterator, out)
-            except HeRejected as e:
-                failure.append((e.code, str(e)))
-            except (WireError, HeFormatError) as e:
-                failure.append((grpc.StatusCode.INVALID_ARGUMENT, str(e)))
-            except InterpreterError as e:
-                failure.append((grpc.StatusCode.INVALID_ARGUMENT if isinstance(e.__cause__, HeFormatError)
-                                else grpc.StatusCode.INTERNAL, str(e)))
-            except Exception as e:  # the node must keep serving whatever one query did
-                log.exception("HE query failed")
-                failure.append((grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
-            finally:
-                self.node.running -= 1
-                self.node.slots.release()
-                out.put(_END)
+        def work(emit: Callable[[Any], None]) -> None:
+            with ReceiveDeadline(context, node.limits.receive_timeout_s) as deadline:
+                node.serve(deadline.timed(request_iterator, "the next message of its query"), emit)
 
-        threading.Thread(target=work, daemon=True, name="he-query").start()
-        while True:
-            msg = out.get()
-            if msg is _END:
-                break
-            yield msg
-        if failure:
-            context.abort(*failure[0])
+        try:
+            yield from run_in_worker(work, "he-query", on_exit=node.admission.release)
+        except Rejected as e:
+            abort_with(context, e)
+        except grpc.RpcError:  # the client went away
+            return
+        except (WireError, HeFormatError) as e:
+            abort_with(context, Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
+        except InterpreterError as e:
+            code = (grpc.StatusCode.INVALID_ARGUMENT if isinstance(e.__cause__, HeFormatError)
+                    else grpc.StatusCode.INTERNAL)
+            abort_with(context, Rejected(code, str(e)))
+        except Exception as e:  # noqa: BLE001 - the node must keep serving whatever one query did
+            log.exception("HE query failed")
+            abort_with(context, Rejected(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
+
+
+def load_models(cfg: HeNodeConfig) -> dict[tuple[str, int], HeModel]:
+    """Compile every configured model at every configured length."""
+    models = {}
+    for entry in cfg.models:
+        for seq in entry.seq_lens:
+            m = tiny_he_model(seq) if entry.model == "tiny" else distilled_he_model(entry.model, seq)
+            models[(entry.model, seq)] = m
+    return models
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="'tiny' (2 layers, hidden 128) or a distilled model folder")
-    ap.add_argument("--seq", type=int, nargs="+", default=[16])
-    ap.add_argument("--port", type=int, default=50070)
-    ap.add_argument("--token-file", type=Path, required=True)
-    ap.add_argument("--cert", type=Path)
-    ap.add_argument("--key", type=Path)
-    ap.add_argument("--max-concurrent", type=int, default=2)
+    ap.add_argument("--config", type=Path, required=True, help="HE node configuration (party.config.HeNodeConfig)")
+    ap.add_argument("--insecure", action="store_true",
+                    help="allow a configuration without TLS (plaintext; the token travels in the clear)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s he-node %(levelname)s %(message)s")
-    models = {}
-    for seq in args.seq:
-        m = tiny_he_model(seq) if args.model == "tiny" else distilled_he_model(args.model, seq)
-        models[(args.model, seq)] = m
-    node = HeNode(models, args.token_file.read_text().strip(), args.max_concurrent)
-    port = node.start(args.port, args.cert, args.key)
-    log.info("HE node serving %s on 127.0.0.1:%d", sorted(models), port)
-    node.server.wait_for_termination()
+    try:
+        cfg = HeNodeConfig.load(args.config)
+        cfg.require_tls(args.insecure)
+        node = HeNode(load_models(cfg), list(cfg.client_token_sha256),
+                      ServingLimits(max_streams=cfg.max_concurrent_queries, receive_timeout_s=cfg.receive_timeout_s))
+        creds = server_credentials(cfg.cert, cfg.key) if cfg.cert and cfg.key else None
+        port = node.start(cfg.bind_address, creds)
+    except (ConfigError, OSError) as e:
+        log.error("cannot start: %s", e)
+        return 2
+    log.info("HE node serving %s on %s (port %d)", sorted(node.models), cfg.bind_address, port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    node.stop()
     return 0
 
 

@@ -21,8 +21,10 @@ from pathlib import Path
 
 from client.sdk import SecureClient
 from party.certs import make_cluster_certs
-from party.config import ClusterConfig, token_digest
+from party.config import ClusterConfig, party_name, token_digest
 from party.deal import DEFAULT_SEQ_LENS, deal_minilm
+from party.integrity import MANIFEST_NAME, read_manifest
+from party.private_files import write_private
 from secure.graph.passes import RECIPES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +55,7 @@ class LocalNodes:
         self.deadline_s = deadline_s
         self.progress = progress
         self.procs: list[subprocess.Popen | None] = [None, None, None]
-        self.token = ""
+        self.tokens: list[str] = []
         self.config_path = self.dir / "cluster.json"
 
     # ---- set-up ------------------------------------------------------------------------
@@ -64,22 +66,22 @@ class LocalNodes:
         info_path = deal_dir / "model.json"
         wanted = {"recipe": self.recipe, "seq_lens": list(self.seq_lens)}
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        if {k: info.get(k) for k in wanted} != wanted:
+        if {k: info.get(k) for k in wanted} != wanted or not (deal_dir / MANIFEST_NAME).exists():
             deal_minilm(deal_dir, RECIPES[self.recipe], self.seq_lens, progress=self.progress)
+        pins = {p["id"]: p for p in read_manifest(deal_dir / MANIFEST_NAME)["parties"]}
         ca = None
         leaves: list[tuple[Path | None, Path | None]] = [(None, None)] * 3
         if self.tls:
             ca, pairs = make_cluster_certs(self.dir / "certs")
             leaves = list(pairs)
-        self.token = secrets.token_urlsafe(24)
-        (self.dir / "client_token").write_text(self.token)
-        (self.dir / "client_token").chmod(0o600)
+        self.tokens = [secrets.token_urlsafe(24) for _ in range(3)]  # one per party: none can replay another's
+        write_private(self.token_path, json.dumps({party_name(i): t for i, t in enumerate(self.tokens)}).encode())
         ports = free_ports(6)
         raw = {
             "model": "minilm", "frac_bits": 18, "deadline_s": self.deadline_s,
-            "client_token_sha256": [token_digest(self.token)],
             "parties": [{"id": i, "host": "127.0.0.1", "peer_port": ports[2 * i], "client_port": ports[2 * i + 1],
-                         "shares": str(deal_dir / f"party{i}.pt"),
+                         "shares": str(deal_dir / pins[i]["path"]), "shares_sha256": pins[i]["sha256"],
+                         "client_token_sha256": [token_digest(self.tokens[i])],
                          "cert": str(leaves[i][0]) if leaves[i][0] else None,
                          "key": str(leaves[i][1]) if leaves[i][1] else None} for i in range(3)],
         }
@@ -87,6 +89,11 @@ class LocalNodes:
             raw["tls"] = {"ca": str(ca)}
         self.config_path.write_text(json.dumps(raw, indent=2))
         return ClusterConfig.load(self.config_path)
+
+    @property
+    def token_path(self) -> Path:
+        """The client's token file (0600): one token per party."""
+        return self.dir / "client_tokens.json"
 
     @property
     def config(self) -> ClusterConfig:
@@ -101,15 +108,16 @@ class LocalNodes:
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         for i in ([party] if party is not None else [0, 1, 2]):
             with open(self.log_path(i), "a") as log:  # the child keeps its own copy of the descriptor
+                insecure = [] if self.tls else ["--insecure"]
                 self.procs[i] = subprocess.Popen(
-                    [sys.executable, "-m", "party", "--config", str(self.config_path), "--party", str(i)],
+                    [sys.executable, "-m", "party", "--config", str(self.config_path), "--party", str(i), *insecure],
                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Wait until all three nodes answer Health as ready; raise with their logs' tail if not."""
         cfg = self.config
         end = time.monotonic() + timeout_s
-        with SecureClient(cfg, self.token) as client:
+        with SecureClient(cfg, self.tokens, insecure=not self.tls) as client:
             while time.monotonic() < end:
                 for i, p in enumerate(self.procs):
                     if p is not None and p.poll() is not None:
@@ -145,7 +153,7 @@ class LocalNodes:
                 self.procs[i] = None
 
     def client(self, timeout_s: float | None = None) -> SecureClient:
-        return SecureClient(self.config, self.token, timeout_s)
+        return SecureClient(self.config, self.tokens, timeout_s, insecure=not self.tls)
 
     def __enter__(self) -> LocalNodes:
         self.prepare()

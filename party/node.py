@@ -2,16 +2,20 @@
 
     python -m party --config cluster.json --party 0
 
-Two ports: the peer port (``Peer.Link``, mutually authenticated TLS between parties when
-the configuration has certificates) and the client port (``Party.Query``, ``Describe``,
-``Health``: TLS with the cluster CA plus a client token). Without ``tls`` in the
-configuration both are plaintext and the node says so loudly in its log.
+Two ports: the peer port (``Peer.Link``, mutually authenticated TLS between parties; each
+party's certificate names it and a frame's sender must match it) and the client port
+(``Party.Query``, ``Describe``, ``Health`` and the standard ``grpc.health.v1``: TLS plus
+this party's client token, checked from the call metadata before any request message is
+read; see ``party.serving``). Without ``tls`` in the configuration the node refuses to
+start unless it is given ``--insecure``, and then says so loudly in its log.
 
 Scheduling: every accepted query runs in its own thread as soon as its inputs have
 arrived; queries are independent (their peer messages are tagged by query id, their PRF
 keys are agreed per query), so the three nodes need not agree on an order, and no query
 waits behind another. ``max_concurrent_queries`` bounds them; beyond it a query is
-refused with RESOURCE_EXHAUSTED. Every query has the configured deadline per message;
+refused with RESOURCE_EXHAUSTED; a slot is taken before the query's inputs are read, and a
+client that does not deliver them within ``receive_timeout_s`` is cut off. Every query has
+the configured deadline per peer message;
 a failing query is aborted on the peers and reported to the client with a gRPC status,
 and the node keeps serving.
 
@@ -25,20 +29,32 @@ import argparse
 import ctypes
 import ctypes.util
 import logging
-import queue
 import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from concurrent import futures
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
 
-from party.config import ClusterConfig, ConfigError
+from party.config import ClusterConfig, ConfigError, party_name
+from party.serving import (
+    Admission,
+    ReceiveDeadline,
+    Rejected,
+    ServingLimits,
+    TokenCheck,
+    TokenInterceptor,
+    abort_with,
+    add_standard_health,
+    bind,
+    make_server,
+    run_in_worker,
+    server_credentials,
+)
 from protos import load as load_protos
 from secure.graph.ir import Graph
 from secure.mpc.backend import MpcOps
@@ -57,24 +73,35 @@ log = logging.getLogger("party")
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20),
                    ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
 QUERY_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+QueryRejected = Rejected  # a query refused before it starts, with its gRPC status
+HEALTH_METHOD = "/secureinference.Party/Health"
 
 
-class QueryRejected(Exception):
-    """A query is refused before it starts; carries the gRPC status code."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def load_party_file(path: Path, party_id: int, device: torch.device
+def load_party_file(cfg: ClusterConfig, party_id: int, device: torch.device
                     ) -> tuple[dict[str, Any], dict[int, Graph], dict[str, AShare]]:
-    """Read a dealt party file: (header, graphs by padded length, weight shares)."""
-    data = torch.load(path, weights_only=True)
+    """Read party ``party_id``'s dealt file: (header, graphs by padded length, weight shares).
+
+    Nothing of it is unpickled before its content matches the pin in the configuration
+    (``party.integrity.verify_party_file``: a digest, or a dealer-signed manifest); the file
+    is opened once, so what is hashed is what is loaded. Then its party id and deal id are
+    checked against the entry and the manifest.
+    """
+    from party.integrity import check_party_header, verify_party_file
+
+    entry = cfg.party(party_id)
+    path = entry.shares
+    if path is None:
+        raise ConfigError(f"party {party_id} has no 'shares' file in the configuration")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ConfigError(f"cannot read party {party_id}'s share file {path}: {e}") from None
+    with f:
+        verify_party_file(entry, cfg, f)
+        data = torch.load(f, weights_only=True)
     if data.get("format") != 1:
         raise ConfigError(f"{path}: unknown party file format {data.get('format')!r}")
-    if data["party"] != party_id:
-        raise ConfigError(f"{path} holds the shares of party {data['party']}, not party {party_id}")
+    check_party_header(data, entry, cfg)
     graphs = {int(k): Graph.from_json(v) for k, v in data["graphs"].items()}
     weights = {}
     for name, entry in data["weights"].items():
@@ -90,29 +117,28 @@ def load_party_file(path: Path, party_id: int, device: torch.device
     return header, graphs, weights
 
 
-def _credentials_server(cfg: ClusterConfig, party_id: int, require_client_cert: bool) -> grpc.ServerCredentials:
-    me = cfg.party(party_id)
-    assert cfg.ca is not None and me.cert is not None and me.key is not None
-    return grpc.ssl_server_credentials([(me.key.read_bytes(), me.cert.read_bytes())],
-                                       root_certificates=cfg.ca.read_bytes(),
-                                       require_client_auth=require_client_cert)
-
-
 class PartyNode:
     """One of the three computing parties."""
 
     def __init__(self, cfg: ClusterConfig, party_id: int, device: str = "cpu",
-                 max_concurrent_queries: int = 8) -> None:
+                 max_concurrent_queries: int = 8, insecure: bool = False) -> None:
+        cfg.require_tls(insecure)
         self.cfg = cfg
         self.id = party_id
         self.entry = cfg.party(party_id)
         self.device = torch.device(device)
         self.fp = FixedPoint(cfg.frac_bits)
         self.max_concurrent = max_concurrent_queries
+        self.tokens = TokenCheck(self.entry.client_token_sha256)
+        if not self.tokens.digests:
+            raise ConfigError(f"party {party_id} accepts no client token: give its entry 'client_token_sha256'")
+        self.limits = ServingLimits(max_streams=max_concurrent_queries, receive_timeout_s=cfg.receive_timeout_s)
+        self.admission = Admission(max_concurrent_queries)
+        self._reachable: dict[int, tuple[float, bool]] = {}
         if self.entry.shares is None:
             raise ConfigError(f"party {party_id} has no 'shares' file in the configuration")
         t0 = time.perf_counter()
-        self.header, self.graphs, self.weights = load_party_file(self.entry.shares, party_id, self.device)
+        self.header, self.graphs, self.weights = load_party_file(cfg, party_id, self.device)
         if self.header["frac_bits"] != cfg.frac_bits:
             raise ConfigError(f"shares were dealt with frac_bits={self.header['frac_bits']}, "
                               f"the configuration says {cfg.frac_bits}")
@@ -132,35 +158,48 @@ class PartyNode:
         assert self.cfg.ca is not None and self.entry.cert is not None and self.entry.key is not None
         creds = grpc.ssl_channel_credentials(self.cfg.ca.read_bytes(), self.entry.key.read_bytes(),
                                              self.entry.cert.read_bytes())
-        return grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+        # whatever address it has, the peer must prove it is that party
+        options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", party_name(peer))]
+        return grpc.secure_channel(target, creds, options=options)
 
-    def peer_reachable(self, peer: int, timeout_s: float = 0.5) -> bool:
-        """Whether the peer's port completes a (TLS) connection now."""
+    def peer_reachable(self, peer: int, timeout_s: float = 0.5, cache_s: float = 1.0) -> bool:
+        """Whether the peer's port completes a (TLS) connection now (answers cached for
+        ``cache_s``, so that health probes cannot make the node dial at their rate)."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._reachable.get(peer)
+        if cached is not None and now - cached[0] < cache_s:
+            return cached[1]
         channel = self._peer_channel(peer)
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout_s)
-            return True
+            ok = True
         except grpc.FutureTimeoutError:
-            return False
+            ok = False
         finally:
             channel.close()
+        with self._lock:
+            self._reachable[peer] = (time.monotonic(), ok)
+        return ok
 
     def start(self) -> None:
-        peer = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=CHANNEL_OPTIONS)
-        pb2_grpc.add_PeerServicer_to_server(_PeerServicer(self), peer)
-        client = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_concurrent + 4),
-                             options=CHANNEL_OPTIONS)
-        pb2_grpc.add_PartyServicer_to_server(_PartyServicer(self), client)
+        creds = None
+        peer_creds = None
         if self.cfg.tls:
-            peer.add_secure_port(f"[::]:{self.entry.peer_port}", _credentials_server(self.cfg, self.id, True))
-            client.add_secure_port(f"[::]:{self.entry.client_port}", _credentials_server(self.cfg, self.id, False))
+            assert self.cfg.ca is not None and self.entry.cert is not None and self.entry.key is not None
+            creds = server_credentials(self.entry.cert, self.entry.key)
+            peer_creds = server_credentials(self.entry.cert, self.entry.key, client_ca=self.cfg.ca)
+        peer = make_server(ServingLimits(max_streams=4, receive_timeout_s=self.cfg.deadline_s,
+                                         max_connection_idle_s=24 * 3600.0))
+        pb2_grpc.add_PeerServicer_to_server(_PeerServicer(self), peer)
+        client = make_server(self.limits, [TokenInterceptor(self.tokens, open_methods=[HEALTH_METHOD])])
+        pb2_grpc.add_PartyServicer_to_server(_PartyServicer(self), client)
+        add_standard_health(client, ["secureinference.Party"])
+        bind(peer, f"[::]:{self.entry.peer_port}", peer_creds, f"party {self.id}'s peer port")
+        bind(client, f"[::]:{self.entry.client_port}", creds, f"party {self.id}'s client port")
+        if creds is not None:
             log.info("party %d: peer port %d (mutual TLS), client port %d (TLS + token)", self.id,
                      self.entry.peer_port, self.entry.client_port)
-        else:
-            peer.add_insecure_port(f"[::]:{self.entry.peer_port}")
-            client.add_insecure_port(f"[::]:{self.entry.client_port}")
-            log.warning("party %d: INSECURE MODE - no TLS configured: peer links and client connections are "
-                        "unauthenticated plaintext; use only for local demos", self.id)
         peer.start()
         client.start()
         self._servers = [peer, client]
@@ -179,12 +218,6 @@ class PartyNode:
         with self._lock:
             return len(self._running)
 
-    def check_token(self, token: str) -> None:
-        if not token:
-            raise QueryRejected(grpc.StatusCode.UNAUTHENTICATED, "missing client token")
-        if not self.cfg.accepts_token(token):
-            raise QueryRejected(grpc.StatusCode.UNAUTHENTICATED, "client token not accepted")
-
     def receive_query(self, parts: Iterator[Any]) -> tuple[Any, Graph, dict[str, Any]]:
         """Read and validate a query's header and inputs from the client stream."""
         try:
@@ -194,7 +227,6 @@ class PartyNode:
         if not first.HasField("header"):
             raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, "a query must start with a header")
         h = first.header
-        self.check_token(h.client_token)
         if not QUERY_ID.match(h.query_id):
             raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, "query id must be 1-64 characters of [A-Za-z0-9_.:-]")
         if h.model != self.header["model"]:
@@ -281,9 +313,10 @@ class PartyNode:
                 ready[spec.name] = AShare(parts[0], parts[1], self.id, self.fp.frac_bits)
         return ready
 
-    def run_query(self, query_id: str, graph: Graph, inputs: dict[str, Any], events: queue.Queue,
+    def run_query(self, query_id: str, graph: Graph, inputs: dict[str, Any], emit: Callable[[Any], None],
                   want_trace: bool) -> None:
-        """Run one query in lockstep with the peers; put events (or an exception) on ``events``."""
+        """Run one query in lockstep with the peers, emitting its progress, output and summary
+        events; a failure is sent to the peers as an abort and raised."""
         transport = GrpcTransport(self.id, query_id, self.links, self.mailbox, self.cfg.deadline_s)
         profiler = Profiler()
         party = Party(transport, self.fp, self.device, profiler)
@@ -296,7 +329,7 @@ class PartyNode:
             def trace(node: Any) -> Any:
                 done[0] += 1
                 if done[0] % 25 == 0 or done[0] == total:
-                    events.put(pb2.QueryEvent(progress=pb2.Progress(done=done[0], total=total, stage="compute")))
+                    emit(pb2.QueryEvent(progress=pb2.Progress(done=done[0], total=total, stage="compute")))
                 return span(party, node.origin or node.op)
 
             (out,), _ = Interpreter(graph, MpcOps(party), trace).run(self.weights, inputs)
@@ -304,14 +337,14 @@ class PartyNode:
             for index, share in enumerate(outputs):
                 for p, comp in enumerate((share.a, share.b)):
                     for chunk in tensor_chunks(comp, pb2.TensorChunk):
-                        events.put(pb2.QueryEvent(output=pb2.OutputChunk(index=index, part=p,
+                        emit(pb2.QueryEvent(output=pb2.OutputChunk(index=index, part=p,
                                                                           frac_bits=share.frac_bits, chunk=chunk)))
             spans = []
             if want_trace:  # every traced node, in order, for per-part tables and timelines
                 spans = [pb2.Span(name=s.name, seconds=s.duration_s, bytes_sent=s.bytes_sent, rounds=s.rounds,
                                   start=s.start_s - start) for s in profiler.spans if s.depth == 0]
             seconds = time.perf_counter() - t0
-            events.put(pb2.QueryEvent(done=pb2.Done(seconds=seconds, bytes_sent=party.bytes_sent,
+            emit(pb2.QueryEvent(done=pb2.Done(seconds=seconds, bytes_sent=party.bytes_sent,
                                                     rounds=party.rounds, spans=spans)))
             log.info("query %s done: %.2f s, %d rounds, %.1f MB sent", query_id, seconds, party.rounds,
                      party.bytes_sent / 1e6)
@@ -319,7 +352,7 @@ class PartyNode:
             transport.abort(f"{type(e).__name__}: {e}")
             log.warning("query %s failed after %.1f s: %s: %s", query_id, time.perf_counter() - t0,
                         type(e).__name__, e)
-            events.put(e)
+            raise
         finally:
             self.mailbox.forget(query_id)
             self.mailbox.sweep(idle_s=10 * self.cfg.deadline_s)
@@ -366,58 +399,61 @@ class _PartyServicer(pb2_grpc.PartyServicer):
     def Query(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
         node = self.node
         try:
-            header, graph, inputs = node.receive_query(iter(request_iterator))
-            with node._lock:
-                if header.query_id in node._running:
-                    raise QueryRejected(grpc.StatusCode.ALREADY_EXISTS, f"query {header.query_id} is already running")
-                if node.mailbox.finished(header.query_id):  # its peer frames would be dropped: a hang
-                    raise QueryRejected(grpc.StatusCode.ALREADY_EXISTS, f"query id {header.query_id} was already "
-                                        "used; every query needs a fresh id")
-                if len(node._running) >= node.max_concurrent:
-                    raise QueryRejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                        f"{node.max_concurrent} queries are running; retry later")
-                events: queue.Queue = queue.Queue()
-                worker = threading.Thread(target=node.run_query, name=f"query-{header.query_id}",
-                                          args=(header.query_id, graph, inputs, events, header.want_trace),
-                                          daemon=True)
-                node._running[header.query_id] = worker
-            log.info("query %s accepted: length %d", header.query_id, header.seq_len)
-            query_id = header.query_id
-            # a client that gives up (or fails on another party) cancels the query here too
-            context.add_callback(lambda: node.mailbox.abort(query_id, "the client cancelled the query"))
-            worker.start()
-        except QueryRejected as e:
-            log.info("query rejected: %s: %s", e.code.name, e)
-            context.abort(e.code, str(e))
-        except grpc.RpcError:
+            node.admission.acquire()  # before reading: a stream still uploading holds a slot
+        except Rejected as e:
+            abort_with(context, e)
+        try:
+            header, graph, inputs = self._receive(request_iterator, context)
+        except Rejected as e:
+            node.admission.release()
+            abort_with(context, e)
+        except grpc.RpcError:  # the client went away while uploading
+            node.admission.release()
             return
-        while True:
-            event = events.get()
-            if isinstance(event, Exception):
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if "within" in str(event) else grpc.StatusCode.ABORTED
-                context.abort(code, f"query {header.query_id} failed on party {node.id}: "
-                              f"{type(event).__name__}: {event}")
-            yield event
-            if event.HasField("done"):
-                return
+        query_id = header.query_id
+        log.info("query %s accepted: length %d", query_id, header.seq_len)
+        # a client that gives up (or fails on another party) cancels the query here too
+        context.add_callback(lambda: node.mailbox.abort(query_id, "the client cancelled the query"))
+        events = run_in_worker(lambda emit: node.run_query(query_id, graph, inputs, emit, header.want_trace),
+                               f"query-{query_id}", on_exit=node.admission.release)
+        try:
+            yield from events
+        except Exception as e:  # noqa: BLE001 - the query failed; the node serves on
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if "within" in str(e) else grpc.StatusCode.ABORTED
+            context.abort(code, f"query {query_id} failed on party {node.id}: {type(e).__name__}: {e}")
+
+    def _receive(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> tuple[Any, Graph, Any]:
+        """The query's header and inputs, within the receive deadline; registers its id."""
+        node = self.node
+        with ReceiveDeadline(context, node.cfg.receive_timeout_s) as deadline, \
+                deadline.waiting("the query's header and inputs"):
+            header, graph, inputs = node.receive_query(iter(request_iterator))
+        with node._lock:
+            if header.query_id in node._running:
+                raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"query {header.query_id} is already running")
+            if node.mailbox.finished(header.query_id):  # its peer frames would be dropped: a hang
+                raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"query id {header.query_id} was already "
+                               "used; every query needs a fresh id")
+            node._running[header.query_id] = threading.current_thread()
+        return header, graph, inputs
 
     def Describe(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        try:
-            self.node.check_token(request.client_token)
-        except QueryRejected as e:
-            context.abort(e.code, str(e))
-        graph = next(iter(self.node.graphs.values()))
+        node = self.node
+        graph = next(iter(node.graphs.values()))
         inputs = [pb2.InputInfo(name=i.name, kind=i.kind, vocab_size=embedding_vocab(graph, i.name) or 0)
                   for i in graph.inputs]
-        return pb2.ModelInfo(model=self.node.header["model"], seq_lens=sorted(self.node.graphs), inputs=inputs,
-                             frac_bits=self.node.cfg.frac_bits, recipe=self.node.header["recipe"]["name"],
-                             party_id=self.node.id)
+        return pb2.ModelInfo(model=node.header["model"], seq_lens=sorted(node.graphs), inputs=inputs,
+                             frac_bits=node.cfg.frac_bits, recipe=node.header["recipe"]["name"],
+                             party_id=node.id, shares_sha256=node.entry.shares_sha256 or "",
+                             running_queries=node.running())
 
     def Health(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        """Liveness and readiness (both peers reachable); open to anyone, so it names no model and
+        counts no queries."""
         unreachable = [p for p in range(3) if p != self.node.id and not self.node.peer_reachable(p)]
-        detail = (f"party {self.node.id} serving {self.node.header['model']!r}" if not unreachable
+        detail = (f"party {self.node.id} serving" if not unreachable
                   else f"party {self.node.id}: peers {unreachable} unreachable")
-        return pb2.HealthReply(live=True, ready=not unreachable, detail=detail, running_queries=self.node.running())
+        return pb2.HealthReply(live=True, ready=not unreachable, detail=detail)
 
 
 def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
@@ -445,12 +481,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-concurrent-queries", type=int, default=8)
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--insecure", action="store_true",
+                    help="allow a configuration without TLS (plaintext, unauthenticated links; local demos only)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s party{args.party} %(levelname)s %(message)s")
     torch.set_num_threads(1)
     tune_malloc()
     try:
-        node = PartyNode(ClusterConfig.load(args.config), args.party, args.device, args.max_concurrent_queries)
+        node = PartyNode(ClusterConfig.load(args.config), args.party, args.device, args.max_concurrent_queries,
+                         insecure=args.insecure)
     except (ConfigError, FileNotFoundError) as e:
         log.error("cannot start: %s", e)
         return 2

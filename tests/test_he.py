@@ -194,19 +194,20 @@ def test_he_queries_over_grpc_with_bad_input_answered_and_the_node_serving_on(sm
 
     from client.he import HeSecureClient, pb2, pb2_grpc
     from client.sdk import QueryFailed
+    from party.config import TOKEN_METADATA_KEY, token_digest
     from party.he_node import HeNode
 
-    node = HeNode({("tiny", 8): small_model}, "secret-token")
-    port = node.start(0)
+    node = HeNode({("tiny", 8): small_model}, [token_digest("secret-token")])
+    port = node.start("127.0.0.1:0", None)  # plaintext: tests/test_serving.py covers TLS
     ids, mask = torch.tensor([[5, 17, 3, 99, 42, 8, 150, 2]]), torch.ones(1, 8, dtype=torch.long)
     stub = pb2_grpc.HeInferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
 
     def raw(*messages):
         with pytest.raises(grpc.RpcError) as err:
-            list(stub.Query(iter(messages), timeout=60))
+            list(stub.Query(iter(messages), metadata=((TOKEN_METADATA_KEY, "secret-token"),), timeout=60))
         return err.value
 
-    start = pb2.HeStart(client_token="secret-token", model="tiny", seq_len=8, input_ciphertexts=1,
+    start = pb2.HeStart(model="tiny", seq_len=8, input_ciphertexts=1,
                         attention_mask=mask.numpy().astype("<i8").tobytes())
     try:
         e = raw(pb2.HeClientMessage(start=start), pb2.HeClientMessage(blob=pb2.HeBlob(kind="context", data=b"junk")))
@@ -219,9 +220,10 @@ def test_he_queries_over_grpc_with_bad_input_answered_and_the_node_serving_on(sm
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "input ciphertext" in e.details()
         e = raw(pb2.HeClientMessage(blob=pb2.HeBlob(kind="input", data=b"x")))
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "start" in e.details()
-        with HeSecureClient(f"127.0.0.1:{port}", "wrong") as bad, pytest.raises(QueryFailed, match="token"):
+        with HeSecureClient(f"127.0.0.1:{port}", "wrong", insecure=True) as bad, pytest.raises(QueryFailed,
+                                                                                                match="token"):
             bad.query("tiny", ids, mask)
-        with HeSecureClient(f"127.0.0.1:{port}", "secret-token", timeout_s=120) as c:
+        with HeSecureClient(f"127.0.0.1:{port}", "secret-token", timeout_s=120, insecure=True) as c:
             with pytest.raises(QueryFailed, match="unknown model"):
                 c.query("other", ids, mask)
             seen = []

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(
 
 from client.sdk import QueryFailed, SecureClient  # noqa: E402
 from party.certs import make_cluster_certs  # noqa: E402
-from party.config import ClusterConfig  # noqa: E402
+from party.config import TOKEN_METADATA_KEY, ClusterConfig  # noqa: E402
 from party.launch import LocalNodes, free_ports  # noqa: E402
 from protos import load as load_protos  # noqa: E402
 from secure.mpc.embedding import SeededComponent, client_onehot_shares  # noqa: E402
@@ -108,21 +108,22 @@ def _client_channel(cfg: ClusterConfig, address: str) -> grpc.Channel:
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(cfg.ca.read_bytes()))
 
 
-def _query_status(cfg: ClusterConfig, address: str, parts: list[Any], timeout_s: float = 20.0
+def _query_status(cfg: ClusterConfig, address: str, parts: list[Any], token: str | None, timeout_s: float = 20.0
                   ) -> tuple[grpc.StatusCode, str]:
-    """Send hand-built QueryParts to one party's client port; the status it ends with."""
+    """Send hand-built QueryParts to one party's client port (with ``token`` in the call
+    metadata unless None); the status it ends with."""
+    metadata = () if token is None else ((TOKEN_METADATA_KEY, token),)
     with _client_channel(cfg, address) as channel:
         try:
-            for _ in pb2_grpc.PartyStub(channel).Query(iter(parts), timeout=timeout_s):
+            for _ in pb2_grpc.PartyStub(channel).Query(iter(parts), metadata=metadata, timeout=timeout_s):
                 pass
         except grpc.RpcError as e:
             return e.code(), e.details() or ""
     return grpc.StatusCode.OK, ""
 
 
-def _header(token: str, model: str = "minilm", seq_len: int = SEQ) -> Any:
-    return pb2.QueryPart(header=pb2.QueryHeader(query_id=uuid.uuid4().hex, model=model, client_token=token,
-                                                seq_len=seq_len))
+def _header(model: str = "minilm", seq_len: int = SEQ) -> Any:
+    return pb2.QueryPart(header=pb2.QueryHeader(query_id=uuid.uuid4().hex, model=model, seq_len=seq_len))
 
 
 def _input(name: str, kind: str, part: int, t: torch.Tensor) -> list[Any]:
@@ -138,25 +139,25 @@ def _mask() -> torch.Tensor:
     return torch.ones(1, SEQ, dtype=torch.int64)
 
 
-def _party0_inputs(token: str, **override: list[Any]) -> list[Any]:
+def _party0_inputs(**override: list[Any]) -> list[Any]:
     """A well-formed query for party 0 (two seeds for the token one-hot, a public mask);
     ``override`` replaces the parts of one input key ("ids0", "ids1", "mask")."""
     pieces = {"ids0": _input("input_ids", "seed", 0, _seed()), "ids1": _input("input_ids", "seed", 1, _seed()),
               "mask": _input("attention_mask", "public", 0, _mask())}
     pieces.update(override)
-    return [_header(token), *(p for v in pieces.values() for p in v)]
+    return [_header(), *(p for v in pieces.values() for p in v)]
 
 
-def _all_healthy(cfg: ClusterConfig, token: str) -> bool:
-    with SecureClient(cfg, token) as c:
+def _all_healthy(cfg: ClusterConfig, tokens: list[str]) -> bool:
+    with SecureClient(cfg, tokens) as c:
         return all(c.health(timeout_s=5.0))
 
 
 def _running(client: SecureClient) -> list[int]:
     out = []
-    for stub in client.stubs:
+    for i, stub in enumerate(client.stubs):
         try:
-            out.append(stub.Health(pb2.HealthRequest(), timeout=2).running_queries)
+            out.append(stub.Describe(pb2.DescribeRequest(), metadata=client.metadata(i), timeout=2).running_queries)
         except grpc.RpcError:
             out.append(-1)
     return out
@@ -240,8 +241,7 @@ def test_silent_party_makes_peers_fail_at_deadline(nodes: LocalNodes, plain: Pla
     shares = client_onehot_shares(enc["input_ids"], VOCAB)
     parts: dict[int, list[Any]] = {}
     for i in (0, 2):
-        header = pb2.QueryPart(header=pb2.QueryHeader(query_id=qid, model="minilm", client_token=nodes.token,
-                                                      seq_len=SEQ))
+        header = pb2.QueryPart(header=pb2.QueryHeader(query_id=qid, model="minilm", seq_len=SEQ))
         comps = []
         for p, comp in enumerate((shares[i].first, shares[i].second)):
             if isinstance(comp, SeededComponent):
@@ -253,7 +253,8 @@ def test_silent_party_makes_peers_fail_at_deadline(nodes: LocalNodes, plain: Pla
 
     def call(i: int) -> None:
         t0 = time.monotonic()
-        code, details = _query_status(cfg, cfg.party(i).client_address, parts[i], timeout_s=DEADLINE_S + 20)
+        code, details = _query_status(cfg, cfg.party(i).client_address, parts[i], nodes.tokens[i],
+                                      timeout_s=DEADLINE_S + 20)
         outcome[i] = (code, details, time.monotonic() - t0)
 
     threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in (0, 2)]
@@ -269,7 +270,7 @@ def test_silent_party_makes_peers_fail_at_deadline(nodes: LocalNodes, plain: Pla
         assert DEADLINE_S - 1 <= seconds <= DEADLINE_S + 5, f"party {i} failed after {seconds:.1f} s"
         assert f"query {qid} failed" in nodes.log_path(i).read_text()
     assert any(code == grpc.StatusCode.DEADLINE_EXCEEDED for code, _, _ in outcome.values())
-    assert _all_healthy(cfg, nodes.token)
+    assert _all_healthy(cfg, nodes.tokens)
 
 
 # ---- 3. bad input -----------------------------------------------------------------------
@@ -280,64 +281,57 @@ def _huge_shape_chunk() -> list[Any]:
     return [pb2.QueryPart(input=pb2.InputChunk(name="input_ids", kind="share", part=0, chunk=chunk))]
 
 
-BAD_QUERIES: dict[str, tuple[Callable[[str], list[Any]], grpc.StatusCode, str]] = {
+BAD_QUERIES: dict[str, tuple[Callable[[], list[Any]], grpc.StatusCode, str]] = {
     "share-wrong-shape": (
-        lambda tok: _party0_inputs(tok, ids0=_input("input_ids", "share", 0, torch.zeros(SEQ, 10, dtype=torch.int64))),
+        lambda: _party0_inputs(ids0=_input("input_ids", "share", 0, torch.zeros(SEQ, 10, dtype=torch.int64))),
         grpc.StatusCode.INVALID_ARGUMENT, "must be int64 of shape [1, 16, 30522]"),
     "share-wrong-dtype": (
-        lambda tok: _party0_inputs(tok, ids0=_input("input_ids", "share", 0,
+        lambda: _party0_inputs(ids0=_input("input_ids", "share", 0,
                                                    torch.zeros(SEQ, VOCAB, dtype=torch.int32))),
         grpc.StatusCode.INVALID_ARGUMENT, "got torch.int32"),
     "public-float-mask": (
-        lambda tok: _party0_inputs(tok, mask=_input("attention_mask", "public", 0, torch.ones(1, SEQ))),
+        lambda: _party0_inputs(mask=_input("attention_mask", "public", 0, torch.ones(1, SEQ))),
         grpc.StatusCode.INVALID_ARGUMENT, "must be an integer tensor of shape [1, 16]"),
     "public-wrong-shape": (
-        lambda tok: _party0_inputs(tok, mask=_input("attention_mask", "public", 0,
+        lambda: _party0_inputs(mask=_input("attention_mask", "public", 0,
                                                    torch.ones(1, SEQ + 1, dtype=torch.int64))),
         grpc.StatusCode.INVALID_ARGUMENT, "must be an integer tensor of shape [1, 16]"),
     "short-seed": (
-        lambda tok: _party0_inputs(tok, ids1=_input("input_ids", "seed", 1, torch.zeros(8, dtype=torch.uint8))),
+        lambda: _party0_inputs(ids1=_input("input_ids", "seed", 1, torch.zeros(8, dtype=torch.uint8))),
         grpc.StatusCode.INVALID_ARGUMENT, "a seed is 16 bytes"),
     "data-disagrees-with-shape": (
-        lambda tok: _party0_inputs(tok, mask=[pb2.QueryPart(input=pb2.InputChunk(
+        lambda: _party0_inputs(mask=[pb2.QueryPart(input=pb2.InputChunk(
             name="attention_mask", kind="public", part=0, chunk=pb2.TensorChunk(
                 dtype="int64", shape=[1, SEQ], chunk_index=0, chunk_count=1, data=b"\1" * 8)))]),
         grpc.StatusCode.INVALID_ARGUMENT, "needs 128"),
     "unknown-dtype": (
-        lambda tok: _party0_inputs(tok, mask=[pb2.QueryPart(input=pb2.InputChunk(
+        lambda: _party0_inputs(mask=[pb2.QueryPart(input=pb2.InputChunk(
             name="attention_mask", kind="public", part=0, chunk=pb2.TensorChunk(
                 dtype="object", shape=[1, SEQ], chunk_index=0, chunk_count=1, data=b"\0" * 128)))]),
         grpc.StatusCode.INVALID_ARGUMENT, "unknown dtype 'object'"),
     "unknown-input": (
-        lambda tok: _party0_inputs(tok, mask=_input("token_type_ids", "public", 0, _mask())),
+        lambda: _party0_inputs(mask=_input("token_type_ids", "public", 0, _mask())),
         grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'token_type_ids'"),
     "missing-input": (
-        lambda tok: _party0_inputs(tok, mask=[]),
+        lambda: _party0_inputs(mask=[]),
         grpc.StatusCode.INVALID_ARGUMENT, "missing public input 'attention_mask'"),
     "no-header": (
-        lambda tok: _party0_inputs(tok)[1:],
+        lambda: _party0_inputs()[1:],
         grpc.StatusCode.INVALID_ARGUMENT, "must start with a header"),
     "bad-query-id": (
-        lambda tok: [pb2.QueryPart(header=pb2.QueryHeader(query_id="../../etc/passwd", model="minilm",
-                                                          client_token=tok, seq_len=SEQ))],
+        lambda: [pb2.QueryPart(header=pb2.QueryHeader(query_id="../../etc/passwd", model="minilm", seq_len=SEQ))],
         grpc.StatusCode.INVALID_ARGUMENT, "query id must be"),
     "undealt-length": (
-        lambda tok: [_header(tok, seq_len=512)],
+        lambda: [_header(seq_len=512)],
         grpc.StatusCode.INVALID_ARGUMENT, "sequence length 512 was not dealt"),
     "unknown-model": (
-        lambda tok: [_header(tok, model="gpt-9000"), *_party0_inputs(tok)[1:]],
+        lambda: [_header(model="gpt-9000"), *_party0_inputs()[1:]],
         grpc.StatusCode.NOT_FOUND, "unknown model 'gpt-9000'"),
-    "wrong-token": (
-        lambda tok: _party0_inputs("not-" + tok),
-        grpc.StatusCode.UNAUTHENTICATED, "client token not accepted"),
-    "missing-token": (
-        lambda tok: _party0_inputs(""),
-        grpc.StatusCode.UNAUTHENTICATED, "missing client token"),
     "oversized-declared-shape": (
-        lambda tok: [_header(tok), *_huge_shape_chunk()],
+        lambda: [_header(), *_huge_shape_chunk()],
         grpc.StatusCode.INVALID_ARGUMENT, f"exceeds the limit of {256 << 20} bytes"),
     "oversized-grpc-message": (  # a single message above the nodes' 8 MiB gRPC receive limit
-        lambda tok: [_header(tok), pb2.QueryPart(input=pb2.InputChunk(
+        lambda: [_header(), pb2.QueryPart(input=pb2.InputChunk(
             name="attention_mask", kind="public", part=0, chunk=pb2.TensorChunk(
                 dtype="uint8", shape=[9 << 20], chunk_index=0, chunk_count=1, data=b"\0" * (9 << 20))))],
         grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
@@ -348,10 +342,10 @@ BAD_QUERIES: dict[str, tuple[Callable[[str], list[Any]], grpc.StatusCode, str]] 
 def test_bad_query_gets_clear_status(nodes: LocalNodes, case: str) -> None:
     build, code, fragment = BAD_QUERIES[case]
     cfg = nodes.config
-    got, details = _query_status(cfg, cfg.party(0).client_address, build(nodes.token))
+    got, details = _query_status(cfg, cfg.party(0).client_address, build(), nodes.tokens[0])
     assert got == code, f"{case}: {got.name}: {details}"
     assert fragment in details, f"{case}: {details!r} does not mention {fragment!r}"
-    assert _all_healthy(cfg, nodes.token)
+    assert _all_healthy(cfg, nodes.tokens)
 
 
 def test_garbage_bytes_on_client_port(nodes: LocalNodes) -> None:
@@ -376,19 +370,42 @@ def test_garbage_bytes_on_client_port(nodes: LocalNodes) -> None:
         except (ConnectionResetError, TimeoutError):
             pass
     # and a truncated stream: a valid header, then the client goes away mid-tensor
-    partial = [_header(nodes.token), *_input("input_ids", "share", 0, torch.zeros(2 << 20, dtype=torch.uint8))[:1]]
-    code, details = _query_status(cfg, address, partial)
+    partial = [_header(), *_input("input_ids", "share", 0, torch.zeros(2 << 20, dtype=torch.uint8))[:1]]
+    code, details = _query_status(cfg, address, partial, nodes.tokens[0])
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "incomplete inputs" in details, details
-    assert _all_healthy(cfg, nodes.token)
+    assert _all_healthy(cfg, nodes.tokens)
+
+
+BAD_TOKENS = {"wrong": ("not-a-token", "client token not accepted"), "missing": (None, "missing client token"),
+              "empty": ("", "missing client token")}
+
+
+@pytest.mark.parametrize("case", list(BAD_TOKENS))
+def test_bad_token_refused_before_the_request_is_read(nodes: LocalNodes, case: str) -> None:
+    token, fragment = BAD_TOKENS[case]
+    cfg = nodes.config
+    code, details = _query_status(cfg, cfg.party(0).client_address, _party0_inputs(), token)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and fragment in details, details
+    # refused before the request is read: its oversized declared tensor is never looked at
+    code, details = _query_status(cfg, cfg.party(0).client_address, [_header(), *_huge_shape_chunk()], token)
+    assert code == grpc.StatusCode.UNAUTHENTICATED, details
 
 
 def test_token_checked_by_describe(nodes: LocalNodes) -> None:
     for token, fragment in (("wrong-token", "not accepted"), ("", "missing client token")):
-        with SecureClient(nodes.config, token) as client:
+        with SecureClient(nodes.config, [token] * 3) as client:
             with pytest.raises(QueryFailed) as info:
                 client.describe()
         assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
         assert fragment in str(info.value)
+
+
+def test_a_party_cannot_replay_its_token_at_another(nodes: LocalNodes) -> None:
+    """Each party accepts only its own token: party 1's token is refused by parties 0 and 2."""
+    cfg = nodes.config
+    for target in (0, 2):
+        code, details = _query_status(cfg, cfg.party(target).client_address, _party0_inputs(), nodes.tokens[1])
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "not accepted" in details, (target, details)
 
 
 def test_peer_with_foreign_certificate_is_refused(nodes: LocalNodes, tmp_path: Path) -> None:
@@ -408,7 +425,7 @@ def test_peer_with_foreign_certificate_is_refused(nodes: LocalNodes, tmp_path: P
         with pytest.raises(grpc.RpcError) as info:
             pb2_grpc.PeerStub(ch).Link(iter([frame]), timeout=10)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert _all_healthy(cfg, nodes.token)
+    assert _all_healthy(cfg, nodes.tokens)
 
 
 def test_peer_certificate_must_match_the_sender_id(nodes: LocalNodes) -> None:
@@ -423,18 +440,17 @@ def test_peer_certificate_must_match_the_sender_id(nodes: LocalNodes) -> None:
             pb2_grpc.PeerStub(channel).Link(iter([frame]), timeout=10)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "cannot send as party 0" in info.value.details()
-    assert _all_healthy(cfg, nodes.token)
+    assert _all_healthy(cfg, nodes.tokens)
 
 
-def test_request_size_limit(nodes: LocalNodes, tmp_path: Path) -> None:
-    """A node configured with a 64 KiB request limit refuses bigger requests.
-
-    The running nodes have the default limit (256 MiB); this node is party 1 of the same
-    cluster on fresh ports, with a tiny limit, serving the dealt graphs (its weights are
-    left out: no query gets far enough to need them)."""
+def _spare_party1(nodes: LocalNodes, tmp_path: Path, edit: Callable[[dict[str, Any]], None] = lambda raw: None
+                  ) -> Any:
+    """A second party 1 of the same cluster, in this process, on fresh ports (not started),
+    serving the dealt graphs without weights (no query gets far enough to need them; the
+    modified file is pinned by its new digest); ``edit`` changes its raw configuration."""
+    from party.integrity import file_sha256
     from party.node import PartyNode
 
-    limit = 64 << 10
     real = nodes.config
     assert real.ca is not None and real.parties[1].shares is not None
     data = torch.load(real.parties[1].shares, weights_only=True)
@@ -442,16 +458,25 @@ def test_request_size_limit(nodes: LocalNodes, tmp_path: Path) -> None:
     shares = tmp_path / "party1-graphs-only.pt"
     torch.save(data, shares)
     raw = real.to_dict()
-    raw["max_request_bytes"] = limit
     peer_port, client_port = free_ports(2)
     for p in raw["parties"]:
         p["cert"], p["key"] = str(real.party(p["id"]).cert), str(real.party(p["id"]).key)
         p["shares"] = str(shares) if p["id"] == 1 else None
+        p["shares_sha256"] = file_sha256(shares)[0] if p["id"] == 1 else None
+        p["manifest"] = None  # the dealer's manifest describes the unmodified file
         if p["id"] == 1:
             p["peer_port"], p["client_port"] = peer_port, client_port
     raw["tls"] = {"ca": str(real.ca)}
-    cfg = ClusterConfig.from_dict(raw)
-    node = PartyNode(cfg, 1)
+    edit(raw)
+    return PartyNode(ClusterConfig.from_dict(raw), 1)
+
+
+def test_request_size_limit(nodes: LocalNodes, tmp_path: Path) -> None:
+    """A node configured with a 64 KiB request limit refuses bigger requests (the running
+    nodes have the default limit, 256 MiB)."""
+    limit = 64 << 10
+    node = _spare_party1(nodes, tmp_path, lambda raw: raw.update(max_request_bytes=limit))
+    cfg = node.cfg
     node.start()
     try:
         address = cfg.party(1).client_address
@@ -459,13 +484,13 @@ def test_request_size_limit(nodes: LocalNodes, tmp_path: Path) -> None:
         mask = _input("attention_mask", "public", 0, _mask())
         # a real-sized dense one-hot component (16 x 30522 int64, 3.9 MB) is over the limit
         dense = _input("input_ids", "share", 0, torch.zeros(SEQ, VOCAB, dtype=torch.int64))
-        code, details = _query_status(cfg, address, [_header(nodes.token), *seed, *mask, *dense])
+        code, details = _query_status(cfg, address, [_header(), *seed, *mask, *dense], nodes.tokens[1])
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
         assert f"exceeds {limit} bytes" in details
         # small chunks declaring a tensor over the limit are refused from the first chunk
         chunk = pb2.TensorChunk(dtype="int64", shape=[SEQ, VOCAB], chunk_index=0, chunk_count=4000, data=b"\0" * 8)
         big = [pb2.QueryPart(input=pb2.InputChunk(name="input_ids", kind="share", part=0, chunk=chunk))]
-        code, details = _query_status(cfg, address, [_header(nodes.token), *seed, *mask, *big])
+        code, details = _query_status(cfg, address, [_header(), *seed, *mask, *big], nodes.tokens[1])
         assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), details
         assert f"limit of {limit} bytes" in details
         # the same node still answers well-formed requests that fit
@@ -492,6 +517,219 @@ def test_serves_after_bad_inputs(nodes: LocalNodes, plain: Plaintext) -> None:
     assert "already used" in str(info.value)
 
 
+# ---- 3b. hostile connections, identities, plaintext ----------------------------------------
+class IdleStreams:
+    """``count`` Query streams on one address that send nothing until closed."""
+
+    def __init__(self, cfg: ClusterConfig, address: str, count: int, token: str | None) -> None:
+        self.release = threading.Event()
+        self.channel = _client_channel(cfg, address)
+        metadata = () if token is None else ((TOKEN_METADATA_KEY, token),)
+        stub = pb2_grpc.PartyStub(self.channel)
+        self.calls = [stub.Query(self._silence(), metadata=metadata, timeout=120) for _ in range(count)]
+
+    def _silence(self) -> Iterator[Any]:
+        self.release.wait(120)
+        return
+        yield  # a generator that yields nothing
+
+    def outcomes(self, timeout_s: float) -> list[tuple[grpc.StatusCode, float]]:
+        """Each call's status and when it ended (seconds from now), waiting up to ``timeout_s``."""
+        t0 = time.monotonic()
+        out: list[tuple[grpc.StatusCode, float]] = []
+        lock = threading.Lock()
+
+        def wait(call: Any) -> None:
+            try:
+                for _ in call:
+                    pass
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                code = e.code()
+            with lock:
+                out.append((code, time.monotonic() - t0))
+
+        threads = [threading.Thread(target=wait, args=(c,), daemon=True) for c in self.calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.1, timeout_s - (time.monotonic() - t0)))
+        return out
+
+    def close(self) -> None:
+        self.release.set()
+        for c in self.calls:
+            c.cancel()
+        self.channel.close()
+
+
+def _answers_promptly(nodes: LocalNodes) -> None:
+    """Health and Describe answer within 3 s on every party."""
+    with nodes.client() as client:
+        for i, stub in enumerate(client.stubs):
+            assert stub.Health(pb2.HealthRequest(), timeout=3).live
+            assert stub.Describe(pb2.DescribeRequest(), metadata=client.metadata(i), timeout=3).party_id == i
+
+
+@pytest.mark.parametrize("count", [12, 100])
+def test_idle_unauthenticated_streams_do_not_starve_a_node(nodes: LocalNodes, plain: Plaintext, count: int) -> None:
+    cfg = nodes.config
+    idle = IdleStreams(cfg, cfg.party(0).client_address, count, token=None)
+    try:
+        _answers_promptly(nodes)
+        with nodes.client() as client:
+            result = client.embed(E2E_TEXT)
+        assert plain.cosine(E2E_TEXT, result.embedding) >= 0.999
+        # refused by the interceptor at once, without reading a message
+        codes = idle.outcomes(timeout_s=10)
+        assert len(codes) == count and all(c == grpc.StatusCode.UNAUTHENTICATED for c, _ in codes), codes[:3]
+    finally:
+        idle.close()
+
+
+def test_silent_authenticated_streams_hold_slots_until_the_receive_deadline(nodes: LocalNodes,
+                                                                          plain: Plaintext) -> None:
+    """Streams that send no header take admission slots (8 per node), so a ninth query is
+    refused at once; Health and Describe still answer; the silent streams are cut off at the
+    receive deadline and the node then serves a real query."""
+    cfg = nodes.config
+    assert cfg.receive_timeout_s == DEADLINE_S
+    idle = IdleStreams(cfg, cfg.party(0).client_address, 8, token=nodes.tokens[0])
+    try:
+        _wait_for(lambda: _slots_full(nodes), 10, "the silent streams to take every slot")
+        _answers_promptly(nodes)
+        t0 = time.monotonic()
+        code, details = _query_status(cfg, cfg.party(0).client_address, _party0_inputs(), nodes.tokens[0])
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "uploading" in details, details
+        assert time.monotonic() - t0 < 3
+        ended = idle.outcomes(timeout_s=DEADLINE_S + 10)
+        assert len(ended) == 8 and all(c != grpc.StatusCode.OK for c, _ in ended), ended
+        assert max(t for _, t in ended) <= DEADLINE_S + 5, ended
+        assert "did not send the query's header and inputs within" in nodes.log_path(0).read_text()
+    finally:
+        idle.close()
+    with nodes.client() as client:
+        assert plain.cosine(RECOVERY_TEXT, client.embed(RECOVERY_TEXT).embedding) >= 0.999
+
+
+def _slots_full(nodes: LocalNodes) -> bool:
+    """Whether party 0 refuses a new stream for want of a slot (an empty stream: it is
+    refused at once either way, taking no slot for long)."""
+    cfg = nodes.config
+    code, _ = _query_status(cfg, cfg.party(0).client_address, [], nodes.tokens[0], timeout_s=5)
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_standard_health_service_answers_serving(nodes: LocalNodes) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cfg = nodes.config
+    for i in range(3):
+        with _client_channel(cfg, cfg.party(i).client_address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "secureinference.Party"):
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            # the streaming Watch would hold a worker per caller: not without a token
+            with pytest.raises(grpc.RpcError) as info:
+                next(stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # our own Health needs no token and tells nothing about queries
+    with _client_channel(cfg, cfg.party(0).client_address) as channel:
+        reply = pb2_grpc.PartyStub(channel).Health(pb2.HealthRequest(), timeout=5)
+    assert reply.ready and "minilm" not in reply.detail
+    assert "running_queries" not in reply.DESCRIPTOR.fields_by_name
+
+
+def test_client_pointed_at_the_wrong_party_refuses_to_send(nodes: LocalNodes) -> None:
+    """Party 1's address answering with party 2's certificate fails the TLS name check
+    before any share is sent; so would a node that reports another party id."""
+    raw = nodes.config.to_dict()
+    raw["parties"][1]["client_port"] = raw["parties"][2]["client_port"]
+    raw["tls"] = {"ca": str(nodes.config.ca)}
+    for p in raw["parties"]:
+        real = nodes.config.party(p["id"])
+        p["cert"], p["key"], p["shares"] = str(real.cert), str(real.key), str(real.shares)
+    cfg = ClusterConfig.from_dict(raw)
+    with SecureClient(cfg, nodes.tokens) as client, pytest.raises(QueryFailed) as info:
+        client.embed(E2E_TEXT)
+    assert "party 1" in str(info.value) and info.value.code == grpc.StatusCode.UNAVAILABLE, info.value
+
+
+def test_client_checks_the_reported_party_and_share_digest(nodes: LocalNodes) -> None:
+    from client.sdk import _check_identity
+
+    cfg = nodes.config
+    with nodes.client() as client:
+        infos = client.verify_parties()
+    assert [i.party_id for i in infos] == [0, 1, 2]
+    assert [i.shares_sha256 for i in infos] == [cfg.party(i).shares_sha256 for i in range(3)]
+    with pytest.raises(QueryFailed, match="says it is party 2, not party 1"):
+        _check_identity(cfg, 1, infos[2])
+    forged = pb2.ModelInfo()
+    forged.CopyFrom(infos[1])
+    forged.shares_sha256 = "0" * 64
+    with pytest.raises(QueryFailed, match="pins"):
+        _check_identity(cfg, 1, forged)
+
+
+def test_peer_dialled_by_name_refuses_another_partys_certificate(nodes: LocalNodes, tmp_path: Path) -> None:
+    """A spare party 1 whose configuration sends its party-2 link to party 0's port: party 0
+    answers with its own certificate, which is not named party2, so the link never forms;
+    the link to the real party 0 does."""
+    def misdirect(raw: dict[str, Any]) -> None:
+        raw["parties"][2]["peer_port"] = raw["parties"][0]["peer_port"]
+
+    node = _spare_party1(nodes, tmp_path, misdirect)
+    try:
+        assert node.peer_reachable(0, timeout_s=5)
+        assert not node.peer_reachable(2, timeout_s=2, cache_s=0)
+    finally:
+        node.stop(0)
+
+
+def test_plaintext_needs_insecure(nodes: LocalNodes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+    import json
+    import subprocess
+    import sys
+
+    from client.__main__ import main as client_main
+    from party.config import ConfigError
+    from party.launch import REPO
+
+    raw = nodes.config.to_dict()
+    raw.pop("tls", None)
+    for p in raw["parties"]:
+        p["shares"] = str(nodes.config.party(p["id"]).shares)
+    plain_cfg = tmp_path / "plaintext.json"
+    plain_cfg.write_text(json.dumps(raw))
+    cfg = ClusterConfig.load(plain_cfg)
+    with pytest.raises(ConfigError, match="refusing to run in plaintext"):
+        SecureClient(cfg, nodes.tokens)
+    SecureClient(cfg, nodes.tokens, insecure=True).close()
+    done = subprocess.run([sys.executable, "-m", "party", "--config", str(plain_cfg), "--party", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "refusing to run in plaintext" in done.stderr + done.stdout
+    monkeypatch.setattr("sys.stdin", io.StringIO(E2E_TEXT))
+    assert client_main(["--config", str(plain_cfg), "--token-file", str(nodes.token_path)]) == 2
+    assert "--insecure" in capsys.readouterr().err
+
+
+def test_cli_reads_the_query_from_stdin(nodes: LocalNodes, plain: Plaintext, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+    import json
+
+    from client.__main__ import main as client_main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(E2E_TEXT + "\n"))
+    assert client_main(["--config", str(nodes.config_path), "--token-file", str(nodes.token_path)]) == 0
+    embedding = torch.tensor(json.loads(capsys.readouterr().out)["embedding"]).reshape(1, -1)
+    assert plain.cosine(E2E_TEXT, embedding) >= 0.999
+
+
 # ---- 4. load ----------------------------------------------------------------------------
 def test_concurrent_clients(nodes: LocalNodes, plain: Plaintext) -> None:
     clients, per_client = 4, 5
@@ -503,7 +741,7 @@ def test_concurrent_clients(nodes: LocalNodes, plain: Plaintext) -> None:
 
     def work(k: int) -> None:
         try:
-            with SecureClient(nodes.config, nodes.token, timeout_s=600) as client:
+            with SecureClient(nodes.config, nodes.tokens, timeout_s=600) as client:
                 for j in range(per_client):
                     text = LOAD_TEXTS[(k + j) % len(LOAD_TEXTS)]
                     r = client.embed(text)
