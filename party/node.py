@@ -41,6 +41,7 @@ import grpc
 import torch
 
 from party.config import ClusterConfig, ConfigError, party_name
+from party.integrity import check_party_header, verify_party_file
 from party.serving import (
     Admission,
     ReceiveDeadline,
@@ -56,7 +57,7 @@ from party.serving import (
     server_credentials,
 )
 from protos import load as load_protos
-from secure.graph.ir import Graph
+from secure.graph.ir import Graph, GraphValidationError
 from secure.mpc.backend import MpcOps
 from secure.mpc.embedding import OneHotShare, SeededComponent
 from secure.mpc.party import Party
@@ -86,8 +87,6 @@ def load_party_file(cfg: ClusterConfig, party_id: int, device: torch.device
     is opened once, so what is hashed is what is loaded. Then its party id and deal id are
     checked against the entry and the manifest.
     """
-    from party.integrity import check_party_header, verify_party_file
-
     entry = cfg.party(party_id)
     path = entry.shares
     if path is None:
@@ -102,12 +101,15 @@ def load_party_file(cfg: ClusterConfig, party_id: int, device: torch.device
     if data.get("format") != 1:
         raise ConfigError(f"{path}: unknown party file format {data.get('format')!r}")
     check_party_header(data, entry, cfg)
-    graphs = {int(k): Graph.from_json(v) for k, v in data["graphs"].items()}
+    try:  # a graph is data: ops outside the registry are refused, naming node, op and file
+        graphs = {int(k): Graph.from_json(v, source=str(path)) for k, v in data["graphs"].items()}
+    except GraphValidationError as e:
+        raise ConfigError(str(e)) from None
     weights = {}
-    for name, entry in data["weights"].items():
-        shape = tuple(entry["shape"])
+    for name, spec in data["weights"].items():
+        shape = tuple(spec["shape"])
         parts = []
-        for comp in (entry["first"], entry["second"]):
+        for comp in (spec["first"], spec["second"]):
             if "seed" in comp:
                 parts.append(SeededComponent(bytes(comp["seed"].tolist())).expand(shape, device))
             else:

@@ -391,3 +391,26 @@ def test_file_of_another_deal_is_refused(deal: Path, certs: tuple[Path, Recorder
     # but the node refuses it before loading: the manifest lists another digest
     message = _refused(raw, 1, monkeypatch)
     assert "another deal" in message, message
+
+
+def test_a_pinned_file_whose_graph_runs_code_is_refused_at_start_up(deal: Path, certs: tuple[Path, Recorder]
+                                                                    ) -> None:
+    """The digest proves who dealt a file, not that it is harmless: a model owner who pins a
+    graph naming an attribute chain (the exploit of issue 10) gets a node that refuses to
+    start, naming the node, the op and the file (tests/test_registry.py shows the chain is
+    never executed)."""
+    from party.integrity import file_sha256
+
+    path = deal / "party1" / "shares.pt"
+    data = torch.load(path, weights_only=True)
+    graph = json.loads(data["graphs"][SEQ])
+    victim = next(n for n in graph["nodes"] if not n["secret"])
+    victim["op"], victim["args"] = "__init__.__globals__.get", ["__builtins__"]
+    data["graphs"][SEQ] = json.dumps(graph)
+    torch.save(data, path)
+    raw = _raw(deal, certs[0])
+    raw["parties"][1]["shares_sha256"] = file_sha256(path)[0]
+    with pytest.raises(ConfigError) as info:
+        _node(raw, 1)
+    message = str(info.value)
+    assert victim["name"] in message and "__init__.__globals__.get" in message and str(path) in message

@@ -7,8 +7,15 @@ graph holds no weight values (they travel separately, as shares); public buffers
 constants (position ids, ...) are part of it.
 
 Serialisation is JSON (``to_json`` / ``from_json``): node arguments are JSON values where
-a reference to another value is ``{"ref": name}``, a dtype ``{"dtype": "float32"}`` and
-a public tensor ``{"tensor": name}`` in ``constants``.
+a reference to another value (an input, a weight, a public tensor in ``constants`` or an
+earlier node) is ``{"ref": name}``, a dtype ``{"dtype": "float32"}`` and a keyword dict
+``{"dict": {...}}``. A party loads graphs from files, so ``from_json`` treats its text as
+untrusted data: every op must be in the registry (:mod:`secure.graph.registry`), every
+dtype in its allow-list, every reference to a value defined before it; anything else is a
+:class:`GraphValidationError` naming the node, the op and the source. Nothing read from
+the text is ever resolved with ``getattr``.
+
+Imports the registry only: never ``secure.runtime`` nor the passes.
 """
 
 from __future__ import annotations
@@ -16,10 +23,21 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from secure.graph.registry import DTYPE_NAMES, DTYPES, KINDS, OPS, Kind, OpSpec
+
+MAX_ARGUMENT_DEPTH = 16
+"""How deeply node arguments may nest (captured graphs use two levels: lists of refs)."""
+
+
+class GraphValidationError(ValueError):
+    """A serialised graph is malformed or names something outside the registry; the message
+    names the node, the op and the source (file) when known."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +140,11 @@ class Graph:
 
     # ---- serialisation --------------------------------------------------------------
     def to_json(self) -> str:
+        """The JSON text of the graph; refuses ops that a party's ``from_json`` would refuse."""
+        for n in self.nodes:
+            if n.op not in OPS:
+                raise GraphValidationError(f"node {n.name!r}: op {n.op!r} is not in the op registry "
+                                           "(secure.graph.registry); a party would refuse this graph")
         payload = {
             "inputs": [asdict(i) for i in self.inputs],
             "weights": {k: asdict(v) for k, v in self.weights.items()},
@@ -135,21 +158,16 @@ class Graph:
         return json.dumps(payload)
 
     @staticmethod
-    def from_json(text: str) -> Graph:
+    def from_json(text: str, source: str | None = None) -> Graph:
+        """Parse and validate a serialised graph (see the module docstring); ``source`` (a
+        file name, say) goes into the error message."""
+        where = f" ({source})" if source else ""
         try:
-            d = json.loads(text)
-            return Graph(
-                inputs=[GraphInput(i["name"], i["kind"], Spec(**i["spec"])) for i in d["inputs"]],
-                weights={k: Spec(**v) for k, v in d["weights"].items()},
-                constants={k: _tensor_from_b64(v) for k, v in d["constants"].items()},
-                nodes=[Node(n["name"], n["op"], _decode(n["args"]), _decode(n["kwargs"]),
-                            Spec(**n["spec"]) if n["spec"] else None, n["secret"], n["origin"])
-                       for n in d["nodes"]],
-                outputs=list(d["outputs"]),
-                meta=dict(d.get("meta", {})),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"not a valid serialised graph: {type(e).__name__}: {e}") from e
+            return _graph_from_dict(json.loads(text))
+        except GraphValidationError as e:
+            raise GraphValidationError(f"not a valid serialised graph{where}: {e}") from e
+        except (KeyError, TypeError, ValueError, RecursionError) as e:
+            raise GraphValidationError(f"not a valid serialised graph{where}: {type(e).__name__}: {e}") from e
 
 
 def _fmt(v: Any) -> str:
@@ -166,7 +184,9 @@ def _encode(v: Any) -> Any:
     if isinstance(v, Ref):
         return {"ref": v.name}
     if isinstance(v, torch.dtype):
-        return {"dtype": str(v).removeprefix("torch.")}
+        if v not in DTYPE_NAMES:
+            raise TypeError(f"dtype {v} is not in the registry's dtype allow-list")
+        return {"dtype": DTYPE_NAMES[v]}
     if isinstance(v, (list, tuple)):
         return [_encode(x) for x in v]
     if isinstance(v, dict):
@@ -176,25 +196,165 @@ def _encode(v: Any) -> Any:
     raise TypeError(f"cannot serialise graph argument of type {type(v).__name__}: {v!r}")
 
 
-def _decode(v: Any) -> Any:
-    if isinstance(v, dict):
-        if "ref" in v:
-            return Ref(v["ref"])
-        if "dtype" in v:
-            return getattr(torch, v["dtype"])
-        if "dict" in v:
-            return {k: _decode(x) for k, x in v["dict"].items()}
-        raise ValueError(f"unknown encoded argument {v!r}")
-    if isinstance(v, list):
-        return [_decode(x) for x in v]
-    return v
-
-
 def _tensor_to_b64(t: torch.Tensor) -> str:
     buf = io.BytesIO()
     torch.save(t.detach().cpu(), buf)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _tensor_from_b64(s: str) -> torch.Tensor:
-    return torch.load(io.BytesIO(base64.b64decode(s)), weights_only=True)
+# ---- validation of untrusted graph text ------------------------------------------------------
+
+_GRAPH_KEYS = {"inputs", "weights", "constants", "nodes", "outputs"}
+_NODE_KEYS = {"name", "op", "args", "kwargs", "spec", "secret", "origin"}
+_INPUT_KINDS = {"client", "public"}
+
+
+def _expect(value: Any, kind: type, what: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise GraphValidationError(f"{what} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _keys(d: dict, required: set[str], optional: set[str], what: str) -> None:
+    missing, unknown = required - set(d), set(d) - required - optional
+    if missing or unknown:
+        raise GraphValidationError(f"{what}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
+
+
+def _spec(v: Any, what: str) -> Spec:
+    d = _expect(v, dict, f"{what}: spec")
+    _keys(d, {"shape", "dtype"}, set(), f"{what}: spec")
+    shape = [_expect(s, int, f"{what}: spec shape entry") for s in _expect(d["shape"], list, f"{what}: shape")]
+    dtype = _expect(d["dtype"], str, f"{what}: spec dtype")
+    if dtype.removeprefix("torch.") not in DTYPES:
+        raise GraphValidationError(f"{what}: dtype {dtype!r} is not in the dtype allow-list")
+    return Spec(shape, dtype)
+
+
+def _constant(name: str, v: Any) -> torch.Tensor:
+    try:
+        value = torch.load(io.BytesIO(base64.b64decode(_expect(v, str, "constant"), validate=True)),
+                           weights_only=True)
+    except Exception as e:  # torch.load raises many types on bad bytes; name the constant
+        raise GraphValidationError(f"constant {name!r}: {type(e).__name__}: {e}") from e
+    return _expect(value, torch.Tensor, f"constant {name!r}")
+
+
+def _decode(v: Any, depth: int = 0) -> Any:
+    """A node argument from its JSON form; refuses every encoding but ref, dtype, dict, lists
+    and JSON scalars, and every dtype outside :data:`DTYPES`."""
+    if depth > MAX_ARGUMENT_DEPTH:
+        raise GraphValidationError(f"arguments nested deeper than {MAX_ARGUMENT_DEPTH} levels")
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, list):
+        return [_decode(x, depth + 1) for x in v]
+    if isinstance(v, dict) and len(v) == 1:
+        ((key, inner),) = v.items()
+        if key == "ref" and isinstance(inner, str):
+            return Ref(inner)
+        if key == "dtype" and isinstance(inner, str) and inner in DTYPES:
+            return DTYPES[inner]
+        if key == "dict" and isinstance(inner, dict):
+            return {k: _decode(x, depth + 1) for k, x in inner.items()}
+    raise GraphValidationError(f"unknown encoded argument {_short(v)}")
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_KIND_CHECKS: dict[Kind, Callable[[Any], bool]] = {
+    "any": lambda v: True,
+    "ref": lambda v: isinstance(v, Ref),
+    "ref?": lambda v: v is None or isinstance(v, Ref),
+    "int": _is_int,
+    "number": _is_number,
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "ints?": lambda v: v is None or (isinstance(v, list) and all(_is_int(x) for x in v)),
+    "numbers?": lambda v: v is None or (isinstance(v, list) and all(_is_number(x) for x in v)),
+}
+if set(_KIND_CHECKS) != KINDS:
+    raise RuntimeError("ir.py checks a different set of argument kinds than the registry names")
+
+
+def _check_call(spec: OpSpec, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Argument count, keyword names, required parameters and argument kinds against the registry."""
+    positional = spec.positional
+    if len(args) > len(positional):
+        raise GraphValidationError(f"{len(args)} positional arguments, the op takes at most {len(positional)}")
+    given = {p.name: v for p, v in zip(positional, args)}
+    for key, value in kwargs.items():
+        if spec.param(key) is None or key in given:
+            raise GraphValidationError(f"keyword argument {key!r} is unknown or given twice")
+        given[key] = value
+    for param in spec.params:
+        if param.name not in given:
+            if param.required:
+                raise GraphValidationError(f"missing argument {param.name!r}")
+        elif not _KIND_CHECKS[param.kind](given[param.name]):
+            raise GraphValidationError(f"argument {param.name!r} must be {param.kind}, got "
+                                       f"{_short(given[param.name])}")
+
+
+def _node(d: Any, index: int, known: set[str]) -> Node:
+    d = _expect(d, dict, f"node #{index}")
+    name = _expect(d.get("name"), str, f"node #{index}: name")
+    op = _expect(d.get("op"), str, f"node {name!r}: op")
+    spec = OPS.get(op)
+    if spec is None:
+        raise GraphValidationError(f"node {name!r}: op {op!r} is not in the op registry")
+    try:
+        _keys(d, _NODE_KEYS, set(), "keys")
+        if not name or name in known:
+            raise GraphValidationError("the name is empty or already used")
+        args = _expect(_decode(d["args"]), list, "args")
+        kwargs = _expect(_decode(d["kwargs"]), dict, "kwargs")
+        node = Node(name, op, args, kwargs, None if d["spec"] is None else _spec(d["spec"], "output"),
+                    _expect(d["secret"], bool, "secret"), _expect(d["origin"], str, "origin"))
+        unknown = [r for r in node.refs() if r not in known]
+        if unknown:
+            raise GraphValidationError(f"reads {unknown[0]!r}, which is not defined before it")
+        _check_call(spec, args, kwargs)
+    except GraphValidationError as e:
+        raise GraphValidationError(f"node {name!r} (op {op!r}): {e}") from e
+    return node
+
+
+def _graph_from_dict(d: Any) -> Graph:
+    """A Graph from parsed JSON, validated throughout (see the module docstring)."""
+    d = _expect(d, dict, "the graph")
+    _keys(d, _GRAPH_KEYS, {"meta"}, "the graph")
+    inputs = []
+    for i in _expect(d["inputs"], list, "inputs"):
+        i = _expect(i, dict, "an input")
+        _keys(i, {"name", "kind", "spec"}, set(), "an input")
+        name = _expect(i["name"], str, "an input's name")
+        if i["kind"] not in _INPUT_KINDS:
+            raise GraphValidationError(f"input {name!r}: kind must be one of {sorted(_INPUT_KINDS)}")
+        inputs.append(GraphInput(name, i["kind"], _spec(i["spec"], f"input {name!r}")))
+    weights = {k: _spec(v, f"weight {k!r}") for k, v in _expect(d["weights"], dict, "weights").items()}
+    constants = {k: _constant(k, v) for k, v in _expect(d["constants"], dict, "constants").items()}
+    known = [i.name for i in inputs] + list(weights) + list(constants)
+    if len(set(known)) != len(known):
+        raise GraphValidationError("an input, weight or constant name is used twice")
+    defined = set(known)
+    nodes = []
+    for index, raw in enumerate(_expect(d["nodes"], list, "nodes")):
+        nodes.append(_node(raw, index, defined))
+        defined.add(nodes[-1].name)
+    outputs = [_expect(o, str, "an output") for o in _expect(d["outputs"], list, "outputs")]
+    undefined = [o for o in outputs if o not in defined]
+    if undefined:
+        raise GraphValidationError(f"output {undefined[0]!r} is not a value of the graph")
+    return Graph(inputs, weights, constants, nodes, outputs, dict(_expect(d.get("meta", {}), dict, "meta")))

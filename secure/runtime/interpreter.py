@@ -1,9 +1,11 @@
 """One interpreter for rewritten graphs, over any backend of the secure-form interface.
 
 Public nodes (masks, positions, anything computed from public values only) run in
-plaintext torch with the aten op they name. Secret nodes run through the backend
-(``SecureOps``): plaintext floats (:class:`FloatOps`), fixed-point simulation or the
-three-party engine (:class:`MpcOps`, one interpreter per party in lockstep).
+plaintext torch: the callable that the op registry (:mod:`secure.graph.registry`) holds for
+the op they name. Secret nodes run through the backend (``SecureOps``): plaintext floats
+(:class:`FloatOps`), fixed-point simulation or the three-party engine (:class:`MpcOps`, one
+interpreter per party in lockstep), dispatched by op name in :data:`SECRET_HANDLERS`. No op
+name is ever resolved with ``getattr``: an op that is in neither table does not run.
 
 Client token ids arrive already one-hot (the client builds and shares its own one-hot,
 see ``secure.mpc.embedding``); :func:`client_input` prepares them for a float backend.
@@ -12,7 +14,6 @@ see ``secure.mpc.embedding``); :func:`client_input` prepares them for a float ba
 from __future__ import annotations
 
 import contextlib
-import operator
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -25,7 +26,7 @@ from secure.approx.norms import layer_norm
 from secure.approx.reciprocal import reciprocal, rsqrt
 from secure.approx.softmax import MASK_BIAS_FLOOR, power_softmax, puma_softmax
 from secure.graph.ir import Graph, Node, Ref
-from secure.graph.passes import SHAPE_OPS
+from secure.graph.registry import OPS
 
 Trace = Callable[[Node], AbstractContextManager]
 
@@ -38,11 +39,22 @@ def no_trace(node: Node) -> AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _aten(op: str) -> Callable[..., Any]:
-    if op == "getitem":
-        return operator.getitem
-    namespace, name, overload = op.split(".")
-    return getattr(getattr(getattr(torch.ops, namespace), name), overload)
+SecretHandler = Callable[["Interpreter", Node, list[Any], dict[str, Any]], Any]
+"""Runs one secret node: (interpreter, node, argument values, environment) -> value."""
+
+SECRET_HANDLERS: dict[str, SecretHandler] = {}
+"""The ops that may run on secret values, by registry name (filled by :func:`_secret_op`)."""
+
+
+def _secret_op(*names: str) -> Callable[[SecretHandler], SecretHandler]:
+    """Register the decorated method as the secret handler of ``names`` (registry ops)."""
+    def register(fn: SecretHandler) -> SecretHandler:
+        for name in names:
+            if name not in OPS:
+                raise RuntimeError(f"secret handler for {name!r}, which is not in the op registry")
+            SECRET_HANDLERS[name] = fn
+        return fn
+    return register
 
 
 class Interpreter:
@@ -90,92 +102,133 @@ class Interpreter:
 
     # ---- public nodes: plaintext torch ---------------------------------------------
     def _public(self, node: Node, env: dict[str, Any]) -> Any:
-        args = _resolve(node.args, env)
-        kwargs = _resolve(node.kwargs, env)
-        return _aten(node.op)(*args, **kwargs)
+        spec = OPS.get(node.op)
+        if spec is None or spec.fn is None:
+            why = "a secure form runs on secret values only" if spec else "not in the op registry"
+            raise InterpreterError(f"node {node.name} ({node.op}) in {node.origin or 'top level'}: {why}")
+        return spec.fn(*_resolve(node.args, env), **_resolve(node.kwargs, env))
 
     # ---- secret nodes: the backend ---------------------------------------------------
     def _is_secret(self, a: Any) -> bool:
         return isinstance(a, Ref) and a.name in self.secret
 
     def _secret(self, node: Node, env: dict[str, Any]) -> Any:
-        ops = self.ops
-        op = node.op
+        handler = SECRET_HANDLERS.get(node.op)
+        if handler is None:
+            raise InterpreterError(f"no secure implementation of {node.op} (node {node.name}, in "
+                                   f"{node.origin or 'top level'})")
+        val = [env[x.name] if isinstance(x, Ref) else _resolve(x, env) for x in node.args]
+        return handler(self, node, val, env)
+
+    # ---- secret handlers: linear algebra and arithmetic ------------------------------
+    @_secret_op("aten.linear.default")
+    def _linear(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        a, ops = node.args, self.ops
+        x, w = self._secret_value(a[0], val[0]), self._secret_value(a[1], val[1])
+        y = ops.matmul(x, ops.map_shape(w, lambda t: t.transpose(-1, -2)))
+        return y if len(val) < 3 or val[2] is None else self._add(y, val[2], a[2])
+
+    @_secret_op("aten.matmul.default", "aten.bmm.default", "aten.mm.default")
+    def _matmul(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
         a = node.args
-        val = [env[x.name] if isinstance(x, Ref) else _resolve(x, env) for x in a]
-        if op in SHAPE_OPS:
-            return self._shape_op(node, val, env)
-        if op == "aten.linear.default":
-            x, w = self._secret_value(a[0], val[0]), self._secret_value(a[1], val[1])
-            y = ops.matmul(x, ops.map_shape(w, lambda t: t.transpose(-1, -2)))
-            return y if len(val) < 3 or val[2] is None else self._add(y, val[2], a[2])
-        if op in ("aten.matmul.default", "aten.bmm.default", "aten.mm.default"):
-            return ops.matmul(self._secret_value(a[0], val[0]), self._secret_value(a[1], val[1]))
-        if op == "aten.addmm.default":
-            prod = ops.matmul(self._secret_value(a[1], val[1]), self._secret_value(a[2], val[2]))
-            return self._add(prod, val[0], a[0])
-        if op == "aten.add.Tensor":
-            alpha = node.kwargs.get("alpha", 1)
-            y = val[1] if alpha == 1 else self._scale(val[1], a[1], alpha)
-            return self._add(val[0], y, a[1], a[0])
-        if op == "aten.sub.Tensor":
-            alpha = node.kwargs.get("alpha", 1)
-            return self._add(val[0], self._scale(val[1], a[1], -alpha), a[1], a[0])
-        if op == "aten.rsub.Scalar":
-            return ops.add_public(ops.neg(val[0]), float(val[1]))
-        if op == "aten.neg.default":
-            return ops.neg(val[0])
-        if op == "aten.mul.Tensor":
-            if self._is_secret(a[0]) and self._is_secret(a[1]):
-                return ops.mul(val[0], val[1])
-            s, p = (val[0], val[1]) if self._is_secret(a[0]) else (val[1], val[0])
-            return ops.mul_public(s, _public_number(p))
-        if op == "aten.div.Tensor":
-            if self._is_secret(a[1]):
-                return ops.mul(self._secret_value(a[0], val[0]), reciprocal(ops, val[1]))
-            return ops.mul_public(val[0], 1.0 / _public_number(val[1]))
-        if op in ("aten.sum.dim_IntList", "aten.mean.dim"):
-            dims = val[1] if isinstance(val[1], list) else [val[1]]
-            keep = bool(val[2]) if len(val) > 2 else bool(node.kwargs.get("keepdim", False))
-            rank = len(ops.shape(val[0]))
-            out, count = val[0], 1
-            for d in sorted((d % rank for d in dims), reverse=True):
-                count *= ops.shape(out)[d]
-                out = ops.sum(out, d, keep)
-            return ops.mul_public(out, 1.0 / count) if op == "aten.mean.dim" else out
-        if op == "aten.pow.Tensor_Scalar":
-            k = val[1]
-            if not (isinstance(k, int) or float(k).is_integer()) or int(k) < 1:
-                raise InterpreterError(f"node {node.name}: pow with exponent {k} on a secret; "
-                                       "only positive integer powers are supported")
-            out = val[0]
-            for _ in range(int(k) - 1):
-                out = ops.mul(out, val[0])
-            return out
-        if op == "aten.cat.default":
-            parts = [self._secret_value(r, v) for r, v in zip(a[0], val[0])]
-            return ops.concat(parts, val[1] if len(val) > 1 else 0)
-        if op == "secure.gelu":
-            if node.kwargs.get("form") == "poly":
-                return poly_gelu(ops, val[0], node.kwargs["bound"], node.kwargs["degree"])
-            return puma_gelu(ops, val[0])
-        if op == "secure.silu":
-            return puma_silu(ops, val[0])
-        if op == "secure.rsqrt":
-            return rsqrt(ops, val[0])
-        if op == "secure.layer_norm":
-            var_range = node.kwargs.get("variance_range")
-            return layer_norm(ops, val[0], val[1], val[2], eps=node.kwargs["eps"],
-                              newton_iterations=node.kwargs.get("newton_iterations", 0),
-                              variance_range=None if var_range is None else tuple(var_range))
-        if op == "secure.embedding":  # client one-hot (*ids, V) @ table (V, H)
-            rows = ops.matmul(val[1], val[0])
-            shape = node.kwargs.get("shape")
-            return rows if shape is None else ops.map_shape(rows, lambda t: t.reshape(shape))
-        if op == "secure.softmax":
-            return self._softmax(node, val[0], val[1])
-        raise InterpreterError(f"no secure implementation of {op} (node {node.name}, in "
-                               f"{node.origin or 'top level'})")
+        return self.ops.matmul(self._secret_value(a[0], val[0]), self._secret_value(a[1], val[1]))
+
+    @_secret_op("aten.addmm.default")
+    def _addmm(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        a = node.args
+        prod = self.ops.matmul(self._secret_value(a[1], val[1]), self._secret_value(a[2], val[2]))
+        return self._add(prod, val[0], a[0])
+
+    @_secret_op("aten.add.Tensor")
+    def _add_tensor(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        a, alpha = node.args, node.kwargs.get("alpha", 1)
+        y = val[1] if alpha == 1 else self._scale(val[1], a[1], alpha)
+        return self._add(val[0], y, a[1], a[0])
+
+    @_secret_op("aten.sub.Tensor")
+    def _sub_tensor(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        a, alpha = node.args, node.kwargs.get("alpha", 1)
+        return self._add(val[0], self._scale(val[1], a[1], -alpha), a[1], a[0])
+
+    @_secret_op("aten.rsub.Scalar")
+    def _rsub(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        return self.ops.add_public(self.ops.neg(val[0]), float(val[1]))
+
+    @_secret_op("aten.neg.default")
+    def _neg(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        return self.ops.neg(val[0])
+
+    @_secret_op("aten.mul.Tensor")
+    def _mul(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        a = node.args
+        if self._is_secret(a[0]) and self._is_secret(a[1]):
+            return self.ops.mul(val[0], val[1])
+        s, p = (val[0], val[1]) if self._is_secret(a[0]) else (val[1], val[0])
+        return self.ops.mul_public(s, _public_number(p))
+
+    @_secret_op("aten.div.Tensor")
+    def _div(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        a = node.args
+        if self._is_secret(a[1]):
+            return self.ops.mul(self._secret_value(a[0], val[0]), reciprocal(self.ops, val[1]))
+        return self.ops.mul_public(val[0], 1.0 / _public_number(val[1]))
+
+    @_secret_op("aten.sum.dim_IntList", "aten.mean.dim")
+    def _sum(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        ops = self.ops
+        dims = val[1] if isinstance(val[1], list) else [val[1]]
+        keep = bool(val[2]) if len(val) > 2 else bool(node.kwargs.get("keepdim", False))
+        rank = len(ops.shape(val[0]))
+        out, count = val[0], 1
+        for d in sorted((d % rank for d in dims), reverse=True):
+            count *= ops.shape(out)[d]
+            out = ops.sum(out, d, keep)
+        return ops.mul_public(out, 1.0 / count) if node.op == "aten.mean.dim" else out
+
+    @_secret_op("aten.pow.Tensor_Scalar")
+    def _pow(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        k = val[1]
+        if not (isinstance(k, int) or float(k).is_integer()) or int(k) < 1:
+            raise InterpreterError(f"node {node.name}: pow with exponent {k} on a secret; "
+                                   "only positive integer powers are supported")
+        out = val[0]
+        for _ in range(int(k) - 1):
+            out = self.ops.mul(out, val[0])
+        return out
+
+    @_secret_op("aten.cat.default")
+    def _cat(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        parts = [self._secret_value(r, v) for r, v in zip(node.args[0], val[0])]
+        return self.ops.concat(parts, val[1] if len(val) > 1 else 0)
+
+    # ---- secret handlers: the secure forms -------------------------------------------
+    @_secret_op("secure.gelu")
+    def _gelu(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        if node.kwargs.get("form") == "poly":
+            return poly_gelu(self.ops, val[0], node.kwargs["bound"], node.kwargs["degree"])
+        return puma_gelu(self.ops, val[0])
+
+    @_secret_op("secure.silu")
+    def _silu(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        return puma_silu(self.ops, val[0])
+
+    @_secret_op("secure.rsqrt")
+    def _rsqrt(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        return rsqrt(self.ops, val[0])
+
+    @_secret_op("secure.layer_norm")
+    def _layer_norm(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        var_range = node.kwargs.get("variance_range")
+        return layer_norm(self.ops, val[0], val[1], val[2], eps=node.kwargs["eps"],
+                          newton_iterations=node.kwargs.get("newton_iterations", 0),
+                          variance_range=None if var_range is None else tuple(var_range))
+
+    @_secret_op("secure.embedding")
+    def _embedding(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        """The client's one-hot (*ids, V) @ table (V, H)."""
+        rows = self.ops.matmul(val[1], val[0])
+        shape = node.kwargs.get("shape")
+        return rows if shape is None else self.ops.map_shape(rows, lambda t: t.reshape(shape))
 
     def _secret_value(self, ref: Any, value: Any) -> Any:
         return value if self._is_secret(ref) else self.ops.from_public(_as_float(value))
@@ -194,35 +247,55 @@ class Interpreter:
             return self.ops.mul_public(v, float(factor))
         return v * factor
 
-    def _shape_op(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
-        ops, op, x = self.ops, node.op, val[0]
-        if op == "getitem":
-            return x[val[1]]
-        if op in ("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default"):
-            count = len(_aten(op)(torch.empty(ops.shape(x), device="meta"), *val[1:]))
-            return [ops.map_shape(x, lambda t, i=i: _aten(op)(t, *val[1:])[i]) for i in range(count)]
-        if op == "aten.embedding.default":  # public indices into a secret table
-            idx = torch.as_tensor(val[1]).long()
-            return ops.map_shape(x, lambda t: t[idx.to(t.device)])
-        if op == "aten.index_select.default":
-            idx = torch.as_tensor(val[2]).long()
-            return ops.map_shape(x, lambda t: t.index_select(val[1], idx.to(t.device)))
-        if op == "aten._to_copy.default":
-            dtype = node.kwargs.get("dtype")
-            if dtype is not None and not dtype.is_floating_point:
-                raise InterpreterError(f"node {node.name}: converting a secret to {dtype}")
-            return x
-        if op in ("aten.clone.default", "aten.alias.default", "aten.detach.default",
-                  "aten.contiguous.default"):
-            return x
-        if op in ("aten.view.default", "aten._unsafe_view.default"):
-            return ops.map_shape(x, lambda t: t.reshape(val[1]))
-        fn = _aten(op)
-        rest = val[1:]
-        kwargs = _resolve(node.kwargs, env)
-        return ops.map_shape(x, lambda t: fn(t, *rest, **kwargs))
+    # ---- secret handlers: shapes, copies and lookups (local on every backend) ---------
+    @_secret_op("getitem")
+    def _getitem(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        return val[0][val[1]]
 
-    def _softmax(self, node: Node, x: Any, mask: Any) -> Any:
+    @_secret_op("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default")
+    def _split(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        ops, fn, x = self.ops, OPS[node.op].fn, val[0]
+        count = len(fn(torch.empty(ops.shape(x), device="meta"), *val[1:]))
+        return [ops.map_shape(x, lambda t, i=i: fn(t, *val[1:])[i]) for i in range(count)]
+
+    @_secret_op("aten.embedding.default")
+    def _public_lookup(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        """Public indices into a secret table."""
+        idx = torch.as_tensor(val[1]).long()
+        return self.ops.map_shape(val[0], lambda t: t[idx.to(t.device)])
+
+    @_secret_op("aten.index_select.default")
+    def _index_select(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        idx = torch.as_tensor(val[2]).long()
+        return self.ops.map_shape(val[0], lambda t: t.index_select(val[1], idx.to(t.device)))
+
+    @_secret_op("aten._to_copy.default")
+    def _to_copy(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        dtype = node.kwargs.get("dtype")
+        if dtype is not None and not dtype.is_floating_point:
+            raise InterpreterError(f"node {node.name}: converting a secret to {dtype}")
+        return val[0]
+
+    @_secret_op("aten.clone.default", "aten.alias.default", "aten.detach.default", "aten.contiguous.default")
+    def _same(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        return val[0]
+
+    @_secret_op("aten.view.default", "aten._unsafe_view.default")
+    def _view(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        return self.ops.map_shape(val[0], lambda t: t.reshape(val[1]))
+
+    @_secret_op("aten.reshape.default", "aten.transpose.int", "aten.permute.default", "aten.unsqueeze.default",
+                "aten.squeeze.dim", "aten.squeeze.dims", "aten.expand.default", "aten.slice.Tensor",
+                "aten.select.int", "aten.t.default", "aten.flatten.using_ints", "aten.unflatten.int")
+    def _reshape(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        """A shape op applied to every share (its registry callable, public arguments)."""
+        fn, rest, kwargs = OPS[node.op].fn, val[1:], _resolve(node.kwargs, env)
+        return self.ops.map_shape(val[0], lambda t: fn(t, *rest, **kwargs))
+
+    # ---- secret handlers: softmax ----------------------------------------------------
+    @_secret_op("secure.softmax")
+    def _softmax(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        x, mask = val[0], val[1]
         kw = node.kwargs
         shape = self.ops.shape(x)
         keep = None if mask is None else torch.as_tensor(mask).to(torch.bool)
