@@ -40,7 +40,8 @@ def _inputs(model_name: str, seq: int) -> tuple[torch.nn.Module, dict[str, torch
 
 
 def in_process(model_name: str, seq: int, recipe: str) -> dict:
-    """Spans of party 0 for one in-process query: nodes, protocol calls, totals."""
+    """Spans of party 0 for one in-process query: nodes (start_s from the query's start),
+    protocol calls, totals."""
     model, inputs = _inputs(model_name, seq)
     graph, weights = capture(model, inputs)
     secure_graph = rewrite(graph, RECIPES[recipe])
@@ -67,17 +68,18 @@ def in_process(model_name: str, seq: int, recipe: str) -> dict:
     return {
         "mode": "in-process", "wall_seconds": wall, "total_seconds": query.duration_s,
         "total_bytes_sent": [b - b0 for b, b0 in zip(cluster.bytes_sent(), bytes0)], "rounds": cluster.rounds - rounds0,
-        "nodes": [(s.name, s.start_s - query.start_s, s.duration_s, s.bytes_sent, s.rounds) for s in nodes],
+        "nodes": [s.since(query.start_s) for s in nodes],
         "protocol_calls": calls,
     }
 
 
 def over_grpc(seq: int, recipe: str) -> dict:
     """Spans reported by party 0's node for one query through three nodes on loopback."""
+    from client.sdk import local_client
     from party.launch import LocalNodes
 
     with tempfile.TemporaryDirectory() as tmp, LocalNodes(Path(tmp), recipe=recipe, seq_lens=(seq,)) as nodes:
-        with nodes.client() as client:
+        with local_client(nodes) as client:
             inputs = _inputs("minilm", seq)[1]
             client.query(inputs)  # warm-up
             t0 = time.perf_counter()
@@ -85,8 +87,7 @@ def over_grpc(seq: int, recipe: str) -> dict:
             wall = time.perf_counter() - t0
     return {"mode": "grpc", "wall_seconds": wall, "total_seconds": result.party_seconds[0],
             "total_bytes_sent": result.bytes_sent, "rounds": result.rounds,
-            "nodes": [(s["name"], s.get("start", 0.0), s["seconds"], s["bytes_sent"], s["rounds"])
-                      for s in result.spans], "protocol_calls": {}}
+            "nodes": result.spans, "protocol_calls": {}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,10 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(f"benchmarks/results/breakdown_{args.model}_{args.seq}{'_grpc' if args.grpc else ''}")
     out.mkdir(parents=True, exist_ok=True)
     run = over_grpc(args.seq, args.recipe) if args.grpc else in_process(args.model, args.seq, args.recipe)
-    spans = [(n, s, b, r) for n, _, s, b, r in run["nodes"]]
-    parts = aggregate(spans)
+    parts = aggregate(run["nodes"])
     covered = sum(p["seconds"] for p in parts.values())
-    table = breakdown_table(spans, f"part ({run['mode']}, party 0)")
+    table = breakdown_table(run["nodes"], f"part ({run['mode']}, party 0)")
     summary = (f"{args.model}, seq {args.seq}, recipe {args.recipe}, {run['mode']}: {run['wall_seconds']:.2f} s wall, "
                f"{run['rounds']} rounds, MB sent per party {[round(b / 1e6, 2) for b in run['total_bytes_sent']]}; "
                f"node spans cover {covered / run['total_seconds']:.1%} of party 0's time")

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from client.sdk import local_client
 from party.launch import LocalNodes
 from secure.graph.capture import capture
 from secure.graph.passes import RECIPES, rewrite
@@ -125,7 +126,7 @@ def bench(model: torch.nn.Module, workdir: Path, inputs: dict[str, torch.Tensor]
     t0 = time.perf_counter()
     with LocalNodes(workdir, recipe=recipe, seq_lens=(seq,), tls=True, deadline_s=60.0, progress=False) as nodes:
         setup_s = time.perf_counter() - t0
-        with nodes.client(timeout_s=600) as client:
+        with local_client(nodes, timeout_s=600) as client:
             client.describe()  # channels up, TLS handshakes done
             remote = Grpc(client, inputs, setup_s)
             for rep in range(reps + 1):  # rep 0 is the warm-up

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+from secure.evaluate.he_model import HeModel, distilled_he_model, tiny_he_model
 from secure.he.breakdown import operation_table
-from secure.he.execute import run_he
-from secure.he.model import HeModel, distilled_he_model, tiny_he_model
 from secure.mpc.engine import LocalCluster
 from secure.runtime.breakdown import aggregate, breakdown_table, chrome_trace, write_chart
 from secure.runtime.execute import deal_inputs, deal_weights, run_float, run_mpc
+from secure.runtime.execute_he import run_he
 
 QUERY = "Secure inference lets a client ask a question of a model it may not see, and the owner keeps its weights."
 
@@ -75,9 +75,8 @@ def one_length(model: HeModel, out: Path, mpc: bool) -> dict:
               "client_ops": run.client_stats, "forms": run.forms,
               "cosine_vs_original_minilm": cosine(original, got),
               "float_form_cosine_vs_original_minilm": cosine(original, ref)}
-    spans = [(n, s, b, r) for n, _, s, b, r in run.spans]
-    parts = aggregate(spans)
-    table = breakdown_table(spans, "part (HE, server; rounds = client trips)")
+    parts = aggregate(run.spans)
+    table = breakdown_table(run.spans, "part (HE, server; rounds = client trips)")
     ops = operation_table(run.server_stats, run.client_stats, run.forms, run.bytes)
     lines = [f"{model.name}, seq {model.seq_len}, HE (CKKS N={run.plan.params.poly_degree}): {he_wall:.2f} s wall "
              f"({', '.join(f'{k} {v:.2f} s' for k, v in run.seconds.items())}), {run.refreshes} client trips, "

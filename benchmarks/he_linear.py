@@ -1,5 +1,5 @@
 """Encrypted activations times a plaintext weight matrix: TenSEAL's own packings against
-ours (the diagonal method on a column-major layout, ``secure.he.backend``).
+ours (the diagonal method on a column-major layout, ``secure.he.linear``).
 
     python benchmarks/he_linear.py [--rows 16 32 128] [--dim 128]
 
@@ -18,25 +18,23 @@ from pathlib import Path
 
 import torch
 
-from secure.he.backend import HeOps
 from secure.he.client import HeClient, server_engine
 from secure.he.engine import GhostCt, GhostEngine
-from secure.he.layout import Cipher, Plain, canonical
+from secure.he.layout import Cipher, canonical
+from secure.he.linear import matmul_plain
 from secure.he.params import PARAM_SETS
 
 
 def ours(x: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
-    ghost = HeOps(GhostEngine(PARAM_SETS[0]))
-
+    ghost = GhostEngine(PARAM_SETS[0])  # the rotation steps the client needs Galois keys for
     index, count = canonical(x.shape, ghost.slots)
-    ghost.matmul(Cipher([GhostCt(ghost.engine.top_level) for _ in range(count)], index), Plain(w))
-    client = HeClient(PARAM_SETS[0], sorted(ghost.engine.steps))
+    matmul_plain(ghost, Cipher([GhostCt(ghost.top_level) for _ in range(count)], index), w)
+    client = HeClient(PARAM_SETS[0], sorted(ghost.steps))
     engine = server_engine(client.public_context())
-    ops = HeOps(engine, client)
     blobs, idx = client.encrypt(x)
-    cx = Cipher([engine.deserialize(b) for b in blobs], idx)
+    cx = Cipher([engine.deserialize(b) for b in blobs], idx)  # fresh: canonical, clean, one level
     t = time.perf_counter()
-    y = ops.matmul(cx, Plain(w))
+    y = matmul_plain(engine, cx, w)
     seconds = time.perf_counter() - t
     got = client.decrypt([engine.serialize(c) for c in y.cts], y.index)
     return seconds, float((got - x @ w).abs().max())

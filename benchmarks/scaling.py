@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from secure.runtime.profiler import Profiler
+from secure.profile.profiler import Profiler
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("bench_peers", HERE / "peers" / "bench_peers.py")

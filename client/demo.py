@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from client.sdk import local_client
 from party.launch import REPO, LocalNodes
 from secure.graph.passes import RECIPES
 from secure.models import SentenceEncoder, compare_embeddings, load_minilm
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         nodes.wait_ready()
         print(f"      ready after {time.perf_counter() - t0:.0f} s")
-        with nodes.client() as client:
+        with local_client(nodes) as client:
             inputs = client.encode_text(args.text)
             tokens = int(inputs["attention_mask"].sum())
             print(f"[3/4] secret-shared query: {tokens} tokens padded to {inputs['input_ids'].shape[-1]}")
@@ -70,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
               f"client upload {[round(b / 1e6, 2) for b in result.upload_bytes]} MB)\n")
         print(compare_embeddings(secure, plain))
         print()
-        print(breakdown_table([(s["name"], s["seconds"], s["bytes_sent"], s["rounds"]) for s in result.spans],
-                              "part (as reported by party 0)"))
+        print(breakdown_table(result.spans, "part (as reported by party 0)"))
     finally:
         nodes.stop()
     return 0

@@ -16,20 +16,21 @@ import json
 import queue
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import numpy as np
 import torch
 
 from client.sdk import CHANNEL_OPTIONS, QueryFailed
 from party.config import TOKEN_METADATA_KEY, HeNodeConfig
 from protos import load
-from secure.he.client import HeClient
+from secure.he.client import HeClient, RefreshCheck
 from secure.he.params import CkksParams
-from secure.transport.he_wire import BlobReader, blob_pieces
-from secure.transport.wire import TensorAssembler
+from secure.profile.profiler import Span
+from secure.transport.he_wire import ClientStream, QueryResult, RefreshRequest
+from secure.transport.wire import TensorAssembler, WireError
 
 pb2, pb2_grpc = load()
 
@@ -42,7 +43,7 @@ class HeQueryResult:
     refreshes: int
     bytes_up: int
     bytes_down: int
-    spans: list[tuple[str, float, float, int, int]] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -106,91 +107,83 @@ class HeSecureClient:
 
     def query(self, model: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               progress: Callable[[int, int], None] | None = None) -> HeQueryResult:
+        """One query: the plan, keys, the encrypted embedded rows up, the node's refreshes
+        answered (``progress(done, total)`` on its reports), the outputs decrypted."""
         t_start = time.perf_counter()
         seq = int(input_ids.shape[-1])
         p = self.plan(model, seq)
+        rows = self._rows(model, input_ids)
+        timings: dict[str, float] = {}
+        with _timed(timings, "keygen"):
+            keys = HeClient(CkksParams.from_dict(json.loads(p.params_json)), p.steps)
+            context = keys.public_context()
+        with _timed(timings, "encrypt"):
+            blobs, _ = keys.encrypt(rows.view(1, seq, -1))
+        call = _QueryCall()
+        try:
+            stream = ClientStream(pb2, call.send, call.responses(self.stub, self.metadata, self.timeout_s))
+            stream.send_start(model, seq, attention_mask, context, blobs)
+            result = _answer_refreshes(stream, keys, progress)
+        except grpc.RpcError as e:
+            raise QueryFailed(f"HE server: {e.details()}", e.code()) from e
+        except WireError as e:
+            raise QueryFailed(str(e)) from e
+        finally:
+            call.close()
+        outputs = [keys.decrypt(cts, index) for cts, index in result.outputs]
+        return HeQueryResult(outputs, time.perf_counter() - t_start, result.seconds, result.refreshes, call.up,
+                             call.down, result.spans, timings)
+
+    def _rows(self, model: str, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding table's rows of the ids, looked up here (the table is fetched once)."""
         table = self.table(model)
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= table.shape[0]:
             raise ValueError(f"token ids must lie in [0, {table.shape[0]})")
-        timings = {}
-        t = time.perf_counter()
-        keys = HeClient(CkksParams.from_dict(json.loads(p.params_json)), p.steps)
-        context = keys.public_context()
-        timings["keygen"] = time.perf_counter() - t
-        t = time.perf_counter()
-        blobs, _ = keys.encrypt(table[input_ids.long()].view(1, seq, -1))
-        timings["encrypt"] = time.perf_counter() - t
-        requests: queue.Queue = queue.Queue()
-        up = [0]
+        return table[input_ids.long()]
 
-        def send(msg: Any) -> None:
-            up[0] += msg.ByteSize()
-            requests.put(msg)
 
-        send(pb2.HeClientMessage(start=pb2.HeStart(
-            model=model, seq_len=seq, input_ciphertexts=len(blobs),
-            attention_mask=attention_mask.to(torch.int64).numpy().astype("<i8").tobytes())))
-        for piece in blob_pieces(pb2.HeBlob, "context", 0, 0, context):
-            send(pb2.HeClientMessage(blob=piece))
-        for i, b in enumerate(blobs):
-            for piece in blob_pieces(pb2.HeBlob, "input", 0, i, b):
-                send(pb2.HeClientMessage(blob=piece))
+class _QueryCall:
+    """One Query stream's request queue and the bytes sent and received on it."""
 
-        def request_stream() -> Iterator[Any]:
-            while True:
-                msg = requests.get()
-                if msg is None:
-                    return
-                yield msg
+    def __init__(self) -> None:
+        self.requests: queue.Queue = queue.Queue()
+        self.up = 0
+        self.down = 0
 
-        responses = self.stub.Query(request_stream(), metadata=self.metadata, timeout=self.timeout_s)
-        down = [0]
+    def send(self, msg: Any) -> None:
+        self.up += msg.ByteSize()
+        self.requests.put(msg)
 
-        def counted() -> Iterator[Any]:
-            for msg in responses:
-                down[0] += msg.ByteSize()
-                yield msg
+    def close(self) -> None:
+        self.requests.put(None)
 
-        reader = BlobReader(counted(), lambda m: m.blob if m.WhichOneof("msg") == "blob" else None, 1 << 30)
-        pieces: dict[tuple[str, int, int], list[bytes]] = {}
-        try:
-            while True:
-                msg = reader.next_message()
-                kind = msg.WhichOneof("msg")
-                if kind == "progress":
-                    if progress is not None:
-                        progress(msg.progress.done, msg.progress.total)
-                elif kind == "refresh":
-                    r = msg.refresh
-                    items = []
-                    for i in range(len(r.inputs)):
-                        cts = [reader.read("refresh", i, j) for j in range(r.inputs[i])]
-                        gather = None
-                        if r.gathers[i]:
-                            gather = np.frombuffer(reader.read("gather", i, 0), dtype="<i4").astype(np.int64)
-                        items.append((cts, gather, r.outputs[i]))
-                    for i, fresh in enumerate(keys.refresh(items)):
-                        for j, b in enumerate(fresh):
-                            for piece in blob_pieces(pb2.HeBlob, "refresh", i, j, b):
-                                send(pb2.HeClientMessage(blob=piece))
-                elif kind == "blob" and msg.blob.kind in ("output", "index"):
-                    pieces.setdefault((msg.blob.kind, msg.blob.item, msg.blob.seq), []).append(msg.blob.data)
-                elif kind == "result":
-                    res = msg.result
-                    outputs = []
-                    for i, count in enumerate(res.ciphertexts):
-                        shape = json.loads(res.shapes[i])
-                        index = np.frombuffer(b"".join(pieces.pop(("index", i, 0), [])), dtype="<i8")
-                        if index.size != int(np.prod(shape)):
-                            raise QueryFailed(f"output {i}: index of {index.size} entries for shape {shape}")
-                        cts = [b"".join(pieces.pop(("output", i, j), [])) for j in range(count)]
-                        outputs.append(keys.decrypt(cts, torch.from_numpy(index.copy()).view(shape)))
-                    return HeQueryResult(outputs, time.perf_counter() - t_start, res.seconds, res.refreshes, up[0],
-                                         down[0], [(s.name, s.start, s.seconds, s.bytes_sent, s.rounds)
-                                                   for s in res.spans], timings)
-                else:
-                    raise QueryFailed(f"unexpected message from the server: {kind}")
-        except grpc.RpcError as e:
-            raise QueryFailed(f"HE server: {e.details()}", e.code()) from e
-        finally:
-            requests.put(None)
+    def _requests(self) -> Iterator[Any]:
+        while (msg := self.requests.get()) is not None:
+            yield msg
+
+    def responses(self, stub: Any, metadata: Any, timeout_s: float | None) -> Iterator[Any]:
+        """The node's messages; the call starts at the first one asked for."""
+        for msg in stub.Query(self._requests(), metadata=metadata, timeout=timeout_s):
+            self.down += msg.ByteSize()
+            yield msg
+
+
+def _answer_refreshes(stream: ClientStream, keys: HeClient,
+                      progress: Callable[[int, int], None] | None) -> QueryResult:
+    """Answer the node's refresh requests (one beyond its stated bound is refused:
+    :class:`secure.he.client.RefreshBoundError`) and pass on its progress, until the result."""
+    while True:
+        event = stream.next_event()
+        if isinstance(event, QueryResult):
+            return event
+        if isinstance(event, RefreshRequest):
+            stream.send_refresh_reply(keys.refresh(event.items, RefreshCheck(event.node, event.bounds, event.masks)))
+        elif progress is not None:
+            progress(event.done, event.total)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    t = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - t

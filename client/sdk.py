@@ -31,9 +31,11 @@ import torch
 
 from party.config import TOKEN_METADATA_KEY, ClusterConfig, party_name
 from protos import load as load_protos
-from secure.mpc.embedding import SeededComponent, client_onehot_shares
+from secure.graph.buckets import bucket_for
 from secure.mpc.ring import FixedPoint
-from secure.mpc.shares import deal_shares, reconstruct
+from secure.mpc.shares import reconstruct
+from secure.profile.profiler import Span
+from secure.runtime.inputs import InputSpec, client_parts, upload_bytes
 from secure.transport.wire import TensorAssembler, tensor_chunks
 
 pb2, pb2_grpc = load_protos()
@@ -57,7 +59,7 @@ class QueryResult:
     bytes_sent: list[int]
     rounds: int
     upload_bytes: list[int]
-    spans: list[dict[str, Any]] = field(default_factory=list)  # party 0's per-part breakdown
+    spans: list[Span] = field(default_factory=list)  # party 0's traced nodes, start_s from its query's start
 
     @property
     def embedding(self) -> torch.Tensor:
@@ -148,7 +150,7 @@ class SecureClient:
         lengths = sorted(self.describe().seq_lens)
         tok = self.tokenizer()
         n = len(tok(text, truncation=True, max_length=lengths[-1])["input_ids"])
-        seq = next((s for s in lengths if s >= n), lengths[-1])
+        seq = bucket_for(n, lengths)
         enc = tok([text], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
@@ -160,35 +162,15 @@ class SecureClient:
     # ---- low level: any inputs ---------------------------------------------------------
     def _parts_for(self, inputs: dict[str, torch.Tensor], seq_len: int, query_id: str, trace: bool
                    ) -> tuple[list[list[Any]], list[int]]:
-        info = self.describe()
-        per_party: list[list[Any]] = [[pb2.QueryPart(header=pb2.QueryHeader(
-            query_id=query_id, model=self.cfg.model, seq_len=seq_len, want_trace=trace))] for _ in range(3)]
-        upload = [0, 0, 0]
-
-        def add(i: int, name: str, kind: str, part: int, t: torch.Tensor) -> None:
-            for chunk in tensor_chunks(t, pb2.TensorChunk):
-                per_party[i].append(pb2.QueryPart(input=pb2.InputChunk(name=name, kind=kind, part=part, chunk=chunk)))
-                upload[i] += len(chunk.data)
-
-        for spec in info.inputs:
-            if spec.name not in inputs:
-                raise ValueError(f"missing input {spec.name!r}; the model takes {[s.name for s in info.inputs]}")
-            value = inputs[spec.name]
-            if spec.kind == "public":
-                for i in range(3):
-                    add(i, spec.name, "public", 0, value)
-            elif spec.vocab_size > 0:
-                for i, share in enumerate(client_onehot_shares(value, int(spec.vocab_size))):
-                    for part, comp in enumerate((share.first, share.second)):
-                        if isinstance(comp, SeededComponent):
-                            add(i, spec.name, "seed", part, torch.frombuffer(bytearray(comp.seed), dtype=torch.uint8))
-                        else:
-                            add(i, spec.name, "share", part, comp)
-            else:
-                for i, share in enumerate(deal_shares(self.fp.encode(value.to(torch.float64)), self.fp.frac_bits)):
-                    add(i, spec.name, "share", 0, share.a)
-                    add(i, spec.name, "share", 1, share.b)
-        return per_party, upload
+        """Each party's stream: the header, then its parts of the inputs in chunks."""
+        specs = [InputSpec(i.name, i.kind, int(i.vocab_size)) for i in self.describe().inputs]
+        header = pb2.QueryPart(header=pb2.QueryHeader(query_id=query_id, model=self.cfg.model, seq_len=seq_len,
+                                                      want_trace=trace))
+        per_party = client_parts(specs, inputs, self.fp)
+        streams = [[header, *(pb2.QueryPart(input=pb2.InputChunk(name=p.name, kind=p.kind, part=p.part, chunk=chunk))
+                              for p in parts for chunk in tensor_chunks(p.tensor, pb2.TensorChunk))]
+                   for parts in per_party]
+        return streams, [upload_bytes(parts) for parts in per_party]
 
     def query(self, inputs: dict[str, torch.Tensor], trace: bool = False,
               progress: Callable[[int, int], None] | None = None, query_id: str | None = None) -> QueryResult:
@@ -235,8 +217,7 @@ class SecureClient:
             outputs.append(self.fp.decode(ring, results[0]["frac_bits"][index]))
         return QueryResult(outputs, time.perf_counter() - t0, [r["done"].seconds for r in results],
                            [int(r["done"].bytes_sent) for r in results], int(results[0]["done"].rounds), upload,
-                           [{"name": s.name, "seconds": s.seconds, "bytes_sent": s.bytes_sent, "rounds": s.rounds,
-                             "start": s.start} for s in results[0]["done"].spans])
+                           [Span.from_proto(s) for s in results[0]["done"].spans])
 
     @staticmethod
     def _collect(events: Iterator[Any], progress: Callable[[int, int], None] | None) -> dict[str, Any]:
@@ -275,3 +256,9 @@ def _check_identity(cfg: ClusterConfig, party: int, info: Any) -> None:
     if pinned and info.shares_sha256 != pinned:
         raise QueryFailed(f"party {party} at {where} holds share file {info.shares_sha256[:16] or '(none)'}..., "
                           f"the configuration pins {pinned[:16]}...: refusing to send it shares")
+
+
+def local_client(nodes: Any, timeout_s: float | None = None) -> SecureClient:
+    """A client of a local cluster (``party.launch.LocalNodes``: its configuration and tokens;
+    plaintext exactly when the cluster runs without TLS)."""
+    return SecureClient(nodes.config, nodes.tokens, timeout_s, insecure=not nodes.tls)

@@ -81,8 +81,27 @@ class PartyEntry:
         return f"{self.host}:{self.client_port}"
 
 
+class _ConfigFile:
+    """What both configuration files do: load from JSON, and refuse plaintext unless told."""
+
+    what = "configuration file"
+    tls: bool
+    path: Path | None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        path = Path(path)
+        return cls.from_dict(_read_json(path, cls.what), path)  # type: ignore[attr-defined]
+
+    def require_tls(self, insecure: bool) -> None:
+        """Refuse to run without TLS unless explicitly told ``insecure``."""
+        if not self.tls and not insecure:
+            raise ConfigError(f"{self.path or f'the {self.what}'} has no 'tls' section: refusing to run in "
+                              "plaintext; add tls (a CA and certificates) or pass --insecure for a local demo")
+
+
 @dataclass(frozen=True)
-class ClusterConfig:
+class ClusterConfig(_ConfigFile):
     model: str
     parties: list[PartyEntry]
     frac_bits: int = 18
@@ -103,33 +122,9 @@ class ClusterConfig:
                 return p
         raise ConfigError(f"party {party_id} is not in the configuration (ids: {[p.id for p in self.parties]})")
 
-    def require_tls(self, insecure: bool) -> None:
-        """Refuse to run without TLS unless explicitly told ``insecure``."""
-        if not self.tls and not insecure:
-            raise ConfigError(f"{self.path or 'the configuration'} has no 'tls' section: refusing to run in "
-                              "plaintext; add tls (a CA and per-party certificates) or pass --insecure for a local "
-                              "demo")
-
-    @staticmethod
-    def load(path: str | Path) -> ClusterConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"configuration file {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"configuration file {path} is not valid JSON: {e}") from None
-        return ClusterConfig.from_dict(raw, path)
-
     @staticmethod
     def from_dict(raw: dict[str, Any], path: Path | None = None) -> ClusterConfig:
-        base = path.parent if path else Path.cwd()
-
-        def file(v: Any) -> Path | None:
-            if v is None:
-                return None
-            p = Path(v)
-            return p if p.is_absolute() else base / p
+        file = _resolver(path)
 
         if "client_token_sha256" in raw:
             raise ConfigError("'client_token_sha256' belongs in each party's entry now (one token per party, so "
@@ -223,7 +218,7 @@ class HeModelEntry:
 
 
 @dataclass(frozen=True)
-class HeNodeConfig:
+class HeNodeConfig(_ConfigFile):
     """The HE node's configuration file, read by the node and by its clients::
 
         {
@@ -234,12 +229,14 @@ class HeNodeConfig:
           "client_token_sha256": ["<hex SHA-256 of each accepted client token>"],
           "models": [{"model": "tiny", "seq_lens": [16]}],
           "max_concurrent_queries": 2,
-          "receive_timeout_s": 120               // each message the node waits for (refresh replies too)
+          "receive_timeout_s": 120,              // each message the node waits for (refresh replies too)
+          "flood_bits": 10                       // optional: noise flooding of the outputs, 2^-k
         }
 
     Relative paths are relative to the file; a client needs only ``address`` and ``tls.ca``.
     """
 
+    what = "HE configuration file"
     address: str
     models: tuple[HeModelEntry, ...]
     client_token_sha256: tuple[str, ...] = ()
@@ -250,6 +247,7 @@ class HeNodeConfig:
     server_name: str = "he-node"
     max_concurrent_queries: int = 2
     receive_timeout_s: float = 120.0
+    flood_bits: int | None = None
     path: Path | None = None
 
     @property
@@ -260,29 +258,9 @@ class HeNodeConfig:
     def bind_address(self) -> str:
         return self.bind or f"[::]:{self.address.rsplit(':', 1)[-1]}"
 
-    def require_tls(self, insecure: bool) -> None:
-        """Refuse to run without TLS unless explicitly told ``insecure``."""
-        if not self.tls and not insecure:
-            raise ConfigError(f"{self.path or 'the HE configuration'} has no 'tls' section: refusing to run in "
-                              "plaintext; add tls or pass --insecure for a local demo")
-
-    @staticmethod
-    def load(path: str | Path) -> HeNodeConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"HE configuration file {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"HE configuration file {path} is not valid JSON: {e}") from None
-        return HeNodeConfig.from_dict(raw, path)
-
     @staticmethod
     def from_dict(raw: dict[str, Any], path: Path | None = None) -> HeNodeConfig:
-        base = path.parent if path else Path.cwd()
-
-        def file(v: Any) -> Path | None:
-            return None if v is None else (Path(v) if Path(v).is_absolute() else base / v)
+        file = _resolver(path)
 
         try:
             tls = raw.get("tls") or {}
@@ -294,7 +272,8 @@ class HeNodeConfig:
                 bind=str(raw.get("bind", "")), ca=file(tls.get("ca")), cert=file(tls.get("cert")),
                 key=file(tls.get("key")), server_name=str(tls.get("name", "he-node")),
                 max_concurrent_queries=int(raw.get("max_concurrent_queries", 2)),
-                receive_timeout_s=float(raw.get("receive_timeout_s", 120.0)), path=path)
+                receive_timeout_s=float(raw.get("receive_timeout_s", 120.0)),
+                flood_bits=None if raw.get("flood_bits") is None else int(raw["flood_bits"]), path=path)
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"bad HE configuration{f' in {path}' if path else ''}: {type(e).__name__}: {e}") from None
         if not cfg.models:
@@ -302,3 +281,28 @@ class HeNodeConfig:
         if tls and (cfg.ca is None or cfg.cert is None or cfg.key is None):
             raise ConfigError("the HE configuration's tls needs 'ca', 'cert' and 'key'")
         return cfg
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {path} must hold a JSON object")
+    return raw
+
+
+def _resolver(path: Path | None) -> Any:
+    """Resolves a configured file name: relative names are relative to the configuration file."""
+    base = path.parent if path else Path.cwd()
+
+    def file(v: Any) -> Path | None:
+        if v is None:
+            return None
+        p = Path(v)
+        return p if p.is_absolute() else base / p
+
+    return file

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from party.integrity import load_signing_key, make_manifest, make_signing_key, pin_instructions, write_manifest
 from party.private_files import make_private_dir, open_private
+from secure.graph.buckets import BUCKETS
 from secure.graph.capture import capture
 from secure.graph.passes import RECIPES, Recipe
 from secure.graph.passes import rewrite as rewrite_graph
@@ -40,7 +41,7 @@ from secure.mpc.ring import FixedPoint
 from secure.runtime.interpreter import embedding_vocab
 
 FORMAT = 1
-DEFAULT_SEQ_LENS = (16, 32, 64, 128)
+DEFAULT_SEQ_LENS = BUCKETS
 
 
 def _component(c: SeededComponent | torch.Tensor) -> dict[str, Any]:

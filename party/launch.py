@@ -3,9 +3,12 @@ and one process per party node.
 
 Used by the main job and the tests::
 
-    with LocalCluster(Path("/tmp/cluster")) as nodes:
-        client = nodes.client()
-        print(client.embed("hello").embedding)
+    with LocalNodes(Path("/tmp/cluster")) as nodes:
+        with SecureClient(nodes.config, nodes.tokens) as client:
+            print(client.embed("hello").embedding)
+
+(The party side never imports the client: readiness is probed with the nodes' own
+``Health``.)
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ import sys
 import time
 from pathlib import Path
 
-from client.sdk import SecureClient
+import grpc
+
 from party.certs import make_cluster_certs
 from party.config import ClusterConfig, party_name, token_digest
 from party.deal import DEFAULT_SEQ_LENS, deal_minilm
 from party.integrity import MANIFEST_NAME, read_manifest
 from party.private_files import write_private
+from protos import load as load_protos
 from secure.graph.passes import RECIPES
 
 REPO = Path(__file__).resolve().parent.parent
+pb2, pb2_grpc = load_protos()
 
 
 def free_ports(n: int) -> list[int]:
@@ -113,18 +119,31 @@ class LocalNodes:
                     [sys.executable, "-m", "party", "--config", str(self.config_path), "--party", str(i), *insecure],
                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
 
+    def ready(self, party: int, timeout_s: float = 1.0) -> bool:
+        """Whether ``party`` answers Health as ready (it and both its peers up)."""
+        cfg = self.config
+        target = cfg.party(party).client_address
+        if cfg.ca is None:
+            channel = grpc.insecure_channel(target)
+        else:
+            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(cfg.ca.read_bytes()),
+                                          options=[("grpc.ssl_target_name_override", party_name(party))])
+        with channel:
+            try:
+                return bool(pb2_grpc.PartyStub(channel).Health(pb2.HealthRequest(), timeout=timeout_s).ready)
+            except grpc.RpcError:
+                return False
+
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Wait until all three nodes answer Health as ready; raise with their logs' tail if not."""
-        cfg = self.config
         end = time.monotonic() + timeout_s
-        with SecureClient(cfg, self.tokens, insecure=not self.tls) as client:
-            while time.monotonic() < end:
-                for i, p in enumerate(self.procs):
-                    if p is not None and p.poll() is not None:
-                        raise RuntimeError(f"party {i} exited with {p.returncode}:\n{self.tail(i)}")
-                if all(client.health(timeout_s=1.0)):
-                    return
-                time.sleep(0.3)
+        while time.monotonic() < end:
+            for i, p in enumerate(self.procs):
+                if p is not None and p.poll() is not None:
+                    raise RuntimeError(f"party {i} exited with {p.returncode}:\n{self.tail(i)}")
+            if all(self.ready(i) for i in range(3)):
+                return
+            time.sleep(0.3)
         raise TimeoutError(f"the parties were not ready within {timeout_s:.0f} s:\n" +
                            "\n".join(self.tail(i) for i in range(3)))
 
@@ -151,9 +170,6 @@ class LocalNodes:
                     p.kill()
                     p.wait(5)
                 self.procs[i] = None
-
-    def client(self, timeout_s: float | None = None) -> SecureClient:
-        return SecureClient(self.config, self.tokens, timeout_s, insecure=not self.tls)
 
     def __enter__(self) -> LocalNodes:
         self.prepare()

@@ -59,12 +59,13 @@ from party.serving import (
 from protos import load as load_protos
 from secure.graph.ir import Graph, GraphValidationError
 from secure.mpc.backend import MpcOps
-from secure.mpc.embedding import OneHotShare, SeededComponent
+from secure.mpc.embedding import SeededComponent
 from secure.mpc.party import Party
 from secure.mpc.ring import FixedPoint
 from secure.mpc.shares import AShare
-from secure.runtime.interpreter import Interpreter, embedding_vocab
-from secure.runtime.profiler import Profiler, span
+from secure.profile.profiler import Profiler, span
+from secure.runtime.inputs import InputError, check_part_key, input_specs, party_inputs
+from secure.runtime.interpreter import Interpreter
 from secure.transport.grpc_peer import GrpcTransport, Mailbox, PeerLinks
 from secure.transport.wire import TensorAssembler, WireError, tensor_chunks
 
@@ -238,7 +239,6 @@ class PartyNode:
         if graph is None:
             raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"sequence length {h.seq_len} was not dealt; "
                                 f"available: {sorted(self.graphs)}")
-        specs = {i.name: i for i in graph.inputs}
         assemblers: dict[tuple[str, str, int], TensorAssembler] = {}
         received: dict[tuple[str, str, int], torch.Tensor] = {}
         total = 0
@@ -246,11 +246,10 @@ class PartyNode:
             if not part.HasField("input"):
                 raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, "only one header per query")
             c = part.input
-            if c.name not in specs:
-                raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"unknown input {c.name!r}; the model "
-                                    f"takes {sorted(specs)}")
-            if c.kind not in ("share", "seed", "public") or c.part not in (0, 1):
-                raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad input kind/part {c.kind!r}/{c.part}")
+            try:
+                check_part_key(graph, c.name, c.kind, c.part)
+            except InputError as e:
+                raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
             total += len(c.chunk.data)
             if total > self.cfg.max_request_bytes:
                 raise QueryRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request exceeds "
@@ -268,52 +267,10 @@ class PartyNode:
                 del assemblers[key]
         if assemblers:
             raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"incomplete inputs: {sorted(assemblers)}")
-        return h, graph, self._inputs(graph, received)
-
-    def _inputs(self, graph: Graph, received: dict[tuple[str, str, int], torch.Tensor]) -> dict[str, Any]:
-        ready: dict[str, Any] = {}
-        for spec in graph.inputs:
-            shape = tuple(spec.spec.shape)
-            if spec.kind == "public":
-                t = received.get((spec.name, "public", 0))
-                if t is None:
-                    raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"missing public input {spec.name!r}")
-                if tuple(t.shape) != shape or t.dtype.is_floating_point:
-                    raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"input {spec.name!r} must be an integer "
-                                        f"tensor of shape {list(shape)}, got {t.dtype} {list(t.shape)}")
-                ready[spec.name] = t
-                continue
-            vocab = embedding_vocab(graph, spec.name)
-            full = (*shape, vocab) if vocab else shape
-            comps = []
-            for p in (0, 1):
-                seed, dense = received.get((spec.name, "seed", p)), received.get((spec.name, "share", p))
-                if (seed is None) == (dense is None):
-                    raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"input {spec.name!r} needs exactly one "
-                                        f"seed or share for component {p}")
-                if seed is not None:
-                    if seed.dtype != torch.uint8 or seed.numel() != 16:
-                        raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, "a seed is 16 bytes (uint8)")
-                    comps.append(SeededComponent(bytes(seed.tolist())))
-                else:
-                    assert dense is not None
-                    flat_shape = (int(torch.Size(shape).numel()), vocab) if vocab else full
-                    if dense.dtype != torch.int64 or tuple(dense.shape) not in (tuple(full), tuple(flat_shape)):
-                        raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"share of {spec.name!r} must be int64 "
-                                            f"of shape {list(full)}, got {dense.dtype} {list(dense.shape)}")
-                    comps.append(dense)
-            if vocab:
-                rows = 1
-                for s in shape:
-                    rows *= s
-                flat = [c.reshape(rows, vocab) if isinstance(c, torch.Tensor) else c for c in comps]
-                share = OneHotShare(flat[0], flat[1], (rows, vocab)).expand(self.id, self.device)
-                ready[spec.name] = share.map(lambda t, s=full: t.reshape(s))
-            else:
-                parts = [c.expand(full, self.device) if isinstance(c, SeededComponent) else c.to(self.device)
-                         for c in comps]
-                ready[spec.name] = AShare(parts[0], parts[1], self.id, self.fp.frac_bits)
-        return ready
+        try:
+            return h, graph, party_inputs(graph, received, self.id, self.fp.frac_bits, self.device)
+        except InputError as e:
+            raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
 
     def run_query(self, query_id: str, graph: Graph, inputs: dict[str, Any], emit: Callable[[Any], None],
                   want_trace: bool) -> None:
@@ -343,8 +300,7 @@ class PartyNode:
                                                                           frac_bits=share.frac_bits, chunk=chunk)))
             spans = []
             if want_trace:  # every traced node, in order, for per-part tables and timelines
-                spans = [pb2.Span(name=s.name, seconds=s.duration_s, bytes_sent=s.bytes_sent, rounds=s.rounds,
-                                  start=s.start_s - start) for s in profiler.spans if s.depth == 0]
+                spans = [s.since(start).to_proto(pb2.Span) for s in profiler.spans if s.depth == 0]
             seconds = time.perf_counter() - t0
             emit(pb2.QueryEvent(done=pb2.Done(seconds=seconds, bytes_sent=party.bytes_sent,
                                                     rounds=party.rounds, spans=spans)))
@@ -442,8 +398,7 @@ class _PartyServicer(pb2_grpc.PartyServicer):
     def Describe(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         node = self.node
         graph = next(iter(node.graphs.values()))
-        inputs = [pb2.InputInfo(name=i.name, kind=i.kind, vocab_size=embedding_vocab(graph, i.name) or 0)
-                  for i in graph.inputs]
+        inputs = [pb2.InputInfo(name=i.name, kind=i.kind, vocab_size=i.vocab_size) for i in input_specs(graph)]
         return pb2.ModelInfo(model=node.header["model"], seq_lens=sorted(node.graphs), inputs=inputs,
                              frac_bits=node.cfg.frac_bits, recipe=node.header["recipe"]["name"],
                              party_id=node.id, shares_sha256=node.entry.shares_sha256 or "",

@@ -290,10 +290,12 @@ class ReceiveDeadline:
 # ---- worker bridge ------------------------------------------------------------------------------
 def run_in_worker(work: Callable[[Callable[[Any], None]], None], name: str,
                   on_exit: Callable[[], None] = lambda: None) -> Iterator[Any]:
-    """Run ``work(emit)`` in its own thread and yield what it emits, in order.
+    """Start ``work(emit)`` in its own thread now; the returned iterator yields what it
+    emits, in order.
 
-    An exception raised by ``work`` is re-raised here, after everything it emitted
-    before; ``on_exit`` runs in the worker when it ends, however it ends.
+    An exception raised by ``work`` is re-raised by the iterator, after everything it
+    emitted before; ``on_exit`` runs in the worker when it ends, however it ends (so a
+    slot is released even if nobody ever reads the events).
     """
     events: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -309,6 +311,10 @@ def run_in_worker(work: Callable[[Callable[[Any], None]], None], name: str,
                 events.put(_END)
 
     threading.Thread(target=body, name=name, daemon=True).start()
+    return _drain(events)
+
+
+def _drain(events: queue.SimpleQueue) -> Iterator[Any]:
     failure: BaseException | None = None
     while True:
         event = events.get()

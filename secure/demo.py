@@ -18,8 +18,8 @@ import time
 
 import torch
 
+from secure.graph.buckets import BUCKETS, bucket_for, buckets_up_to
 from secure.graph.capture import capture
-from secure.graph.fidelity import BUCKETS, bucket_length
 from secure.graph.passes import RECIPES, rewrite
 from secure.models import SentenceEncoder, compare_embeddings, load_minilm
 from secure.mpc.engine import LocalCluster
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder, tokenizer = load_minilm()
     model = SentenceEncoder(encoder)
     tokens = len(tokenizer(args.text, truncation=True, max_length=args.max_length)["input_ids"])
-    seq = bucket_length(tokens, [b for b in BUCKETS if b <= args.max_length])
+    seq = bucket_for(tokens, buckets_up_to(args.max_length))
     enc = tokenizer([args.text], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
     inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     print(f"all-MiniLM-L6-v2, recipe {args.recipe!r}: {tokens} tokens padded to {seq}; "
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{[round(b / 1e6, 1) for b in sent]}")
     print(compare_embeddings(secure, plain))
 
-    spans = [(s.name, s.duration_s, s.bytes_sent, s.rounds) for s in cluster.parties[0].profiler.spans
-             if s.depth == 1]  # the nodes inside the query span
+    spans = [s for s in cluster.parties[0].profiler.spans if s.depth == 1]  # the nodes inside the query span
     print()
     print(breakdown_table(spans, "part (party 0)"))
     return 0

@@ -1,5 +1,5 @@
 """Power-Softmax attention, calibration, distillation and the offline corpus
-(secure/graph/distill.py, secure/graph/corpus.py) on a tiny random BERT."""
+(secure/distill/) on a tiny random BERT."""
 
 from __future__ import annotations
 
@@ -18,8 +18,24 @@ from transformers import BertConfig, BertModel, BertTokenizer  # noqa: E402
 from secure.approx.float_backend import FloatOps  # noqa: E402
 from secure.approx.reciprocal import bounded_reciprocal_start  # noqa: E402
 from secure.approx.softmax import POWER_SOFTMAX_EPS, power_softmax  # noqa: E402
-from secure.graph import corpus  # noqa: E402
-from secure.graph import distill as ds  # noqa: E402
+from secure.distill import corpus  # noqa: E402
+from secure.distill.attention import (  # noqa: E402
+    ATTN_IMPLEMENTATION,
+    keep_mask,
+    load_power_softmax_model,
+    power_softmax_exact,
+    use_power_softmax,
+)
+from secure.distill.calibrate import (  # noqa: E402
+    LayerRange,
+    align_head_scales,
+    choose_calibration,
+    nice_ceil,
+    record_denominators,
+)
+from secure.distill.loss import cosine_stats, sentence_embeddings  # noqa: E402
+from secure.distill.report import RECIPE_FILE  # noqa: E402
+from secure.distill.train import distill_power_softmax  # noqa: E402
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -63,7 +79,7 @@ def test_exact_formula_and_mask_semantics() -> None:
     x = torch.randn(2, 3, 5, 7, dtype=torch.float64) * 2
     keep = torch.ones(2, 1, 1, 7, dtype=torch.float64)
     keep[0, ..., 5:] = 0
-    out = ds.power_softmax_exact(x, 4, keep=keep)
+    out = power_softmax_exact(x, 4, keep=keep)
     xp = x**4 * keep
     L = keep.sum(-1, keepdim=True)
     ref = xp / (POWER_SOFTMAX_EPS + xp.sum(-1, keepdim=True) / L)
@@ -71,7 +87,7 @@ def test_exact_formula_and_mask_semantics() -> None:
     assert bool((out[0, ..., 5:] == 0).all())
     # the bare form's rows sum to about L (the secure form's semantics); normalised: to 1
     torch.testing.assert_close(out.sum(-1), L.squeeze(-1).expand(2, 3, 5), rtol=1e-6, atol=0)
-    norm = ds.power_softmax_exact(x, 4, keep=keep, normalize=True)
+    norm = power_softmax_exact(x, 4, keep=keep, normalize=True)
     torch.testing.assert_close(norm.sum(-1), torch.ones(2, 3, 5, dtype=torch.float64), rtol=1e-6, atol=0)
     # and it is what the secure form approximates
     _, lower, _ = bounded_reciprocal_start(1e4, 16)
@@ -79,7 +95,7 @@ def test_exact_formula_and_mask_semantics() -> None:
     sec = power_softmax(FloatOps(), x, p=4, mask=keep, upper=1e4, iterations=16)
     torch.testing.assert_close(sec, out, rtol=2e-3, atol=1e-9)
     with pytest.raises(ValueError):
-        ds.power_softmax_exact(x, 3)
+        power_softmax_exact(x, 3)
 
 
 def test_keep_mask_from_bool_and_additive_masks() -> None:
@@ -87,17 +103,17 @@ def test_keep_mask_from_bool_and_additive_masks() -> None:
     bool_mask = torch.tensor([True, True, False]).expand(1, 1, 3, 3)
     add_mask = torch.where(bool_mask, 0.0, torch.finfo(torch.float32).min)
     for m in (bool_mask, add_mask):
-        keep = ds.keep_mask(m, shape)
+        keep = keep_mask(m, shape)
         assert keep.shape == shape and keep.dtype == torch.float32
         assert keep[..., 2].sum() == 0 and keep[..., :2].sum() == 2 * 3 * 2
-    assert ds.keep_mask(None, shape) is None
+    assert keep_mask(None, shape) is None
     with pytest.raises(ValueError):
-        ds.keep_mask(add_mask + 0.5, shape)
+        keep_mask(add_mask + 0.5, shape)
 
 
 def test_power_attention_layer_matches_hand_computation(tiny_dir: Path) -> None:
-    model = ds.use_power_softmax(BertModel.from_pretrained(str(tiny_dir)), p=4).eval()
-    assert model.config._attn_implementation == ds.ATTN_IMPLEMENTATION
+    model = use_power_softmax(BertModel.from_pretrained(str(tiny_dir)), p=4).eval()
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
     batch = _batch(tiny_dir, ["a short one.", "a somewhat longer sentence for the test."])
     with torch.no_grad():
         out = model(**batch, output_hidden_states=True, output_attentions=True)
@@ -115,7 +131,7 @@ def test_power_attention_layer_matches_hand_computation(tiny_dir: Path) -> None:
     xp = scores**4 * keep
     weights = xp / (POWER_SOFTMAX_EPS + xp.sum(-1, keepdim=True) / keep.sum(-1, keepdim=True))
     torch.testing.assert_close(out.attentions[0], weights, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(weights, ds.power_softmax_exact(scores, 4, keep=keep))
+    torch.testing.assert_close(weights, power_softmax_exact(scores, 4, keep=keep))
     with torch.no_grad():
         ctx = attn(h, attention_mask=batch["attention_mask"][:, None, None, :].bool())[0]
     torch.testing.assert_close(ctx.reshape(b, n, heads * d), (weights @ v).transpose(1, 2).reshape(b, n, -1),
@@ -132,7 +148,7 @@ def test_p_is_read_from_config(tiny_dir: Path) -> None:
     batch = _batch(tiny_dir, ["one more sentence here."])
     outs = []
     for p in (2, 6):
-        ds.use_power_softmax(model, p=p)
+        use_power_softmax(model, p=p)
         with torch.no_grad():
             outs.append(model(**batch, output_attentions=True).attentions[0])
     assert not torch.allclose(outs[0], outs[1])
@@ -142,9 +158,9 @@ def test_p_is_read_from_config(tiny_dir: Path) -> None:
 
 
 def test_calibration_choice() -> None:
-    assert ds.nice_ceil(3.1) == 5.0 and ds.nice_ceil(100.0) == 100.0 and ds.nice_ceil(0.011) == 0.02
-    r = ds.LayerRange(denominator_min=0.5, denominator_max=40.0, head_min=[0.5], head_max=[40.0])
-    cal = ds.choose_calibration({0: r}, headroom=2.0, margin=2.0)
+    assert nice_ceil(3.1) == 5.0 and nice_ceil(100.0) == 100.0 and nice_ceil(0.011) == 0.02
+    r = LayerRange(denominator_min=0.5, denominator_max=40.0, head_min=[0.5], head_max=[40.0])
+    cal = choose_calibration({0: r}, headroom=2.0, margin=2.0)
     assert cal.upper == 100.0 and cal.covered
     _, lower, _ = bounded_reciprocal_start(cal.upper, cal.iterations)
     assert lower * 2.0 <= 0.5 and cal.lower == lower
@@ -153,12 +169,12 @@ def test_calibration_choice() -> None:
 
 
 def test_align_head_scales_keeps_the_function(tiny_dir: Path) -> None:
-    model = ds.use_power_softmax(BertModel.from_pretrained(str(tiny_dir)), normalize=True).eval()
+    model = use_power_softmax(BertModel.from_pretrained(str(tiny_dir)), normalize=True).eval()
     batch = _batch(tiny_dir, ["the first text.", "and a second text that is a bit longer."])
-    with torch.no_grad(), ds.record_denominators(4, POWER_SOFTMAX_EPS) as ranges:
+    with torch.no_grad(), record_denominators(model, 4, POWER_SOFTMAX_EPS) as ranges:
         before = model(**batch).last_hidden_state
-    ds.align_head_scales(model, ranges, 4, target=50.0)
-    with torch.no_grad(), ds.record_denominators(4, POWER_SOFTMAX_EPS) as after_ranges:
+    align_head_scales(model, ranges, 4, target=50.0)
+    with torch.no_grad(), record_denominators(model, 4, POWER_SOFTMAX_EPS) as after_ranges:
         after = model(**batch).last_hidden_state
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
     for r in after_ranges.values():
@@ -166,12 +182,28 @@ def test_align_head_scales_keeps_the_function(tiny_dir: Path) -> None:
             assert hmax == pytest.approx(50.0, rel=1e-3)
 
 
+def test_only_the_observed_model_records_and_only_within_the_block(tiny_dir: Path) -> None:
+    observed = use_power_softmax(BertModel.from_pretrained(str(tiny_dir))).eval()
+    other = use_power_softmax(BertModel.from_pretrained(str(tiny_dir))).eval()
+    batch = _batch(tiny_dir, ["a text to observe.", "and another one, longer than the first."])
+    with torch.no_grad(), record_denominators(observed, 4, POWER_SOFTMAX_EPS) as ranges:
+        other(**batch)
+        assert not ranges
+        observed(**batch)
+    rows = {k: r.rows for k, r in ranges.items()}
+    assert sorted(rows) == [0, 1] and all(n > 0 for n in rows.values())
+    with torch.no_grad():
+        observed(**batch)
+    assert {k: r.rows for k, r in ranges.items()} == rows
+    assert not any("_power_softmax_observer" in m.__dict__ for m in observed.modules())
+
+
 # ---- distillation -----------------------------------------------------------------------
 
 
 def test_short_distillation_reduces_loss_and_saves(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "student"
-    report = ds.distill_power_softmax(
+    report = distill_power_softmax(
         tiny_dir, out, p=4, steps=30, batch_size=8, max_length=32, lr=3e-3, seed=0, progress=False,
         eval_texts=corpus.evaluation_sentences(16), calibration_batches=4, distilled_from="tiny-bert",
     )
@@ -179,21 +211,21 @@ def test_short_distillation_reduces_loss_and_saves(tiny_dir: Path, tmp_path: Pat
     assert report.cosine_after["mean"] > report.cosine_before["mean"]
     assert 0.0 < report.lower < report.upper
     assert report.calibration.denominator_max * 2.0 <= report.upper
-    recipe = json.loads((out / ds.RECIPE_FILE).read_text())
+    recipe = json.loads((out / RECIPE_FILE).read_text())
     assert recipe["softmax"] == "power" and recipe["p"] == 4 and recipe["eps"] == POWER_SOFTMAX_EPS
     assert recipe["upper"] == report.upper and recipe["iterations"] == report.iterations
     assert recipe["distilled_from"] == "tiny-bert" and recipe["steps"] == 30
     for key in ("cosine_before", "cosine_after", "cosine_after_secure_form"):
         assert set(recipe[key]) == {"mean", "min"}
     assert (out / "model.safetensors").is_file()
-    student = ds.load_power_softmax_model(out)
-    assert student.config._attn_implementation == ds.ATTN_IMPLEMENTATION
+    student = load_power_softmax_model(out)
+    assert student.config._attn_implementation == ATTN_IMPLEMENTATION
     assert student.config.power_softmax_p == 4 and student.config.power_softmax_upper == report.upper
     tok = BertTokenizer.from_pretrained(str(out))
     texts = corpus.evaluation_sentences(16)
     teacher = BertModel.from_pretrained(str(tiny_dir)).eval()
     b = [dict(tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt"))]
-    cos = ds.cosine_stats(ds.sentence_embeddings(student, b), ds.sentence_embeddings(teacher, b))
+    cos = cosine_stats(sentence_embeddings(student, b), sentence_embeddings(teacher, b))
     assert cos["mean"] == pytest.approx(report.cosine_after["mean"], abs=1e-5)
 
 

@@ -46,7 +46,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from secure.approx.exp import clipped_exp
-from secure.approx.fixed_backend import Fixed, FixedPointOps
 from secure.approx.float_backend import FloatOps
 from secure.approx.gelu import puma_gelu, puma_silu
 from secure.approx.interface import SecureOps
@@ -55,6 +54,7 @@ from secure.approx.reciprocal import reciprocal, rsqrt
 from secure.approx.softmax import power_softmax, puma_softmax
 from secure.mpc.backend import MpcOps
 from secure.mpc.ring import FixedPoint, FixedPointOverflowError
+from secure.mpc.simulation import Fixed, FixedPointOps
 
 F64 = torch.float64
 FRAC = 18

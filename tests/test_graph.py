@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from secure.evaluate.fidelity import evaluate, layer_outputs
+from secure.graph.buckets import bucket_for
 from secure.graph.capture import capture
-from secure.graph.fidelity import bucket_length, evaluate, layer_outputs
 from secure.graph.ir import Graph
 from secure.graph.passes import (
     OURS,
@@ -180,7 +181,8 @@ def test_fidelity_evaluation_on_a_causal_model():
         assert rep.inputs == 3 and rep.top1_agreement is not None and rep.top1_agreement > 0.9
         assert abs(rep.perplexity - rep.reference_perplexity) / rep.reference_perplexity < 0.05
         assert len(rep.layers) == 2 and all(e.max_abs > 0 for e in rep.layers)
-    assert bucket_length(17) == 32 and bucket_length(500) == 128
+    assert bucket_for(17) == 32 and bucket_for(500) == 128 and bucket_for(16) == 16
+    assert bucket_for(20, [64, 32]) == 32 and bucket_for(3, [8]) == 8
 
 
 def test_minilm_end_to_end_on_three_parties(cluster):

@@ -16,15 +16,16 @@ from secure.approx.float_backend import FloatOps
 from secure.approx.gelu import poly_gelu
 from secure.approx.norms import layer_norm
 from secure.approx.softmax import power_softmax
-from secure.he.backend import HeOps, HeUnsupportedError
-from secure.he.client import HeClient, pack_sections, server_engine
+from secure.evaluate.he_model import tiny_he_model
+from secure.he.client import HeClient, RefreshCheck, pack_sections, server_engine
 from secure.he.engine import MASK_BOUND, HeFormatError
-from secure.he.execute import run_he
 from secure.he.layout import Cipher, Plain
-from secure.he.model import tiny_he_model
+from secure.he.ops import HeOps, HeUnsupportedError
 from secure.he.params import PARAM_SETS, CkksParams, HeParameterError
-from secure.he.planner import HeDepthError, plan
+from secure.he.refresh import REFRESH_BOUND, REFRESH_BOUNDS_META, RefreshSession
 from secure.runtime.execute import run_float
+from secure.runtime.execute_he import run_he
+from secure.runtime.he_planner import HeDepthError, plan
 
 P = PARAM_SETS[0]
 STRIDE = 16  # every tensor below has 16 rows: columns 16 slots apart, 256 per ciphertext
@@ -38,11 +39,13 @@ class Spy:
     def __init__(self, client: HeClient) -> None:
         self.client = client
         self.seen: list[np.ndarray] = []
+        self.checks: list[RefreshCheck] = []
 
-    def refresh(self, items):
+    def refresh(self, items, check):
         for blobs, _, _ in items:
             self.seen.append(np.concatenate([self.client._decrypt_vec(b) for b in blobs]))
-        return self.client.refresh(items)
+        self.checks.append(check)
+        return self.client.refresh(items, check)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def he():
     client = HeClient(P, STEPS)
     engine = server_engine(client.public_context())
     spy = Spy(client)
-    ops = HeOps(engine, spy)
+    ops = HeOps(RefreshSession(engine, spy))
 
     def enc(x: torch.Tensor) -> Cipher:
         blobs, index = client.encrypt(x.to(torch.float64))
@@ -130,7 +133,7 @@ def test_a_refresh_shows_the_client_only_masked_values(he):
     ops, enc, _, spy, _ = he
     x = _r(16, 8, scale=0.5, seed=10)
     spy.seen.clear()
-    ops.refresh([enc(x)])
+    ops.session.refresh([enc(x)])
     seen = spy.seen[0]
     used = seen[np.abs(seen) > 0]
     assert used.size > 100 and np.std(used) > MASK_BOUND / 4  # uniform on [-2^20, 2^20], not |x| < 3
@@ -185,7 +188,7 @@ def test_tiny_model_end_to_end_under_ckks(small_model):
     cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
     assert cos > 0.999 and (got - ref).abs().max() < 1e-2
     assert run.refreshes == run.plan.refreshes  # the planner predicted the real run
-    parts = {name for name, *_ in run.spans}
+    parts = {s.name for s in run.spans}
     assert any("attention" in p for p in parts) and run.bytes["refresh_from_client"] > 0
 
 
@@ -240,3 +243,115 @@ def blob_pieces_of(data: bytes):
     from secure.transport.he_wire import blob_pieces
 
     return list(blob_pieces(pb2.HeBlob, "context", 0, 0, data))
+
+
+# ---- what a refresh promises, what the outputs carry (issue 10, item 7) -------------------
+
+def test_a_refresh_beyond_its_bound_is_refused_by_the_client_naming_the_node(he):
+    from secure.graph.ir import Node
+    from secure.he.breakdown import HeTracer
+    from secure.he.client import RefreshBoundError
+
+    ops, enc, dec, spy, _ = he
+    node = Node("big", "aten.mul.Tensor", [], {}, None, True, "encoder.layer.0.output")
+    with HeTracer(ops.session)(node):
+        ok = ops.session.refresh([enc(torch.full((16, 8), 100.0))])[0]  # |value| <= B = 2^7: accepted
+        assert spy.checks[-1] == RefreshCheck("node big (aten.mul.Tensor) in encoder.layer.0.output",
+                                              [REFRESH_BOUND], [MASK_BOUND])
+        # |value + mask| >= 3 2^20 - 2^20 > M + B whatever the mask: certain refusal
+        with pytest.raises(RefreshBoundError, match=r"node big \(aten.mul.Tensor\) in encoder\.layer\.0\.output.*"
+                                                    r"\|value\| > B"):
+            ops.session.refresh([enc(torch.full((16, 8), 3 * MASK_BOUND))])
+    assert ops.session.node is None and (dec(ok) - 100.0).abs().max() < 1e-4
+
+
+def test_masks_that_would_hide_less_than_2_to_minus_13_are_refused_on_both_sides(he):
+    from secure.graph.ir import Node
+    from secure.he.breakdown import HeTracer
+    from secure.he.client import RefreshBoundError
+    from secure.he.refresh import mask_amplitude
+
+    ops, enc, _, spy, _ = he
+    assert mask_amplitude(2.0**7, "x") == MASK_BOUND and mask_amplitude(2.0**13, "x") == 2.0**26  # B / M = 2^-13
+    ops.session.refresh_bounds["wide"] = 2.0**18  # would need M = 2^31, above the 2^30 that precision allows
+    try:
+        wide = Node("wide", "secure.layer_norm", [], {}, None, True, "encoder.embeddings.LayerNorm")
+        with HeTracer(ops.session)(wide):
+            with pytest.raises(RefreshBoundError, match=r"node wide .* in encoder\.embeddings\.LayerNorm.*2\^-13"):
+                ops.session.refresh([enc(_r(16, 8))])
+    finally:
+        del ops.session.refresh_bounds["wide"]
+    blobs, _ = spy.client.encrypt(_r(16, 8))
+    with pytest.raises(RefreshBoundError, match="node n: a mask of 1.04858e.06 for values up to 1024"):
+        spy.client.refresh([(blobs, None, 1)], RefreshCheck("node n", [2.0**10], [MASK_BOUND]))
+
+
+@pytest.fixture(scope="module")
+def tiny_output():
+    """The tiny model (hidden 32, 1 layer) at seq 16 under CKKS with its calibrated refresh
+    bounds: (model, ops, the raw output cipher, all slots of a cipher, its elements)."""
+    from secure.he.breakdown import HeTracer
+    from secure.runtime.interpreter import Interpreter
+
+    m = tiny_he_model(seq=16, hidden=32, layers=1, heads=2)
+    inputs = m.client_inputs(torch.arange(3, 19).view(1, 16), torch.ones(1, 16, dtype=torch.long))
+    the_plan = plan(m.graph, m.weights, inputs)
+    client = HeClient(the_plan.params, the_plan.steps)
+    engine = server_engine(client.public_context())
+    ops = HeOps(RefreshSession(engine, Spy(client), refresh_bounds=m.graph.meta[REFRESH_BOUNDS_META]))
+    blobs, index = client.encrypt(inputs[m.embeds_input])
+    (raw,), _ = Interpreter(m.graph, ops, HeTracer(ops.session)).run(
+        {k: Plain(v.to(torch.float64)) for k, v in m.weights.items()},
+        {m.embeds_input: Cipher([engine.deserialize(b) for b in blobs], index),
+         "attention_mask": inputs["attention_mask"]})
+
+    def slots(c: Cipher, part: str = "real") -> np.ndarray:
+        out = []
+        for ct in c.cts:
+            pt = client.ctx.sa.Plaintext()
+            client._decryptor.decrypt(client.ctx.load("Ciphertext", engine.serialize(ct)), pt)
+            out.append(getattr(np.asarray(client.ctx.encoder.decode_complex(pt)), part))
+        return np.concatenate(out)
+
+    def elements(c: Cipher) -> torch.Tensor:
+        return client.decrypt([engine.serialize(ct) for ct in c.cts], c.index)
+
+    return m, ops, raw, slots, elements
+
+
+def _unused(c: Cipher, slots: int) -> np.ndarray:
+    used = np.zeros(len(c.cts) * slots, dtype=bool)
+    used[c.index.reshape(-1).numpy()] = True
+    return ~used
+
+
+def test_refresh_bounds_are_calibrated_per_node_and_hold_on_a_query(tiny_output):
+    m, ops, _, _, _ = tiny_output
+    bounds = m.graph.meta[REFRESH_BOUNDS_META]
+    assert bounds["layer_norm"] >= 2.0**12  # the embeddings' LayerNorm: Newton's y^2 ~ 1/var reaches 1.3e3
+    assert min(bounds.values()) == REFRESH_BOUND and all(np.log2(b) % 1 == 0 for b in bounds.values())
+    checks = ops.session.link.checks
+    assert ops.session.refreshes == len(checks) > 0 and {c.node for c in checks} >= {
+        "node layer_norm (secure.layer_norm) in encoder.embeddings.LayerNorm"}
+    assert all(mask >= bound * 2**13 for c in checks for bound, mask in zip(c.bounds, c.masks))
+
+
+def test_unused_output_slots_decrypt_to_zero(tiny_output):
+    _, ops, raw, slots, elements = tiny_output
+    before = slots(raw)[_unused(raw, ops.slots)]
+    assert np.abs(before).max() > 0.1  # period copies of the pooled row (measured 1.4)
+    (out,) = ops.finish_outputs([raw])
+    after = slots(out)[_unused(out, ops.slots)]
+    assert np.abs(after).max() < 1e-3  # CKKS noise only (measured 9e-6)
+    assert (elements(out) - elements(raw)).abs().max() < 1e-4
+
+
+def test_flooding_moves_outputs_by_at_most_its_stated_cost(tiny_output):
+    _, ops, raw, slots, elements = tiny_output
+    (plain,) = ops.finish_outputs([raw])
+    (flooded,) = ops.finish_outputs([raw], flood_bits=10)
+    d = (elements(flooded) - elements(plain)).abs()
+    assert d.max() <= 2.0**-10 + 3e-5 and d.mean() > 2.0**-13  # uniform on [-2^-10, 2^-10]: mean 2^-11
+    for part in ("real", "imag"):  # every slot, both parts: the client's decryption shows no bare noise
+        noise = np.abs(slots(flooded, part) - slots(plain, part))
+        assert noise.max() <= 2.0**-10 + 3e-5 and np.median(noise) > 2.0**-12

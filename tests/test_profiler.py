@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from secure.mpc.arithmetic import mul
-from secure.runtime.profiler import span
+from secure.profile.profiler import span
 
 
 def test_spans_add_up_and_match_transport_counters(cluster, runner):

@@ -70,7 +70,7 @@ def test_sum_of_products_of_bits_and_values_matches_plaintext(runner, x, data):
     X, Y, B = runner.share(x), runner.share(y), runner.share(bits, integral=True)
 
     def program(p, a, b, c):
-        y2 = ar.mul_many_exact(p, [(b, b)])[0]  # y^2 at scale 2f, untruncated
+        y2 = ar.mul_untruncated_many(p, [(b, b)])[0]  # y^2 at scale 2f, untruncated
         return ar.sum_of_products(p, [(c, a), (c, y2), (a, b)])
 
     out = runner.run(program, X, Y, B)
@@ -122,7 +122,7 @@ def test_truncation_error_is_at_most_one_ulp(runner):
 
 def test_multiply_and_truncate_cost_one_round_each(runner):
     x = runner.share(torch.randn(10, dtype=torch.float64))
-    assert runner.rounds_of(lambda p, a: ar.mul_many_exact(p, [(a, a)] * 3), x) == 1
+    assert runner.rounds_of(lambda p, a: ar.mul_untruncated_many(p, [(a, a)] * 3), x) == 1
     assert runner.rounds_of(lambda p, a: ar.truncate_many(p, [a, a], [18, 18]), x) == 1
     assert runner.rounds_of(lambda p, a: ar.truncate_exact_many(p, [a, a], [18, 18]), x) == 2
     assert runner.rounds_of(lambda p, a: ar.mul(p, a, a), x) == 2  # exact truncation fused into the product

@@ -10,7 +10,6 @@ standard health service answers, and nothing runs in plaintext without ``insecur
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +26,9 @@ from party.config import TOKEN_METADATA_KEY, ConfigError, HeNodeConfig, token_di
 from party.he_node import HeNode
 from party.launch import free_ports
 from party.serving import Admission, Rejected, ServingLimits, TokenCheck, run_in_worker, server_credentials
-from secure.he.model import tiny_he_model
+from secure.evaluate.he_model import tiny_he_model
 from secure.runtime.execute import run_float
+from tests.silent_streams import SilentStreams
 
 TOKEN = "he-client-token"
 RECEIVE_S = 3.0
@@ -84,56 +84,23 @@ def _settle(condition: Any, timeout_s: float = 5.0) -> None:
     assert condition()
 
 
-class Silent:
+def _silent_queries(cfg: HeNodeConfig, count: int, token: str | None) -> SilentStreams:
     """``count`` HE Query streams that send nothing until closed."""
-
-    def __init__(self, cfg: HeNodeConfig, count: int, token: str | None) -> None:
-        self.release = threading.Event()
-        self.channel = _channel(cfg)
-        metadata = () if token is None else ((TOKEN_METADATA_KEY, token),)
-        stub = pb2_grpc.HeInferenceStub(self.channel)
-        self.calls = [stub.Query(self._nothing(), metadata=metadata, timeout=60) for _ in range(count)]
-
-    def _nothing(self) -> Iterator[Any]:
-        self.release.wait(60)
-        return
-        yield
-
-    def codes(self, timeout_s: float) -> list[grpc.StatusCode]:
-        out: list[grpc.StatusCode] = []
-
-        def wait(call: Any) -> None:
-            try:
-                for _ in call:
-                    pass
-                out.append(grpc.StatusCode.OK)
-            except grpc.RpcError as e:
-                out.append(e.code())
-
-        threads = [threading.Thread(target=wait, args=(c,), daemon=True) for c in self.calls]
-        for t in threads:
-            t.start()
-        end = time.monotonic() + timeout_s
-        for t in threads:
-            t.join(max(0.1, end - time.monotonic()))
-        return out
-
-    def close(self) -> None:
-        self.release.set()
-        for c in self.calls:
-            c.cancel()
-        self.channel.close()
+    channel = _channel(cfg)
+    metadata = () if token is None else ((TOKEN_METADATA_KEY, token),)
+    stub = pb2_grpc.HeInferenceStub(channel)
+    return SilentStreams(lambda requests: stub.Query(requests, metadata=metadata, timeout=60), count, channel)
 
 
 @pytest.mark.parametrize("count", [12, 100])
 def test_idle_unauthenticated_streams_do_not_starve_the_he_node(he: tuple[HeNodeConfig, HeNode], count: int) -> None:
     cfg, node = he
-    idle = Silent(cfg, count, token=None)
+    idle = _silent_queries(cfg, count, token=None)
     try:
         with _channel(cfg) as channel:
             assert pb2_grpc.HeInferenceStub(channel).Health(pb2.HealthRequest(), timeout=3).live
         _query_matches(cfg, node)
-        codes = idle.codes(timeout_s=10)
+        codes = [code for code, _ in idle.outcomes(timeout_s=10)]
         assert len(codes) == count and set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
     finally:
         idle.close()
@@ -141,16 +108,15 @@ def test_idle_unauthenticated_streams_do_not_starve_the_he_node(he: tuple[HeNode
 
 def test_silent_streams_hold_he_slots_only_until_the_receive_deadline(he: tuple[HeNodeConfig, HeNode]) -> None:
     cfg, node = he
-    silent = Silent(cfg, 2, token=TOKEN)
+    silent = _silent_queries(cfg, 2, token=TOKEN)
     try:
         _settle(lambda: node.admission.active == 2)
         with HeSecureClient.from_config(cfg, TOKEN, timeout_s=30) as client, pytest.raises(QueryFailed) as info:
             client.query("tiny", IDS, MASK)
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        t0 = time.monotonic()
-        codes = silent.codes(timeout_s=RECEIVE_S + 10)
-        assert len(codes) == 2 and grpc.StatusCode.OK not in codes
-        assert time.monotonic() - t0 <= RECEIVE_S + 3
+        ended = silent.outcomes(timeout_s=RECEIVE_S + 10)
+        assert len(ended) == 2 and all(code != grpc.StatusCode.OK for code, _ in ended), ended
+        assert max(t for _, t in ended) <= RECEIVE_S + 3, ended
     finally:
         silent.close()
     _settle(lambda: node.admission.active == 0)  # the worker releases its slot as it ends

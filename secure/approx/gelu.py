@@ -2,7 +2,7 @@
 
 Both share one shape: ``0`` left of ``b0``, a low-degree polynomial ``A`` on ``[b0, b1)``,
 an even-plus-linear degree-6 polynomial ``B`` on ``[b1, b2)``, the identity from ``b2`` on.
-Under MPC a call costs:
+A call costs:
 
 * one ``less_than_public`` call with the three breakpoints (one comparison pass),
 * three product passes for the powers: ``x^2``; ``(x^3, x^4)``; ``x^6 = x^4 * x^2``,
@@ -12,9 +12,10 @@ Under MPC a call costs:
   three bit-product reshares: 60 instead of 160 bytes per element over the three parties,
   and 2 rounds instead of 5).
 
-That is 3 product calls (``mul``, ``mul_many``, ``mul``), 1 ``sum_of_products`` and 1
-comparison call.
-The comparisons do not depend on the powers, so a backend may overlap them.
+That is 3 product calls (``mul``, ``mul_many``, ``mul``), 1 ``sum_of_products``, 2
+``dot_public`` and 1 comparison call; under MPC with the default exact truncation, 8 rounds
+for the comparisons and 2 for each of the four product steps: 16 rounds. The comparisons
+do not depend on the powers, so a backend may overlap them.
 
 Coefficients: PUMA (Dong et al. 2023), sec. 4.2, as quoted in ``shared/DESIGN.md`` sec. 4.
 """
@@ -88,8 +89,8 @@ def _zero_poly_poly_identity(
 ) -> T:
     """0 | left(x) | middle(x) | x on (-inf,b0) | [b0,b1) | [b1,b2) | [b2,inf).
 
-    ``left`` has degree <= 3, ``middle`` degree <= 6 with no x^3 / x^5 terms needed beyond
-    the powers computed here (x, x^2, x^3, x^4, x^6).
+    ``left`` has degree <= 3, ``middle`` degree <= 6 with no x^5 term: the powers computed
+    here are x, x^2, x^3, x^4 and x^6.
     """
     if len(breaks) != 3:
         raise ValueError(f"expected three breakpoints, got {len(breaks)}")
@@ -125,8 +126,9 @@ def puma_gelu(ops: SecureOps[T], x: T) -> T:
 
     (at x = 3 itself the identity is used: it is closer to GeLU(3) than F1(3) = 3.016).
 
-    Cost: 1 ``less_than_public`` (3 thresholds), 4 product calls (``mul``, ``mul_many``,
-    ``mul``, ``mul_many``; the last one of 0/1 bits), 2 ``dot_public``.
+    Cost: 1 ``less_than_public`` (3 thresholds), 3 product calls (``mul``, ``mul_many``,
+    ``mul``), 2 ``dot_public`` (left untruncated), 1 ``sum_of_products`` (the 0/1 indicators
+    times the pieces, one truncation).
 
     Measured on FloatOps (float64, 2.4M points on [-12, 12]): max abs error vs exact
     (erf) GeLU 0.01991, approached as x -> 3 from below (F1(3) = 3.016 vs GeLU(3) = 2.996);
@@ -145,8 +147,8 @@ def puma_silu(ops: SecureOps[T], x: T) -> T:
         P(x) = sum_k SILU_P[k] x^k      -4 <= x < 4
         x                               x >= 4
 
-    Same cost as :func:`puma_gelu`: 1 ``less_than_public`` (3 thresholds), 4 product calls,
-    2 ``dot_public``.
+    Same cost as :func:`puma_gelu`: 1 ``less_than_public`` (3 thresholds), 3 product calls,
+    2 ``dot_public``, 1 ``sum_of_products``.
 
     Measured on FloatOps (float64, 2.4M points on [-12, 12]): max abs error 0.0719, just
     above x = 4, where the identity replaces SiLU(4) = 3.928 (SiLU(x) - x = -x/(1+e^x));
@@ -233,7 +235,7 @@ def poly_gelu(ops: SecureOps[T], x: T, bound: float, degree: int = POLY_GELU_DEG
     every term bounded by 1, so nothing overflows a CKKS or fixed-point range); see
     :func:`poly_gelu_coefficients` for the error per bound. Outside the bound the
     polynomial diverges: calibrate ``bound`` on the model's activations
-    (``secure.graph.he_passes.calibrate_for_he``).
+    (``secure.evaluate.he_ranges.calibrate_for_he``).
 
     Cost: 1 ``mul_public``, 1 product for ``v``, ``ceil(log2 degree)`` product passes for
     the basis, 1 ``dot_public``. Depth under CKKS: 1 + 1 + 3 + 1 = 6 (degree 8).

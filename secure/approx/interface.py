@@ -4,13 +4,19 @@ Each approximation (GeLU, softmax, LayerNorm, ...) is written once as a function
 ``form(ops, x, ...)`` that only calls the methods below. Backends implement them:
 
 * :class:`secure.approx.float_backend.FloatOps` -- plaintext float torch (fidelity of a form),
+* :class:`secure.mpc.simulation.FixedPointOps` -- plain fixed-point ring values with the
+  MPC backend's scales and truncations (its arithmetic error, in one process),
 * :class:`secure.mpc.backend.MpcOps` -- replicated 3-party shares (one object per party,
   the three parties run the same form in lockstep),
-* later a CKKS backend for the polynomial-only forms.
+* :class:`secure.he.ops.HeOps` -- CKKS ciphertexts; only the polynomial forms run there
+  (comparisons, ``max`` and ``frexp`` raise ``HeUnsupportedError``).
 
-Values of type ``T`` are secret (a float tensor in the float backend, a share in MPC).
-"Bits" returned by comparisons are values of the same type ``T`` holding exactly 0 or 1;
-multiplying by a bit through :meth:`SecureOps.mul` is exact (no truncation under MPC).
+This module imports nothing of the project: the backends depend on it, never the reverse.
+
+Values of type ``T`` are secret (a float tensor in the float backend, a ring value in the
+fixed-point simulation, a share under MPC, a ciphertext under CKKS). "Bits" returned by
+comparisons are values of the same type ``T`` holding exactly 0 or 1; multiplying by a bit
+through :meth:`SecureOps.mul` is exact in fixed point (no truncation under MPC).
 
 Round cost matters under MPC, so the batched methods (``mul_many``,
 ``less_than_public``) exist: a form should put independent products or comparisons of
@@ -67,7 +73,8 @@ class SecureOps(Protocol[T]):
         ...
 
     def mul_public(self, x: T, c: Public) -> T:
-        """x * c for a public real c (one truncation round under MPC unless c is integral)."""
+        """x * c for a public real c (under MPC one truncation, two rounds with the default
+        exact truncation; none when c is integral)."""
         ...
 
     def sum(self, x: T, dim: int, keepdim: bool = False) -> T:

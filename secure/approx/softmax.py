@@ -147,7 +147,7 @@ def power_softmax(
     and ``L = sum_i m_i`` the number of attended entries of the row (``L = n`` without a
     mask; a fully masked row gives all zeros). Note the rows sum to about L, not 1, as in
     the formula DESIGN.md quotes; ``normalize=True`` divides by L so that rows sum to 1,
-    the form the distilled models are trained with (``secure.graph.distill``): with rows
+    the form the distilled models are trained with (``secure.distill``): with rows
     summing to L the attention output grows with the sentence length, which no weight can
     undo (distillation reaches cosine 0.33 that way, 0.98 normalised).
 

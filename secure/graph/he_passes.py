@@ -1,27 +1,27 @@
 """Passes that turn a rewritten graph into its HE form (CKKS evaluates polynomials only).
 
-* :func:`calibrate_for_he` -- GeLU becomes one polynomial on a calibrated range and
+* :func:`apply_he_ranges` -- GeLU becomes one polynomial on a calibrated range and
   LayerNorm's inverse square root a Newton iteration on a calibrated variance range;
-  the ranges come from running the graph on sample inputs (floats, the MPC forms).
+  the ranges (:class:`HeRanges`, at the nodes :func:`he_range_sites` names) are data,
+  measured by running the graph on sample inputs
+  (``secure.evaluate.he_ranges.calibrate_for_he`` does both);
 * :func:`client_embedding_input` -- in HE mode the client looks its token ids up in the
   embedding table itself (DESIGN.md sec. 1: the table is disclosed to clients), so the
   lookup node becomes a new client input holding the embedded rows.
 * :func:`check_he_supported` -- names the first node that needs a comparison.
+
+Compiler floor: never imports ``secure.runtime`` or ``secure.mpc``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, field
 
 from secure.approx.gelu import poly_gelu_degree
 from secure.graph.ir import Graph, GraphInput, Node, Ref, Spec
 from secure.graph.passes import UnsupportedOpError
-from secure.runtime.execute import run_float
 
 GELU_MARGIN: float = 1.1
 """The GeLU polynomial's bound is this much above the largest |input| seen in calibration."""
@@ -39,46 +39,42 @@ class ClientEmbedding:
     embeds_input: str   # the new client input: rows of the table, shape (*ids, hidden)
 
 
-def calibrate_for_he(graph: Graph, weights: dict[str, torch.Tensor],
-                     samples: Sequence[dict[str, torch.Tensor]],
-                     gelu_tolerance: float = 1e-2) -> Graph:
-    """A copy of ``graph`` whose GeLU and LayerNorm nodes carry calibrated ranges.
+@dataclass
+class HeRanges:
+    """What calibration saw, per node name: the largest |x| entering each ``secure.gelu``
+    and the (min, max) of ``var(x) + eps`` entering each ``secure.layer_norm``."""
 
-    Runs the graph on FloatOps over ``samples`` and records, per node, the largest |x|
-    entering each ``secure.gelu`` and the range of ``var(x) + eps`` entering each
-    ``secure.layer_norm``; then sets ``form="poly", bound=..., degree=...`` on GeLU nodes
-    (the least degree whose max error on the bound is ``gelu_tolerance``) and
-    ``variance_range=[lo, hi]`` on LayerNorm nodes (margins :data:`GELU_MARGIN`,
-    :data:`VARIANCE_MARGIN`).
+    gelu_max: dict[str, float] = field(default_factory=dict)
+    variance: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def he_range_sites(graph: Graph) -> dict[str, str]:
+    """GeLU or LayerNorm node -> the value whose range it needs (its input), for every
+    such node whose input is a graph value."""
+    return {n.name: n.args[0].name for n in graph.nodes
+            if n.op in ("secure.gelu", "secure.layer_norm") and isinstance(n.args[0], Ref)}
+
+
+def apply_he_ranges(graph: Graph, ranges: HeRanges, gelu_tolerance: float = 1e-2) -> Graph:
+    """A copy of ``graph`` whose GeLU and LayerNorm nodes carry the calibrated ``ranges``.
+
+    Sets ``form="poly", bound=..., degree=...`` on GeLU nodes (bound: :data:`GELU_MARGIN`
+    times the largest |x| seen, at least 1, rounded up to an integer; degree: the least
+    whose max error on the bound is ``gelu_tolerance``) and ``variance_range=[lo, hi]``
+    on LayerNorm nodes (what was seen, widened by :data:`VARIANCE_MARGIN` on both ends).
+    Nodes without a range are kept as they are.
     """
-    if not samples:
-        raise ValueError("calibration needs at least one sample input")
-    watch = {n.name: n.args[0].name for n in graph.nodes
-             if n.op in ("secure.gelu", "secure.layer_norm") and isinstance(n.args[0], Ref)}
-    gelu_max: dict[str, float] = {}
-    var_lo: dict[str, float] = {}
-    var_hi: dict[str, float] = {}
-    eps = {n.name: n.kwargs.get("eps", 0.0) for n in graph.nodes if n.op == "secure.layer_norm"}
-    for sample in samples:
-        _, seen = run_float(graph, weights, sample, observe=set(watch.values()))
-        for node, source in watch.items():
-            x = seen[source]
-            if node in eps:
-                var = x.var(dim=-1, unbiased=False) + eps[node]
-                var_lo[node] = min(var_lo.get(node, math.inf), float(var.min()))
-                var_hi[node] = max(var_hi.get(node, 0.0), float(var.max()))
-            else:
-                gelu_max[node] = max(gelu_max.get(node, 0.0), float(x.abs().max()))
     out = copy.copy(graph)
     nodes = []
     for n in graph.nodes:
-        if n.name in gelu_max:
-            bound = math.ceil(GELU_MARGIN * max(gelu_max[n.name], 1.0))
+        if n.name in ranges.gelu_max:
+            bound = math.ceil(GELU_MARGIN * max(ranges.gelu_max[n.name], 1.0))
             n = Node(n.name, n.op, n.args, {"form": "poly", "bound": float(bound),
                                             "degree": poly_gelu_degree(float(bound), gelu_tolerance)},
                      n.spec, n.secret, n.origin)
-        elif n.name in var_lo:
-            lo, hi = var_lo[n.name] / VARIANCE_MARGIN, var_hi[n.name] * VARIANCE_MARGIN
+        elif n.name in ranges.variance:
+            seen_lo, seen_hi = ranges.variance[n.name]
+            lo, hi = seen_lo / VARIANCE_MARGIN, seen_hi * VARIANCE_MARGIN
             n = Node(n.name, n.op, n.args, {**n.kwargs, "variance_range": [lo, hi]}, n.spec, n.secret, n.origin)
         nodes.append(n)
     out.nodes = nodes

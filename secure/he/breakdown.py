@@ -1,8 +1,8 @@
 """Per-layer and per-operation breakdown of an HE query, in the MPC breakdown's format.
 
-Node spans (name = the module path, seconds, bytes exchanged with the client for
-refreshes inside the node, client round trips as "rounds") feed
-:mod:`secure.runtime.breakdown` unchanged; :func:`operation_table` adds the CKKS view:
+Node spans (:class:`secure.profile.profiler.Span`: name = the module path, start and
+seconds, bytes exchanged with the client for refreshes inside the node, client round
+trips as rounds) feed :mod:`secure.runtime.breakdown` unchanged; :func:`operation_table` adds the CKKS view:
 encode, encrypt, plaintext-matrix and ciphertext products, rotations, the forms
 (Power-Softmax, GeLU, inverse square root), refreshes and decryption.
 """
@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
 from secure.graph.ir import Node
-from secure.he.backend import HeOps
+from secure.he.refresh import RefreshSession
+from secure.profile.profiler import Span
 
 FORM_OF_OP = {
     "secure.softmax": "power-softmax (form)",
@@ -27,11 +28,13 @@ FORM_OF_OP = {
 
 
 class HeTracer:
-    """Interpreter trace hook: one span per secret node, plus totals per form."""
+    """Interpreter trace hook: one span per secret node (start counted from the tracer's
+    creation), plus totals per form; it also tells ``session`` which node runs
+    (:meth:`RefreshSession.at`: the bound and the name of its refreshes)."""
 
-    def __init__(self, ops: HeOps) -> None:
-        self.ops = ops
-        self.spans: list[tuple[str, float, float, int, int]] = []  # name, start, seconds, bytes, trips
+    def __init__(self, session: RefreshSession) -> None:
+        self.session = session
+        self.spans: list[Span] = []
         self.forms: dict[str, dict[str, float]] = {}
         self.start = time.perf_counter()
 
@@ -40,23 +43,27 @@ class HeTracer:
 
     @contextlib.contextmanager
     def _span(self, node: Node) -> Iterator[None]:
-        ops = self.ops
-        b0 = ops.bytes_to_client + ops.bytes_from_client
-        r0 = ops.refreshes
+        s = self.session
+        b0 = s.bytes_to_client + s.bytes_from_client
+        r0 = s.refreshes
         t0 = time.perf_counter()
         try:
-            yield
+            with s.at(node.name, f"node {node.name} ({node.op}) in {node.origin or 'top level'}"):
+                yield
         finally:
             dt = time.perf_counter() - t0
-            nbytes = ops.bytes_to_client + ops.bytes_from_client - b0
-            trips = ops.refreshes - r0
-            self.spans.append((node.origin or node.op, t0 - self.start, dt, nbytes, trips))
-            form = FORM_OF_OP.get(node.op, "other element-wise and shape ops")
-            f = self.forms.setdefault(form, {"nodes": 0, "seconds": 0.0, "bytes": 0, "client_trips": 0})
-            f["nodes"] += 1
-            f["seconds"] += dt
-            f["bytes"] += nbytes
-            f["client_trips"] += trips
+            nbytes = s.bytes_to_client + s.bytes_from_client - b0
+            trips = s.refreshes - r0
+            self.spans.append(Span(node.origin or node.op, t0 - self.start, dt, nbytes, trips))
+            self._add_to_form(node.op, dt, nbytes, trips)
+
+    def _add_to_form(self, op: str, seconds: float, nbytes: int, trips: int) -> None:
+        form = FORM_OF_OP.get(op, "other element-wise and shape ops")
+        f = self.forms.setdefault(form, {"nodes": 0, "seconds": 0.0, "bytes": 0, "client_trips": 0})
+        f["nodes"] += 1
+        f["seconds"] += seconds
+        f["bytes"] += nbytes
+        f["client_trips"] += trips
 
 
 def operation_table(server: dict[str, dict[str, float]], client: dict[str, dict[str, float]],

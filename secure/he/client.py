@@ -3,6 +3,18 @@
 Only this object ever holds the secret key. The server gets :meth:`HeClient.public_context`:
 the parameters, the public key, the relinearisation key and the Galois keys for exactly
 the rotation steps the planner listed.
+
+A refresh reveals ``value + mask`` per slot. Each refresh item carries the public bound B
+the server sized its mask for (every slot's ``|value| <= B``) and the mask amplitude M
+(uniform in ``[-M, M]``); for two values ``|x|, |x'| <= B`` the client's views
+``x + m`` and ``x' + m`` are at statistical distance ``|x - x'| / (2M) <= B / M``, and the
+client refuses a request promising less than ``B / M <= 2^-HIDING_BITS``. After
+decrypting it checks ``|value + mask| <= M + B`` on every slot it sees: a slot beyond
+proves ``|value| > B`` (the promise is broken), and the query stops with
+:class:`RefreshBoundError` naming the graph node. The check is certain for
+``|value| >= 2M + B`` only: a value in ``(B, 2M + B)`` escapes it with probability about
+``1 - (|value| - B) / (2M)`` per slot, so it catches gross overflows (a diverging
+iteration), not a calibration that is slightly off.
 """
 
 from __future__ import annotations
@@ -10,6 +22,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +33,24 @@ from secure.he.params import CkksParams, HeParameterError, galois_element
 
 _MAGIC = b"HECTX1"
 MAX_CONTEXT_BYTES: int = 1 << 30
+
+HIDING_BITS: int = 13
+"""A refresh mask of amplitude M hides values bounded by B to B / M <= 2^-13."""
+
+
+class RefreshBoundError(ValueError):
+    """A refresh whose mask hides less than promised: a value beyond its bound B (seen by
+    the client) or a mask too small for B (refused by either side)."""
+
+
+@dataclass(frozen=True)
+class RefreshCheck:
+    """What a refresh request promises: ``|value| <= bounds[i]`` on every slot of item i,
+    masked uniformly in ``[-masks[i], masks[i]]``; ``node`` names where it happens."""
+
+    node: str
+    bounds: list[float]
+    masks: list[float]
 
 
 def pack_sections(header: dict, sections: list[tuple[str, bytes]]) -> bytes:
@@ -109,15 +140,29 @@ class HeClient:
         flat = np.concatenate([self._decrypt_vec(b) for b in blobs])
         return torch.from_numpy(flat[index.reshape(-1).numpy()]).view(index.shape)
 
-    def refresh(self, items: list[tuple[list[bytes], np.ndarray | None, int]]) -> list[list[bytes]]:
-        """Decrypt the masked ciphertexts, gather their slots, re-encrypt at the top level.
+    def refresh(self, items: list[tuple[list[bytes], np.ndarray | None, int]],
+                check: RefreshCheck) -> list[list[bytes]]:
+        """Decrypt the masked ciphertexts, check every slot against ``check`` (module
+        docstring), gather their slots, re-encrypt at the top level.
 
         The client sees ``value + mask`` per slot, never the value (the server keeps the
         mask); what that reveals is stated in the README (HE mode)."""
+        if len(check.bounds) != len(items) or len(check.masks) != len(items):
+            raise HeFormatError(f"refresh of {len(items)} items states {len(check.bounds)} bounds "
+                                f"and {len(check.masks)} masks")
         out = []
-        for blobs, gather, count in items:
+        for (blobs, gather, count), bound, mask in zip(items, check.bounds, check.masks):
+            if not 0.0 < bound * 2.0**HIDING_BITS <= mask:
+                raise RefreshBoundError(f"refresh in {check.node}: a mask of {mask:g} for values up to {bound:g} "
+                                        f"would hide them to more than 2^-{HIDING_BITS}; refusing the query")
             with self.stats.timed("refresh (client)"):
                 flat = np.concatenate([self._decrypt_vec(b) for b in blobs])
+                worst = float(np.abs(flat).max(initial=0.0))
+                if worst > mask + bound:
+                    raise RefreshBoundError(
+                        f"refresh in {check.node}: a slot decrypts to |value + mask| = {worst:.6g} > M + B = "
+                        f"{mask:g} + {bound:g}, so |value| > B: the mask hides it less than promised "
+                        f"(2^-{HIDING_BITS}); refusing the query")
                 if gather is None:
                     moved = flat
                 else:

@@ -296,11 +296,6 @@ class SealEngine:
         with self.stats.timed("serialize"):
             return self.ctx.load("Ciphertext", blob)
 
-    def mask(self, ct: Any) -> tuple[Any, np.ndarray]:
-        """ct + m for a fresh uniform mask m (the client sees only the sum)."""
-        m = secure_uniform(self.slots, MASK_BOUND)
-        return self.add_plain(ct, m), m
-
 
 @dataclass
 class GhostCt:
@@ -364,6 +359,3 @@ class GhostEngine:
         self.steps.add(step)
         self.stats.count["rotation"] += 1
         return a
-
-    def mask(self, ct: GhostCt) -> tuple[GhostCt, None]:
-        return ct, None

@@ -4,7 +4,7 @@ A :class:`Cipher` is a list of ciphertexts of S slots each plus ``index``: an in
 tensor of the logical shape whose entries are ``ciphertext * S + slot``. Shape operations
 (view, transpose, expand, slicing) act on ``index`` alone and cost nothing; element-wise
 operations pair ciphertexts whose slots line up; anything else is a re-layout, done by the
-client during a refresh (:mod:`secure.he.backend`).
+client during a refresh (:mod:`secure.he.refresh`).
 
 The canonical layout of a tensor ``[..., C]`` with ``R`` rows (the product of the leading
 dims) is column-major: element ``(r, c)`` sits at flat position ``c * R' + r`` with

@@ -1,34 +1,63 @@
 """Arithmetic protocols on replicated shares: open, multiply, matmul, truncate.
 
-Multiplication (ABY3): with x = sum x_j and y = sum y_j, party i computes
-    z_i = x_i*y_i + x_i*y_{i+1} + x_{i+1}*y_i + alpha_i
-(alpha a zero sharing from the PRF keys), so z_0 + z_1 + z_2 = x*y, and sends z_i to
-party i-1: one round, one ring element per output element per party. Matmul is the
-same with two local matmuls, x_i @ (y_i + y_{i+1}) + x_{i+1} @ y_i.
+This module owns the products and truncations of arithmetic shares; the scale a product
+is held at and when it is truncated come from ``secure.mpc.scale``. It imports only
+``secure.mpc`` and the profiler, never the interpreter or the forms. Bytes below are
+per element of the result, over the three parties together (a ring element is 8 bytes).
 
-Truncation (ABY3 Share Truncation, SecureML's local trick), written for roles 0, 1, 2
-(which rotate over the parties from call to call): x = x_0 + u with u = x_1 + x_2 known
-to party 1. Parties 0 and 2 compute y_0 = x_0 >> d, party 1 computes u' = -((-u) >> d)
-and sends y_1 = u' - y_2 to party 0, where y_2 = F(k_2) is drawn by parties 1 and 2 from
-their common key. One round, one message. The result is
+Open (:func:`open_many`): party i sends x_{i+1} to party i-1. One round, 24 bytes.
+
+Untruncated product (ABY3, :func:`mul_untruncated_many`): with x = sum x_j and
+y = sum y_j, party i computes
+    z_i = x_i*y_i + x_i*y_{i+1} + x_{i+1}*y_i + alpha_i
+(alpha a zero sharing from the PRF keys), so z_0 + z_1 + z_2 = x*y at scale fx + fy, and
+sends z_i to party i-1 (:func:`reshare`). One round, 24 bytes. Matmul is the same with two
+local matmuls, x_i @ (y_i + y_{i+1}) + x_{i+1} @ y_i.
+
+Exact truncation (the default, :func:`truncate_exact_many`; Dalskov, Escudero, Keller
+2020, sec. 3.2.2): floor(x / 2^d) within 1 ulp for |x| < 2^62 ring units, with no failure
+mode. Two rounds. Roles A, B, D rotate with the round counter. :func:`_exact_truncation`
+sets a call up; :func:`_dealer_half` is D's part (it deals B's shares of the mask's top
+and middle bits, and receives nothing); :func:`_holder_half` is A's and B's (they swap
+their masked addends in round 1 and their result parts in round 2). 44 bytes: A and B
+send 16 each, D sends B 12 (the top-bit share travels as int32 while every d < 31;
+48 bytes in all otherwise).
+
+Fixed-point product (:func:`mul_many`, :func:`mul`, :func:`matmul`): with exact
+truncation, products whose scale exceeds f go through :func:`mul_trunc_many`, where the
+3-out-of-3 z_i enter the truncation's first round directly (D masks its own and sends it
+to A and B): two rounds and 60 bytes for product and truncation together. Products with a
+0/1 bit or an integer need no truncation: one round, 24 bytes (reshared in that same first
+round when they come in one call with truncated ones). :func:`sum_of_products` sums the
+local products before that, so a whole sum costs what one product does.
+
+Probabilistic truncation (an option, ``FixedPoint(truncation="probabilistic")``,
+:func:`truncate_many`; ABY3 Share Truncation, SecureML's local trick), written for roles
+0, 1, 2 (which rotate over the parties from call to call): x = x_0 + u with u = x_1 + x_2
+known to party 1. Parties 0 and 2 compute y_0 = x_0 >> d, party 1 computes
+u' = -((-u) >> d) and sends y_1 = u' - y_2 to party 0, where y_2 = F(k_2) is drawn by
+parties 1 and 2 from their common key. One round, one message of 8 bytes. The result is
 x / 2^d + e with e in {-1, 0, 1} ulp, except with probability |x| / 2^64 (x in ring
 units at its pre-truncation scale: the signed sum x_0 + u overflows when the uniform
 x_0 falls within |x| of -2^63), when it is off by about 2^(64 - d). For f = 18 and a
 product of magnitude v at scale 2^36 that is v / 2^28 per element (3.7e-9 for v = 1,
-3.7e-7 for v = 100); the rate is checked by a test.
+3.7e-7 for v = 100); the rate is checked by a test. With it, a fixed-point product is
+one multiplication round plus one truncation round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from secure.mpc import scale
 from secure.mpc.matmul import ring_matmul
 from secure.mpc.party import Party
 from secure.mpc.randomness import csprng_words
 from secure.mpc.shares import AShare
-from secure.runtime.profiler import protocol
+from secure.profile.profiler import protocol
 
 
 def _owned(party: Party, what: str, *shares: AShare) -> None:
@@ -71,12 +100,12 @@ def reshare(party: Party, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @protocol("mul")
-def mul_many_exact(party: Party, pairs: Sequence[tuple[AShare, AShare]],
-                   matmul: bool = False) -> list[AShare]:
-    """[x*y] (or [x@y]) for each pair, at scale fx + fy (no truncation). One round in all."""
+def mul_untruncated_many(party: Party, pairs: Sequence[tuple[AShare, AShare]],
+                         matmul: bool = False) -> list[AShare]:
+    """[x*y] (or [x@y]) for each pair, held at scale fx + fy (not truncated). One round in all."""
     parts = [local_product(party, x, y, matmul) for x, y in pairs]
     nxt = reshare(party, parts)
-    return [AShare(z, zn, party.id, x.frac_bits + y.frac_bits)
+    return [AShare(z, zn, party.id, scale.product_scale(x.frac_bits, y.frac_bits))
             for z, zn, (x, y) in zip(parts, nxt, pairs)]
 
 
@@ -125,30 +154,74 @@ def truncate_exact_many(party: Party, xs: Sequence[AShare], bits: Sequence[int])
     2-out-of-2 sharing, A: x_A + x_B and B: x_D.
     """
     _owned(party, "truncate", *xs)
-    role, _, _ = _roles(party)
-    if role == "A":
-        addends = [x.a + x.b for x in xs]
-    elif role == "B":
-        addends = [x.b for x in xs]
-    else:
-        addends = None
-    return _exact_truncation(party, addends, xs, bits, from_products=False)
+    role = _roles(party).role
+    addends = [x.a + x.b for x in xs] if role == "A" else [x.b for x in xs] if role == "B" else []
+    truncated, _ = _exact_truncation(party, addends, xs, bits, from_products=False)
+    return truncated
 
 
-def _roles(party: Party) -> tuple[str, int, int]:
-    """This party's role in a truncation (A, B or D, rotating with the round counter so
-    traffic stays balanced) and the ids of the parties in roles A and B."""
+@dataclass(frozen=True)
+class _Roles:
+    """The roles of one exact truncation: this party's, and the ids of A, B and D."""
+
+    role: str
+    a: int
+    b: int
+
+    @property
+    def d(self) -> int:
+        return (self.a + 2) % 3
+
+
+def _roles(party: Party) -> _Roles:
+    """Roles A, B, D rotate with the round counter (equal on all parties), so that the
+    traffic stays balanced; A is party ``rounds % 3``, B the next one, D the previous one."""
     rotation = party.rounds % 3
-    return "ABD"[(party.id - rotation) % 3], rotation, (rotation + 1) % 3
+    return _Roles("ABD"[(party.id - rotation) % 3], rotation, (rotation + 1) % 3)
 
 
-def _exact_truncation(party: Party, addends: list[torch.Tensor] | None, like: Sequence[AShare],
-                      bits: Sequence[int], from_products: bool, extra: dict[int, list[torch.Tensor]] | None = None,
-                      extra_from: Sequence[int] = ()) -> list[AShare]:
+@dataclass(frozen=True)
+class _Truncation:
+    """What every role needs to know about one exact truncation of n elements."""
+
+    roles: _Roles
+    n: int
+    shift: torch.Tensor  # d per element (int64, flat)
+    bits: Sequence[int]  # d per truncated value
+    from_products: bool  # x is 3-out-of-3 (raw products): D holds an addend too
+
+    @property
+    def device(self) -> torch.device:
+        return self.shift.device
+
+
+@dataclass(frozen=True)
+class _Dealt:
+    """D's round-1 message to A or B: its masked addend (3-out-of-3 inputs only, to both)
+    and, to B only, B's shares of the mask's top bit r_63 and of its bits d..62."""
+
+    masked_addend: torch.Tensor | None = None
+    top_bit: torch.Tensor | None = None
+    middle_bits: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.masked_addend, self.top_bit, self.middle_bits) if t is not None]
+
+    @classmethod
+    def read(cls, tensors: Sequence[torch.Tensor], from_products: bool, to_b: bool) -> _Dealt:
+        it = iter(tensors)
+        masked = next(it) if from_products else None
+        top, middle = (next(it), next(it)) if to_b else (None, None)
+        return cls(masked, top, middle)
+
+
+def _exact_truncation(party: Party, addends: Sequence[torch.Tensor], like: Sequence[AShare], bits: Sequence[int],
+                      from_products: bool, reshare_parts: Sequence[torch.Tensor] = ()
+                      ) -> tuple[list[AShare], list[torch.Tensor]]:
     """The exact truncation of x = sum of the parties' addends, replicated in the result.
 
     Roles A, B, D: D knows r = r_A + r_B (+ r_D) (r_A from the key of A and D, r_B from the
-    key of B and D, r_D its own) and deals shares of r's top bit r_63 and of its bits
+    key of B and D, r_D its own) and deals B's shares of r's top bit r_63 and of its bits
     d..62, rc. A and B learn c = x + 2^62 + r (round 1: A and B swap their masked addends;
     D sends its dealt shares and, for a 3-out-of-3 x such as a raw product, its own masked
     addend). With x' = x + 2^62 in [0, 2^63):
@@ -157,96 +230,128 @@ def _exact_truncation(party: Party, addends: list[torch.Tensor] | None, like: Se
     shares with one exchange between A and B, masked by PRF values D shares with each.
     A and B only see values masked by parts of r they do not know; D receives nothing.
 
-    ``extra`` (messages to send in round 1, by destination) and ``extra_from`` (parties to
-    receive extra round-1 messages from) let a caller share the round; the received extra
-    tensors are returned through ``extra`` (key: sender) after the call.
+    ``addends`` are this party's (empty for D unless ``from_products``); ``like`` gives the
+    shapes and scales of the values. ``reshare_parts`` (3-out-of-3 parts of products that
+    need no truncation) are reshared in round 1 too: sent to the previous party, and the
+    next party's parts returned beside the truncated shares.
     """
     sizes = [x.a.numel() for x in like]
     n = sum(sizes)
+    if n == 0 and not reshare_parts:  # all parties see the same shapes: skip together
+        return [AShare(x.a, x.b, party.id, x.frac_bits - d) for x, d in zip(like, bits)], []
     device = like[0].device if like else party.device
-    if n == 0 and not extra and not extra_from:  # all parties see the same shapes: skip together
-        return [AShare(x.a, x.b, party.id, x.frac_bits - d) for x, d in zip(like, bits)]
-    role, a_party, b_party = _roles(party)
-    d_party = (a_party + 2) % 3
     shift = torch.cat([torch.full((s,), d, dtype=torch.int64, device=device) for s, d in zip(sizes, bits)]) \
         if like else torch.empty(0, dtype=torch.int64, device=device)
     if any(not 0 <= d < 62 for d in bits):
         raise ValueError(f"truncate: shifts must be in [0, 62), got {list(bits)}")
-    low = (1 << (63 - shift)) - 1
-    send: dict[int, list[torch.Tensor]] = {k: list(v) for k, v in (extra or {}).items()}
-    recv = set(extra_from)
-
-    def flat(ts: list[torch.Tensor] | None) -> torch.Tensor:
-        if not ts:
-            return torch.empty(0, dtype=torch.int64, device=device)
-        return torch.cat([t.reshape(-1) for t in ts])
-
-    if role == "D":
-        with_a = party.keys.with_next.words(4 * n, device)  # key shared with A (the next party)
-        with_b = party.keys.with_prev.words(2 * n, device)  # key shared with B
-        r_a, rb_a, rc_a, comp_a = _split_words(with_a, 4, n)
-        r_b, comp_d = _split_words(with_b, 2, n)
-        r = r_a + r_b
-        if from_products:
-            r_d = csprng_words(n, device)
-            r = r + r_d
-            masked = flat(addends) + r_d
-            send.setdefault(a_party, []).append(masked)
-            send.setdefault(b_party, []).append(masked)
-        rb = (r >> 63) & 1
-        rc = ((r << 1) >> (shift + 1)) & low
-        send.setdefault(b_party, []).extend([_narrow_bit_share(rb - rb_a, bits), rc - rc_a])
-        got = party.exchange(send, sorted(recv))
-        party.exchange({}, [])
-        first, second = comp_d, comp_a
+    job = _Truncation(_roles(party), n, shift, bits, from_products)
+    own = torch.cat([t.reshape(-1) for t in addends]) if addends else torch.empty(0, dtype=torch.int64, device=device)
+    if job.roles.role == "D":
+        first, second, reshared = _dealer_half(party, job, own, reshare_parts)
     else:
-        key = party.keys.with_prev if role == "A" else party.keys.with_next  # the key shared with D
-        if role == "A":
-            r_own, rb_own, rc_own, comp_own = _split_words(key.words(4 * n, device), 4, n)
-            mine = flat(addends) + (1 << EXACT_OFFSET_BITS) + r_own
-            other = b_party
-        else:
-            r_own, comp_own = _split_words(key.words(2 * n, device), 2, n)
-            mine = flat(addends) + r_own
-            other = a_party
-        send.setdefault(other, []).append(mine)
-        recv |= {other} | ({d_party} if (from_products or role == "B") else set())
-        got = party.exchange(send, sorted(recv))
-        from_other = got[other]
-        from_d = got.get(d_party, [])
-        # the caller's extra messages come first in each list, ours are at the end
-        ours_other = from_other[-1]
-        ours_d = from_d[len(from_d) - ((1 if from_products else 0) + (2 if role == "B" else 0)):]
-        c = mine + ours_other + (ours_d[0] if from_products else 0)
-        c_top = (c >> 63) & 1
-        if role == "A":
-            c_hat = ((c << 1) >> (shift + 1)) & low
-            b_share = rb_own + c_top - 2 * c_top * rb_own
-            y = c_hat - rc_own + (b_share << (63 - shift)) - (1 << (EXACT_OFFSET_BITS - shift))
-        else:
-            rb_b, rc_b = ours_d[-2].to(torch.int64), ours_d[-1]
-            b_share = rb_b - 2 * c_top * rb_b
-            y = -rc_b + (b_share << (63 - shift))
-        sent = y - comp_own
-        back = party.exchange({other: [sent]}, [other])[other][0]
-        if role == "A":
-            first, second = comp_own, sent + back
-        else:
-            first, second = sent + back, comp_own
-        if extra is not None:
-            extra.clear()
-            extra.update({k: v[:-1] if k == other else v[:len(v) - len(ours_d)] if k == d_party else v
-                          for k, v in got.items()})
-        return _split(party, first, second, like, bits)
-    if extra is not None:
-        extra.clear()
-        extra.update(got)
-    return _split(party, first, second, like, bits)
+        first, second, reshared = _holder_half(party, job, own, reshare_parts)
+    return _split(party, first, second, like, bits), reshared
+
+
+def _round_one(party: Party, messages: dict[int, list[torch.Tensor]], reshare_parts: Sequence[torch.Tensor],
+               senders: set[int]) -> tuple[dict[int, list[torch.Tensor]], list[torch.Tensor]]:
+    """The truncation's first round, shared with a reshare: each message to the previous
+    party starts with this party's reshare parts, each message from the next party with its
+    parts. Returns the truncation's messages (by sender) and the received reshare parts."""
+    send = {to: list(msg) for to, msg in messages.items()}
+    if reshare_parts:
+        send[party.prev] = [*reshare_parts, *send.get(party.prev, [])]
+        senders = senders | {party.next}
+    got = party.exchange(send, sorted(senders))
+    reshared: list[torch.Tensor] = []
+    if reshare_parts:
+        from_next = got[party.next]
+        reshared, got[party.next] = from_next[:len(reshare_parts)], from_next[len(reshare_parts):]
+    return got, reshared
+
+
+def _top_bit(v: torch.Tensor) -> torch.Tensor:
+    """Bit 63 of each ring element."""
+    return (v >> 63) & 1
+
+
+def _middle_bits(v: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Bits d..62 of each ring element, as an integer: floor((v mod 2^63) / 2^d)."""
+    return ((v << 1) >> (shift + 1)) & ((1 << (63 - shift)) - 1)
+
+
+def _dealer_half(party: Party, job: _Truncation, own: torch.Tensor, reshare_parts: Sequence[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Role D: deal B's shares of the mask's top and middle bits (and, for a 3-out-of-3 x,
+    send its own addend masked by r_D to A and B). D's result shares are PRF values it
+    shares with B and with A; it takes part in round 2 without sending anything."""
+    n, device = job.n, job.device
+    r_a, top_a, middle_a, comp_a = _split_words(party.keys.with_next.words(4 * n, device), 4, n)  # key of A and D
+    r_b, comp_d = _split_words(party.keys.with_prev.words(2 * n, device), 2, n)  # key of B and D
+    r = r_a + r_b
+    masked = None
+    if job.from_products:
+        r_d = csprng_words(n, device)
+        r = r + r_d
+        masked = own + r_d
+    to_b = _Dealt(masked, _narrow_bit_share(_top_bit(r) - top_a, job.bits), _middle_bits(r, job.shift) - middle_a)
+    messages = {job.roles.b: to_b.tensors()}
+    if masked is not None:
+        messages[job.roles.a] = _Dealt(masked).tensors()
+    _, reshared = _round_one(party, messages, reshare_parts, set())
+    party.exchange({}, [])  # round 2 is between A and B
+    return comp_d, comp_a, reshared
+
+
+def _holder_half(party: Party, job: _Truncation, own: torch.Tensor, reshare_parts: Sequence[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Roles A and B: swap masked addends to learn c = x + 2^62 + r (round 1), compute this
+    party's part of the 2-out-of-2 result, and make it replicated by one exchange (round 2)."""
+    n, device, roles = job.n, job.device, job.roles
+    is_a = roles.role == "A"
+    other = roles.b if is_a else roles.a
+    if is_a:  # the key shared with D (A's previous party)
+        r_own, top_own, middle_own, comp_own = _split_words(party.keys.with_prev.words(4 * n, device), 4, n)
+        mine = own + (1 << EXACT_OFFSET_BITS) + r_own
+    else:  # the key shared with D (B's next party)
+        r_own, comp_own = _split_words(party.keys.with_next.words(2 * n, device), 2, n)
+        mine = own + r_own
+    from_d = job.from_products or not is_a
+    got, reshared = _round_one(party, {other: [mine]}, reshare_parts, {other} | ({roles.d} if from_d else set()))
+    (theirs,) = got[other]
+    dealt = _Dealt.read(got.get(roles.d, []), job.from_products, to_b=not is_a)
+    c = mine + theirs
+    if dealt.masked_addend is not None:
+        c = c + dealt.masked_addend
+    if is_a:
+        y = _a_result(c, job.shift, top_own, middle_own)
+    else:
+        y = _b_result(c, job.shift, dealt)
+    sent = y - comp_own
+    (back,) = party.exchange({other: [sent]}, [other])[other]
+    if is_a:
+        return comp_own, sent + back, reshared
+    return sent + back, comp_own, reshared
+
+
+def _a_result(c: torch.Tensor, shift: torch.Tensor, top_own: torch.Tensor, middle_own: torch.Tensor) -> torch.Tensor:
+    """A's part of floor(x / 2^d): c[d..62] - rc_A + 2^(63-d) [c_63 xor r_63]_A - 2^(62-d)."""
+    c_top = _top_bit(c)
+    top_share = top_own + c_top - 2 * c_top * top_own
+    return _middle_bits(c, shift) - middle_own + (top_share << (63 - shift)) - (1 << (EXACT_OFFSET_BITS - shift))
+
+
+def _b_result(c: torch.Tensor, shift: torch.Tensor, dealt: _Dealt) -> torch.Tensor:
+    """B's part of floor(x / 2^d): -rc_B + 2^(63-d) [c_63 xor r_63]_B."""
+    assert dealt.top_bit is not None and dealt.middle_bits is not None
+    c_top = _top_bit(c)
+    top_b = dealt.top_bit.to(torch.int64)
+    return -dealt.middle_bits + ((top_b - 2 * c_top * top_b) << (63 - shift))
 
 
 def _narrow_bit_share(share: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
     """B's share of r_63 enters only as ``share << (63 - d)`` mod 2^64, so its low d + 1
-    bits are all B needs: with every d < 32 they travel as int32 (the low 32 bits, still
+    bits are all B needs: with every d < 31 they travel as int32 (the low 32 bits, still
     uniform since A's part is a full PRF word), 4 bytes instead of 8 per element."""
     if not bits or max(bits) >= 31:
         return share
@@ -273,11 +378,11 @@ def to_scale(party: Party, xs: Sequence[AShare]) -> list[AShare]:
     """Truncate every share whose scale exceeds the party's f down to f: the exact
     truncation (two rounds) unless the fixed-point format asks for the probabilistic one."""
     f = party.fp.frac_bits
-    idx = [k for k, x in enumerate(xs) if x.frac_bits > f]
+    idx = [k for k, x in enumerate(xs) if scale.excess_bits(x.frac_bits, f)]
     if not idx:
         return list(xs)
     truncate = truncate_exact_many if party.fp.truncation == "exact" else truncate_many
-    done = truncate(party, [xs[k] for k in idx], [xs[k].frac_bits - f for k in idx])
+    done = truncate(party, [xs[k] for k in idx], [scale.excess_bits(xs[k].frac_bits, f) for k in idx])
     out = list(xs)
     for k, t in zip(idx, done):
         out[k] = t
@@ -296,20 +401,16 @@ def mul_trunc_many(party: Party, pairs: Sequence[tuple[AShare, AShare]], matmul:
     """
     parts = [local_product(party, x, y, matmul) for x, y in pairs]
     f = party.fp.frac_bits
-    scales = [x.frac_bits + y.frac_bits for x, y in pairs]
-    cut = [k for k, sc in enumerate(scales) if sc > f]
-    keep = [k for k, sc in enumerate(scales) if sc <= f]
-    extra = {party.prev: [parts[k] for k in keep]} if keep else {}
+    scales = [scale.product_scale(x.frac_bits, y.frac_bits) for x, y in pairs]
+    cut = [k for k, sc in enumerate(scales) if scale.excess_bits(sc, f)]
+    keep = [k for k, sc in enumerate(scales) if not scale.excess_bits(sc, f)]
     like = [AShare(parts[k], parts[k], party.id, scales[k]) for k in cut]
-    truncated = _exact_truncation(party, [parts[k] for k in cut], like, [scales[k] - f for k in cut],
-                                  from_products=True, extra=extra, extra_from=[party.next] if keep else [])
-    out: list[AShare | None] = [None] * len(pairs)
-    for k, t in zip(cut, truncated):
-        out[k] = t
-    if keep:
-        for k, got in zip(keep, extra[party.next]):
-            out[k] = AShare(parts[k], got, party.id, scales[k])
-    return [o for o in out if o is not None]
+    truncated, reshared = _exact_truncation(party, [parts[k] for k in cut], like,
+                                            [scale.excess_bits(scales[k], f) for k in cut], from_products=True,
+                                            reshare_parts=[parts[k] for k in keep])
+    out = dict(zip(cut, truncated))
+    out.update({k: AShare(parts[k], got, party.id, scales[k]) for k, got in zip(keep, reshared)})
+    return [out[k] for k in range(len(pairs))]
 
 
 @protocol("sum_of_products")
@@ -319,31 +420,37 @@ def sum_of_products(party: Party, pairs: Sequence[tuple[AShare, AShare]]) -> ASh
     what one product does: one reshare (S <= f), or the exact truncation fused into it
     (two rounds, the dealt masks once for the sum instead of once per product).
     The value at scale S must stay below 2^62 in magnitude (exact truncation's range)."""
-    if not pairs:
-        raise ValueError("sum_of_products needs at least one pair")
-    scales = [x.frac_bits + y.frac_bits for x, y in pairs]
-    top = max(scales)
+    scales = [scale.product_scale(x.frac_bits, y.frac_bits) for x, y in pairs]
+    top = scale.sum_of_products_scale(scales)
     total: torch.Tensor | None = None
     for (x, y), sc in zip(pairs, scales):
         part = local_product(party, x, y) << (top - sc)
         total = part if total is None else total + part
     assert total is not None
     f = party.fp.frac_bits
-    if top > f and party.fp.truncation == "exact":
+    if scale.excess_bits(top, f) and party.fp.truncation == "exact":
         like = [AShare(total, total, party.id, top)]
-        return _exact_truncation(party, [total], like, [top - f], from_products=True)[0]
+        (out,), _ = _exact_truncation(party, [total], like, [scale.excess_bits(top, f)], from_products=True)
+        return out
     got = reshare(party, [total])[0]
     return to_scale(party, [AShare(total, got, party.id, top)])[0]
+
+
+def _needs_fused_truncation(party: Party, pairs: Sequence[tuple[AShare, AShare]]) -> bool:
+    """Exact truncation is on and some product's scale exceeds f."""
+    f = party.fp.frac_bits
+    return party.fp.truncation == "exact" and any(
+        scale.excess_bits(scale.product_scale(x.frac_bits, y.frac_bits), f) for x, y in pairs)
 
 
 def mul_many(party: Party, pairs: Sequence[tuple[AShare, AShare]]) -> list[AShare]:
     """Fixed-point [x*y] for each pair. With exact truncation (the default) the product and
     its truncation take two rounds together; with probabilistic truncation one
     multiplication round plus one truncation round. A product with a 0/1 bit or an integer
-    needs no truncation."""
-    if party.fp.truncation == "exact" and any(x.frac_bits + y.frac_bits > party.fp.frac_bits for x, y in pairs):
+    needs no truncation (one round)."""
+    if _needs_fused_truncation(party, pairs):
         return mul_trunc_many(party, pairs)
-    return to_scale(party, mul_many_exact(party, pairs))
+    return to_scale(party, mul_untruncated_many(party, pairs))
 
 
 def mul(party: Party, x: AShare, y: AShare) -> AShare:
@@ -353,6 +460,6 @@ def mul(party: Party, x: AShare, y: AShare) -> AShare:
 
 def matmul(party: Party, x: AShare, y: AShare) -> AShare:
     """Fixed-point [x @ y] (batched, broadcasting): two rounds with the exact truncation."""
-    if party.fp.truncation == "exact" and x.frac_bits + y.frac_bits > party.fp.frac_bits:
+    if _needs_fused_truncation(party, [(x, y)]):
         return mul_trunc_many(party, [(x, y)], matmul=True)[0]
-    return to_scale(party, mul_many_exact(party, [(x, y)], matmul=True))[0]
+    return to_scale(party, mul_untruncated_many(party, [(x, y)], matmul=True))[0]

@@ -1,7 +1,9 @@
 """MPC backend of :class:`secure.approx.interface.SecureOps`: one object per party.
 
 The three parties each build ``MpcOps(party)`` and call the same form with their own
-shares; every method below is a lockstep protocol step (see ``secure.mpc``).
+shares; every method below is a lockstep protocol step (see ``secure.mpc``). Which scale
+each result is held at and when it is truncated is decided by ``secure.mpc.scale``, which
+the one-process simulation (``secure.mpc.simulation``) follows too.
 """
 
 from __future__ import annotations
@@ -13,16 +15,10 @@ import torch
 from secure.approx.interface import Public
 from secure.mpc import arithmetic as ar
 from secure.mpc import compare as cmp
+from secure.mpc import scale as sc
 from secure.mpc import shares as sh
 from secure.mpc.party import Party
-from secure.mpc.ring import coefficient_extra_bits
 from secure.mpc.shares import AShare
-
-
-def _is_integral(c: Public) -> bool:
-    if isinstance(c, torch.Tensor):
-        return bool(torch.all(c == torch.round(c)))
-    return float(c).is_integer()
 
 
 class MpcOps:
@@ -36,8 +32,7 @@ class MpcOps:
         return self.party.fp.frac_bits
 
     def _encode(self, c: Public, frac_bits: int) -> torch.Tensor:
-        t = torch.as_tensor(c, dtype=torch.float64, device=self.party.device)
-        return torch.round(t * (1 << frac_bits)).to(torch.int64)
+        return sc.encode_public(c, frac_bits, self.party.device)
 
     def shape(self, x: AShare) -> torch.Size:
         return x.shape
@@ -64,17 +59,18 @@ class MpcOps:
 
     def add_public(self, x: AShare, c: Public) -> AShare:
         self.party.fp.encode(c)  # range check with a clear error
-        if x.frac_bits < self.frac_bits and not (x.frac_bits == 0 and _is_integral(c)):
-            x = sh.lift(x, self.frac_bits)  # an integer plus an integer stays integral (bits)
-        return sh.add_ring_public(x, self._encode(c, x.frac_bits), self.party.id)
+        s = sc.add_public_scale(x.frac_bits, c, self.frac_bits)
+        if s != x.frac_bits:
+            x = sh.lift(x, s)
+        return sh.add_ring_public(x, self._encode(c, s), self.party.id)
 
     def mul_public(self, x: AShare, c: Public) -> AShare:
         self.party.fp.encode(c)  # range check with a clear error
-        if _is_integral(c):
-            return sh.mul_ring_public(x, self._encode(c, 0))
-        k = coefficient_extra_bits([c]) if not isinstance(c, torch.Tensor) else 0
-        c_ring = self._encode(c, self.frac_bits + k)
-        scaled = AShare(x.a * c_ring, x.b * c_ring, x.owner, x.frac_bits + self.frac_bits + k)
+        s, exact = sc.mul_public_scale(c, self.frac_bits)
+        c_ring = self._encode(c, s)
+        if exact:
+            return sh.mul_ring_public(x, c_ring)
+        scaled = AShare(x.a * c_ring, x.b * c_ring, x.owner, x.frac_bits + s)
         return ar.to_scale(self.party, [scaled])[0]
 
     def sum(self, x: AShare, dim: int, keepdim: bool = False) -> AShare:
@@ -83,13 +79,12 @@ class MpcOps:
     def dot_public(self, terms: Sequence[AShare], coeffs: Sequence[float], bias: float = 0.0,
                    truncate: bool = True) -> AShare:
         f = self.frac_bits
-        k = self.party.fp.dot_public_extra_bits(len(terms), coeffs, bias)
-        scale = 2 * f + k
+        coeff_scale, scale = sc.dot_public_scales(self.party.fp, len(terms), coeffs, bias)
         acc: AShare | None = None
         for t, c in zip(terms, coeffs):
             if t.frac_bits != f:
                 t = sh.lift(t, f) if t.frac_bits < f else ar.to_scale(self.party, [t])[0]
-            c_ring = self._encode(c, f + k)
+            c_ring = self._encode(c, coeff_scale)
             term = AShare(t.a * c_ring, t.b * c_ring, t.owner, scale)
             acc = term if acc is None else sh.add(acc, term)
         assert acc is not None

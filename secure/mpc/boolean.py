@@ -27,7 +27,7 @@ import torch
 from secure.mpc.arithmetic import local_product
 from secure.mpc.party import Party
 from secure.mpc.shares import AShare, BShare, trivial_component
-from secure.runtime.profiler import protocol
+from secure.profile.profiler import protocol
 
 KOGGE_STONE_SHIFTS = (1, 2, 4, 8, 16, 32)
 

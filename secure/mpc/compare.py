@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from secure.mpc import scale
 from secure.mpc import shares as sh
-from secure.mpc.arithmetic import mul_many, mul_many_exact, to_scale
+from secure.mpc.arithmetic import mul_many, mul_untruncated_many, to_scale
 from secure.mpc.boolean import (
     DaBits,
     bit_decompose,
@@ -23,7 +24,7 @@ from secure.mpc.boolean import (
 )
 from secure.mpc.party import Party
 from secure.mpc.shares import AShare
-from secure.runtime.profiler import protocol
+from secure.profile.profiler import protocol
 
 
 @protocol("less_than")
@@ -44,15 +45,14 @@ def less_than(party: Party, x: AShare, y: AShare) -> AShare:
 def less_than_public(party: Party, x: AShare, thresholds: Sequence[float]) -> list[AShare]:
     """[1{x < c}] for each public real c, one MSB pass for all thresholds.
 
-    An integral x (a bit, a count) compared with a fractional c is lifted to scale f first.
+    An integral x (a bit, a count) compared with a fractional c is lifted to scale f first
+    (``secure.mpc.scale.comparison_scale``); each c is encoded at x's scale.
     """
-    if x.frac_bits < party.fp.frac_bits and not all(float(c).is_integer() for c in thresholds):
-        x = sh.lift(x, party.fp.frac_bits)
+    s = scale.comparison_scale(x.frac_bits, thresholds, party.fp.frac_bits)
+    if s != x.frac_bits:
+        x = sh.lift(x, s)
     party.fp.encode(torch.tensor(list(thresholds), dtype=torch.float64))  # range check
-    scale = 1 << x.frac_bits
-    diffs = [sh.add_ring_public(x, torch.tensor(-round(c * scale), dtype=torch.int64,
-                                                device=x.device), party.id)
-             for c in thresholds]
+    diffs = [sh.add_ring_public(x, -scale.encode_public(c, s, x.device), party.id) for c in thresholds]
     return msb_many(party, diffs)
 
 
@@ -69,15 +69,15 @@ def bit_not(party: Party, b: AShare) -> AShare:
 
 @protocol("relu")
 def relu(party: Party, x: AShare) -> AShare:
-    """[max(x, 0)] = x * 1{x >= 0}: 9 rounds (MSB, then one exact product)."""
+    """[max(x, 0)] = x * 1{x >= 0}: 9 rounds (MSB, then one untruncated product with the bit)."""
     mask = relu_mask(party, x)
-    return mul_many_exact(party, [(mask, x)])[0]
+    return mul_untruncated_many(party, [(mask, x)])[0]
 
 
 @protocol("select")
 def select_many(party: Party, items: Sequence[tuple[AShare, AShare, AShare]]) -> list[AShare]:
     """[b ? x : y] = y + b (x - y) for each (b, x, y) with b a 0/1 share. One round in all."""
-    prods = mul_many_exact(party, [(b, sh.sub(x, y)) for b, x, y in items])
+    prods = mul_untruncated_many(party, [(b, sh.sub(x, y)) for b, x, y in items])
     return [sh.add(y, p) for p, (_, _, y) in zip(prods, items)]
 
 
@@ -116,24 +116,21 @@ def max_along(party: Party, x: AShare, dim: int = -1, keepdim: bool = True) -> A
 
 @protocol("frexp")
 def frexp(party: Party, x: AShare, exponent_fn: Callable[[int], float],
-          extra_bits: int = 8) -> tuple[AShare, AShare]:
+          extra_bits: int = scale.FREXP_EXTRA_BITS) -> tuple[AShare, AShare]:
     """For x > 0 at scale f: x = m * 2^e with m in [0.5, 1); returns ([m], [exponent_fn(e)]).
 
     Bit decomposition (8 rounds), one-hot of the highest set bit (6), opening the one-hot
-    bits masked by daBits (1), then m = x * 2^-e (one product and an exact truncation: 3).
-    18 rounds. Domain:
+    bits masked by daBits (1), then m = x * 2^-e (one product with its exact truncation
+    fused: 2). 17 rounds. Domain:
     2^-f <= x < 2^(f + extra_bits) (3.8e-6 to 6.7e7 for f = 18); outside it (x <= 0
     included) both results are 0, which cannot be detected without opening x.
     exponent_fn values are clamped to the fixed-point range.
     """
     f = party.fp.frac_bits
-    if 2 * f + extra_bits > 63:
-        raise ValueError(f"frexp needs 2 frac_bits + extra_bits <= 63 (its table holds 2^(2f+extra-1)), "
-                         f"got frac_bits={f}, extra_bits={extra_bits}")
+    positions = scale.frexp_positions(f, extra_bits)
     (x,) = to_scale(party, [x])
     if x.frac_bits < f:
         x = sh.lift(x, f)
-    positions = 2 * f + extra_bits
     dabits = DaBits(party, torch.Size((*x.shape, positions)))
     word = bit_decompose(party, x, dabits)
     onehot = highest_bit_onehot(party, word)
@@ -142,13 +139,9 @@ def frexp(party: Party, x: AShare, exponent_fn: Callable[[int], float],
     opened = open_bits_xor(party, onehot_bits.a ^ dabits.binary.a)
     b = bits_to_arith(party, opened, dabits)
 
-    scale_bits = f + extra_bits
-    inv_pow = torch.tensor([1 << (scale_bits + f - 1 - k) for k in range(positions)],
-                           dtype=torch.int64, device=x.device)
-    inv = AShare((b.a * inv_pow).sum(-1), (b.b * inv_pow).sum(-1), party.id, scale_bits)
-    limit = party.fp.max_abs / 4
-    table = [min(max(exponent_fn(k + 1 - f), -limit), limit) for k in range(positions)]
-    factor_ring = party.fp.encode(torch.tensor(table, dtype=torch.float64), x.device)
+    inv_pow = scale.frexp_inverse_powers(f, extra_bits, x.device)
+    inv = AShare((b.a * inv_pow).sum(-1), (b.b * inv_pow).sum(-1), party.id, f + extra_bits)
+    factor_ring = scale.frexp_factors(party.fp, exponent_fn, extra_bits, x.device)
     factor = AShare((b.a * factor_ring).sum(-1), (b.b * factor_ring).sum(-1), party.id, f)
     (m,) = mul_many(party, [(x, inv)])
     return m, factor

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from secure.mpc import shares as sh
-from secure.mpc.arithmetic import mul_many_exact
+from secure.mpc.arithmetic import mul_untruncated_many
 from secure.mpc.boolean import msb_many
 from secure.mpc.compare import bit_not
 from secure.mpc.party import Party
 from secure.mpc.randomness import PrfStream, random_key
 from secure.mpc.ring import RING_DTYPE
 from secure.mpc.shares import AShare
-from secure.runtime.profiler import protocol
+from secure.profile.profiler import protocol
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def embed(party: Party, onehot: AShare, table: AShare) -> AShare:
     if onehot.shape[-1] != table.shape[0]:
         raise ValueError(f"embed: one-hot width {onehot.shape[-1]} does not match the table's "
                          f"{table.shape[0]} rows")
-    return mul_many_exact(party, [(onehot, table)], matmul=True)[0]
+    return mul_untruncated_many(party, [(onehot, table)], matmul=True)[0]
 
 
 @protocol("puma_onehot")

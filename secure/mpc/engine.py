@@ -17,7 +17,7 @@ import torch
 
 from secure.mpc.party import Party
 from secure.mpc.ring import FixedPoint
-from secure.runtime.profiler import Profiler
+from secure.profile.profiler import Profiler
 from secure.transport.base import DEFAULT_DEADLINE_S, TransportError
 from secure.transport.inprocess import InProcessNetwork
 

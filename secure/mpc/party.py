@@ -11,7 +11,7 @@ import torch
 
 from secure.mpc.randomness import PairwiseKeys, PrfStream, random_key
 from secure.mpc.ring import FixedPoint
-from secure.runtime.profiler import Profiler
+from secure.profile.profiler import Profiler
 from secure.transport.base import Transport
 
 

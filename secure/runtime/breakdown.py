@@ -1,9 +1,16 @@
-"""Per-part breakdown of a secure run: time, bytes and rounds grouped by model part."""
+"""Per-part breakdown of a secure run: time, bytes and rounds grouped by model part.
+
+Every function reads :class:`secure.profile.profiler.Span` records (a party's profiler spans,
+the spans a node reports to the client, an HE node's spans), named by the traced graph
+node's module path.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+
+from secure.profile.profiler import Span
 
 _PARTS = [
     (re.compile(r"embeddings"), "embedding + LayerNorm"),
@@ -25,8 +32,8 @@ def part_of(label: str) -> str:
     return "pooling and the rest"
 
 
-def breakdown_table(spans: Iterable[tuple[str, float, int, int]], title: str = "part") -> str:
-    """Aggregate (name, seconds, bytes, rounds) spans by part; one line per part."""
+def breakdown_table(spans: Iterable[Span], title: str = "part") -> str:
+    """Aggregate spans by part; one line per part (seconds, share, MB sent, rounds)."""
     totals = aggregate(spans)
     total = sum(t["seconds"] for t in totals.values()) or 1.0
     lines = [f"{title:<44}{'seconds':>9}{'share':>8}{'MB sent':>10}{'rounds':>8}"]
@@ -36,23 +43,23 @@ def breakdown_table(spans: Iterable[tuple[str, float, int, int]], title: str = "
     return "\n".join(lines)
 
 
-def aggregate(spans: Iterable[tuple[str, float, int, int]]) -> dict[str, dict[str, float]]:
+def aggregate(spans: Iterable[Span]) -> dict[str, dict[str, float]]:
     """{part: {"seconds", "bytes_sent", "rounds"}} in first-seen order."""
     out: dict[str, dict[str, float]] = {}
-    for name, seconds, nbytes, rounds in spans:
-        t = out.setdefault(part_of(name), {"seconds": 0.0, "bytes_sent": 0, "rounds": 0})
-        t["seconds"] += seconds
-        t["bytes_sent"] += nbytes
-        t["rounds"] += rounds
+    for s in spans:
+        t = out.setdefault(part_of(s.name), {"seconds": 0.0, "bytes_sent": 0, "rounds": 0})
+        t["seconds"] += s.duration_s
+        t["bytes_sent"] += s.bytes_sent
+        t["rounds"] += s.rounds
     return out
 
 
-def chrome_trace(spans: Iterable[tuple[str, float, float, int, int]], party: int = 0) -> dict:
-    """A Chrome-trace / Perfetto timeline: spans are (name, start_s, seconds, bytes, rounds)."""
-    events = [{"name": name, "cat": part_of(name), "ph": "X", "ts": round(start * 1e6, 1),
-               "dur": round(seconds * 1e6, 1), "pid": party, "tid": 0,
-               "args": {"bytes_sent": nbytes, "rounds": rounds, "part": part_of(name)}}
-              for name, start, seconds, nbytes, rounds in spans]
+def chrome_trace(spans: Iterable[Span], party: int = 0) -> dict:
+    """A Chrome-trace / Perfetto timeline of the spans (``start_s`` from the query's start)."""
+    events = [{"name": s.name, "cat": part_of(s.name), "ph": "X", "ts": round(s.start_s * 1e6, 1),
+               "dur": round(s.duration_s * 1e6, 1), "pid": party, "tid": 0,
+               "args": {"bytes_sent": s.bytes_sent, "rounds": s.rounds, "part": part_of(s.name)}}
+              for s in spans]
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 

@@ -18,16 +18,16 @@ from typing import Any
 
 import torch
 
-from secure.approx.fixed_backend import FixedPointOps
 from secure.approx.float_backend import FloatOps
 from secure.graph.ir import Graph, Node
 from secure.mpc import shares as sh
 from secure.mpc.backend import MpcOps
-from secure.mpc.embedding import client_onehot_shares
 from secure.mpc.engine import LocalCluster
 from secure.mpc.ring import FixedPoint
+from secure.mpc.simulation import FixedPointOps
+from secure.profile.profiler import span
+from secure.runtime.inputs import InputPart, client_parts, input_specs, party_inputs, upload_bytes
 from secure.runtime.interpreter import Interpreter, client_input, embedding_vocab
-from secure.runtime.profiler import span
 
 QUERY_SPAN = "query"
 """Name of the span around a whole traced query; node spans sit one level below it."""
@@ -81,47 +81,26 @@ def deal_weights(weights: dict[str, torch.Tensor], fp: FixedPoint,
 
 @dataclass
 class ClientShares:
-    """What the client sends each party: shares of its secret inputs, and public inputs."""
+    """What the client sends each party (``secure.runtime.inputs`` parts) and its size."""
 
-    per_party: list[dict[str, Any]]
+    per_party: list[list[InputPart]]
     upload_bytes: list[int]
 
 
 def deal_inputs(graph: Graph, inputs: dict[str, torch.Tensor], fp: FixedPoint) -> ClientShares:
     """The client's side: one-hot shares for token ids, fixed-point shares for other secret
-    inputs, public inputs as they are."""
-    per_party: list[dict[str, Any]] = [{}, {}, {}]
-    upload = [0, 0, 0]
+    inputs, public inputs as they are (the same parts the gRPC client sends)."""
     for spec in graph.inputs:
-        value = inputs[spec.name]
-        if list(value.shape) != spec.spec.shape:
-            raise ValueError(f"input {spec.name!r} has shape {list(value.shape)}, the graph was "
+        if spec.name in inputs and list(inputs[spec.name].shape) != spec.spec.shape:
+            raise ValueError(f"input {spec.name!r} has shape {list(inputs[spec.name].shape)}, the graph was "
                              f"captured for {spec.spec.shape}")
-        if spec.kind == "public":
-            for d in per_party:
-                d[spec.name] = value
-            continue
-        vocab = embedding_vocab(graph, spec.name)
-        if vocab is not None:
-            for i, part in enumerate(client_onehot_shares(value, vocab)):
-                per_party[i][spec.name] = part
-                upload[i] += part.wire_bytes
-        else:
-            for i, s in enumerate(sh.deal_shares(fp.encode(value.to(torch.float64)), fp.frac_bits)):
-                per_party[i][spec.name] = s
-                upload[i] += s.a.numel() * 16
-    return ClientShares(per_party, upload)
+    per_party = client_parts(input_specs(graph), inputs, fp)
+    return ClientShares(per_party, [upload_bytes(parts) for parts in per_party])
 
 
 def _party_program(graph: Graph, observe: list[str], trace_spans: bool):
-    def program(party: Any, weights: dict[str, sh.AShare], inputs: dict[str, Any]):
-        ready = {}
-        for spec in graph.inputs:
-            v = inputs[spec.name]
-            if hasattr(v, "expand") and hasattr(v, "wire_bytes"):  # client one-hot share
-                v = v.expand(party.id, party.device).map(
-                    lambda t, s=spec.spec.shape: t.reshape(*s, -1))
-            ready[spec.name] = v
+    def program(party: Any, weights: dict[str, sh.AShare], parts: list[InputPart]):
+        ready = party_inputs(graph, {p.key: p.tensor for p in parts}, party.id, party.fp.frac_bits, party.device)
         if not trace_spans:
             return Interpreter(graph, MpcOps(party)).run(weights, ready, observe)
 

@@ -1,7 +1,8 @@
 """The level planner: depth, parameters and rotation keys of a graph, before running it.
 
-It runs the graph through :class:`~secure.he.backend.HeOps` on a
-:class:`~secure.he.engine.GhostEngine` (level counters, no cryptography), so the plan
+It runs the graph through :class:`~secure.he.ops.HeOps` on a
+:class:`~secure.he.engine.GhostEngine` (level counters, no cryptography) with a
+:class:`GhostRefresh` session (the level-counting stand-in for the client), so the plan
 follows exactly the code path of the real run: the same layouts, products, rotations
 and refreshes.
 
@@ -21,10 +22,11 @@ from typing import Any
 import torch
 
 from secure.graph.ir import Graph
-from secure.he.backend import HeOps
 from secure.he.engine import GhostCt, GhostEngine, OutOfLevelsError
 from secure.he.layout import Cipher, Plain, canonical
+from secure.he.ops import HeOps
 from secure.he.params import PARAM_SETS, CkksParams
+from secure.he.refresh import RefreshSession, Trip, refreshed
 from secure.runtime.interpreter import Interpreter, InterpreterError
 
 DEPTH_PROBE_LEVELS: int = 1_000_000
@@ -47,6 +49,33 @@ class HePlan:
         return {**asdict(self), "params": self.params.to_dict()}
 
 
+class GhostRefresh(RefreshSession):
+    """The planner's trips on level counters: no mask, no client; a trip gives fresh top-level
+    counters and is counted as the real one would be. With ``count_depth`` a trip keeps its
+    levels and is not counted (the depth of the whole graph without refresh)."""
+
+    def __init__(self, engine: GhostEngine, allow_refresh: bool, count_depth: bool) -> None:
+        super().__init__(engine, allow_refresh=allow_refresh)
+        self.count_depth = count_depth
+
+    def trip(self, items: list[Trip]) -> list[Cipher]:
+        if not self.count_depth:
+            return super().trip(items)
+        out = []
+        for x, target, count, _ in items:
+            low = min(self.engine.level(c) for c in x.cts)
+            out.append(Cipher([self.engine.lower_to(self.engine.encrypt(None), low) for _ in range(count)],
+                              x.index if target is None else target, None, True))
+        return out
+
+    def exchange(self, items: list[Trip]) -> list[Cipher]:
+        return [refreshed(x, target, [self.engine.encrypt(None) for _ in range(count)])
+                for x, target, count, _ in items]
+
+    def flooded(self, c: Cipher, flood_bits: int | None) -> Cipher:
+        return c
+
+
 def _ghost_inputs(graph: Graph, inputs: dict[str, Any], engine: GhostEngine) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for spec in graph.inputs:
@@ -60,13 +89,13 @@ def _ghost_inputs(graph: Graph, inputs: dict[str, Any], engine: GhostEngine) -> 
 
 
 def _run_ghost(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, Any], params: CkksParams,
-               levels: int | None, allow_refresh: bool, count_depth: bool) -> tuple[HeOps, GhostEngine, int]:
+               levels: int | None, allow_refresh: bool, count_depth: bool) -> tuple[GhostRefresh, GhostEngine, int]:
     engine = GhostEngine(params, levels)
-    ops = HeOps(engine, allow_refresh=allow_refresh, count_depth=count_depth)
-    outs, _ = Interpreter(graph, ops).run({k: Plain(v.to(torch.float64)) for k, v in weights.items()},
-                                          _ghost_inputs(graph, inputs, engine))
+    session = GhostRefresh(engine, allow_refresh, count_depth)
+    outs, _ = Interpreter(graph, HeOps(session)).run({k: Plain(v.to(torch.float64)) for k, v in weights.items()},
+                                                     _ghost_inputs(graph, inputs, engine))
     lowest = min((c.level for o in outs if isinstance(o, Cipher) for c in o.cts), default=engine.top_level)
-    return ops, engine, engine.top_level - lowest
+    return session, engine, engine.top_level - lowest
 
 
 def graph_depth(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, Any]) -> int:
@@ -82,12 +111,13 @@ def plan(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, Any],
     depth = graph_depth(graph, weights, inputs)
     if allow_refresh:
         chosen = params or PARAM_SETS[0]
-        ops, engine, _ = _run_ghost(graph, weights, inputs, chosen, None, True, False)
-        return HePlan(chosen, sorted(engine.steps), ops.refreshes, ops.relayouts, depth, dict(engine.stats.count))
+        session, engine, _ = _run_ghost(graph, weights, inputs, chosen, None, True, False)
+        return HePlan(chosen, sorted(engine.steps), session.refreshes, session.relayouts, depth,
+                      dict(engine.stats.count))
     for candidate in ([params] if params else PARAM_SETS):
         if candidate.usable_levels >= depth:
             try:
-                ops, engine, _ = _run_ghost(graph, weights, inputs, candidate, None, False, False)
+                _, engine, _ = _run_ghost(graph, weights, inputs, candidate, None, False, False)
             except InterpreterError as e:
                 if isinstance(e.__cause__, OutOfLevelsError):
                     continue

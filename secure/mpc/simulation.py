@@ -1,57 +1,42 @@
-"""Fixed-point simulation backend of :class:`secure.approx.interface.SecureOps`.
+"""Fixed-point simulation of the three-party backend: :class:`FixedPointOps`.
 
-:class:`FixedPointOps` runs a secure form on plain (unshared) ring values in one process,
-with the arithmetic of the three-party backend :class:`secure.mpc.backend.MpcOps`: the same
-encodings, the same scale tracking, the same truncations, but no shares and no rounds. It
-measures the error that fixed point adds to a form in a fraction of the time of the
-in-process three-party engine.
+:class:`FixedPointOps` implements :class:`secure.approx.interface.SecureOps` on plain
+(unshared) ring values in one process, with the arithmetic of
+:class:`secure.mpc.backend.MpcOps`: both follow the scale rules of ``secure.mpc.scale``
+(the scale each result is held at, when it is truncated, how public constants are
+encoded), so a form run here shows the error fixed point adds to it, with no shares and no
+rounds, in a fraction of the time of the in-process three-party engine.
 
 Values are :class:`Fixed`: a ring tensor (``torch.int64``, Z_2^64 with wrap-around) and its
-scale ``frac_bits``. Semantics, each one what ``MpcOps`` does on the opened values:
+scale ``frac_bits``. What is particular to the simulation:
 
-* Scales. Reals carry ``f`` (the format's fraction bits), 0/1 bits and integers carry 0.
-  ``add``/``sub``/``less_than`` bring two operands to the finer scale by an exact left
-  shift. ``add_public`` of an integral constant to a scale-0 value stays at scale 0 (so
-  ``1 - b`` of a bit is still a bit); otherwise the value is lifted to ``f`` first.
-* Public constants are encoded as ``round(c * 2^s)`` (``torch.round``: half to even) at
-  the scale ``s`` they are used at; ``add_public`` and non-integral ``mul_public`` check
-  the range with :meth:`FixedPoint.encode` (:class:`FixedPointOverflowError`).
-* Products (``mul``, ``mul_many``, ``matmul``) are exact ring products at scale
-  ``fx + fy``, truncated back to ``f`` only when ``fx + fy > f``: a product with a bit or
-  an integer (scale 0) is exact. ``mul_public`` by an integral constant is an exact ring
-  product (scale unchanged); by a real one it is held at ``fx + f`` and truncated to ``f``
-  when ``fx > 0``. ``dot_public`` lifts (or truncates) every term to ``f``, accumulates
-  ``sum c_k t_k + bias`` at ``2f`` and truncates once.
 * Truncation by ``d`` bits. ``"floor"``: arithmetic right shift, ``floor(x / 2^d)``.
   ``"probabilistic"``: ``floor(x / 2^d) + b`` with ``b`` a 0/1 draw with
   ``P(b = 1) = (x mod 2^d) / 2^d``, i.e. stochastic rounding (exact when ``2^d`` divides
-  ``x``). That is the distribution of the real one-round protocol
+  ``x``). That is the distribution of the one-round protocol
   (``secure.mpc.arithmetic.truncate_many``: ``floor(x_0 / 2^d) + ceil(u / 2^d)`` with a
-  uniform ``x_0``), checked empirically on the three-party engine; its rare wrap-around
-  failure (probability ``|x| / 2^64``) is not simulated. The draws come from a
+  uniform ``x_0``), checked empirically on the three-party engine, and it is close to the
+  default exact truncation, whose result is within 1 ulp of the floor. The draws come from a
   ``torch.Generator`` seeded from ``seed`` (simulation randomness, not share randomness).
 * Comparisons are exact on ring values: ``less_than(x, y)`` = ``1{x < y}`` after aligning
-  scales, ``less_than_public(x, [c])`` = ``1{x_ring < round(c * 2^sx)}`` at ``x``'s own
-  scale ``sx`` (as ``secure.mpc.compare.less_than_public``), both as scale-0 bits.
-  ``max`` is the exact maximum of the ring values (the MPC tree selects exactly).
-* ``frexp`` (``secure.mpc.compare.frexp``): the input is first truncated to ``f`` if above
-  it (a scale-0 input is NOT lifted, see :meth:`FixedPointOps.frexp`). With ``k`` the
-  highest set bit of the ring value ``X``, ``e = k + 1 - f`` and ``m = trunc_{f+8}(X *
-  2^(2f+7-k))`` (``X`` times ``2^-e`` at scale ``f + 8``, one truncation by ``f + 8``);
-  the factor is ``exponent_fn(e)`` clamped to ``+-fp.max_abs / 4`` and encoded at scale
-  ``f``. Domain ``1 <= X < 2^(2f+8)`` (``2^-f <= x < 2^(f+8)``); outside it the protocol's
-  one-hot has no bit in range and both results are exactly 0, which is reproduced here.
+  scales, ``less_than_public(x, [c])`` = ``1{x_ring < round(c * 2^s)}`` at the comparison
+  scale s (x's own; f for an integral x and a fractional c), both as scale-0 bits. ``max``
+  is the exact maximum of the ring values (the MPC tree selects exactly).
+* ``frexp`` (``secure.mpc.compare.frexp``): the input is brought to f (truncated when
+  above, lifted when below). With ``k`` the highest set bit of the ring value ``X``,
+  ``e = k + 1 - f`` and ``m = trunc_{f+8}(X * 2^(2f+7-k))`` (``X`` times ``2^-e`` at scale
+  ``f + 8``, one truncation by ``f + 8``); the factor is ``exponent_fn(e)`` clamped to
+  ``+-fp.max_abs / 4`` and encoded at scale ``f``. Domain ``1 <= X < 2^(2f+8)``
+  (``2^-f <= x < 2^(f+8)``); outside it the protocol's one-hot has no bit in range and
+  both results are exactly 0, which is reproduced here.
+* Range checks as ``MpcOps``: ``add_public`` and ``mul_public`` check c with
+  :meth:`FixedPoint.encode` (:class:`FixedPointOverflowError`), ``dot_public`` its
+  coefficients and its bias (:meth:`FixedPoint.dot_public_extra_bits`).
 
 Which mode to use: ``"probabilistic"`` reproduces the MPC error statistics (unbiased
 rounding). ``"floor"`` is deterministic but biased by -1/2 ulp per truncation, which forms
 that square a value many times amplify: on ``puma_softmax`` (t = 6, order 3) floor mode
 shows about 2x the MPC error vs the exact softmax (2.8e-4 vs 1.0e-4 on (12, 128, 128)).
-
-MpcOps behaviours mirrored on purpose (so the simulation predicts the protocol's output):
-``less_than_public`` on a scale-0 value rounds a fractional threshold to an integer;
-``frexp`` reads a scale-0 input as if it were at scale f; ``dot_public`` and real
-``mul_public`` encode their coefficients at f bits (1/384 becomes 683/2^18, +4.9e-4
-relative), and ``dot_public`` checks the range of neither coefficients nor bias.
 
 Not modelled: the wrap-around failures of probabilistic truncation and of comparisons with
 ``|x - y| >= 2^63`` ring units; silent ring overflow is modelled (int64 wraps like Z_2^64).
@@ -65,20 +50,13 @@ from dataclasses import dataclass
 import torch
 
 from secure.approx.interface import Public
+from secure.mpc import scale
 from secure.mpc.matmul import ring_matmul
-from secure.mpc.ring import (
-    RING_DTYPE,
-    FixedPoint,
-    FixedPointOverflowError,
-    check_ring,
-    coefficient_extra_bits,
-)
+from secure.mpc.ring import RING_DTYPE, FixedPoint, FixedPointOverflowError, check_ring
+from secure.mpc.scale import FREXP_EXTRA_BITS
 
 TRUNCATION_MODES: tuple[str, ...] = ("floor", "probabilistic")
 """Accepted values of ``FixedPointOps(truncation=...)``."""
-
-FREXP_EXTRA_BITS: int = 8
-"""Bits of ``frexp``'s domain above ``f`` (``secure.mpc.compare.frexp``'s ``extra_bits``)."""
 
 
 @dataclass(frozen=True)
@@ -104,13 +82,6 @@ class Fixed:
     @property
     def device(self) -> torch.device:
         return self.ring.device
-
-
-def _is_integral(c: Public) -> bool:
-    """As ``secure.mpc.backend._is_integral``: every entry of c is a whole number."""
-    if isinstance(c, torch.Tensor):
-        return bool(torch.all(c == torch.round(c)))
-    return float(c).is_integer()
 
 
 def _highest_bit(x: torch.Tensor) -> torch.Tensor:
@@ -168,10 +139,10 @@ class FixedPointOps:
         """The real value ``ring / 2^frac_bits`` as float64."""
         return self.fp.decode(v.ring, v.frac_bits)
 
-    def _const(self, c: Public, frac_bits: int, device: torch.device) -> torch.Tensor:
-        """round(c * 2^frac_bits) as int64, with no range check (MpcOps._encode)."""
-        t = torch.as_tensor(c, dtype=torch.float64, device=device)
-        return torch.round(t * (1 << frac_bits)).to(RING_DTYPE)
+    @staticmethod
+    def _const(c: Public, frac_bits: int, device: torch.device) -> torch.Tensor:
+        """round(c * 2^frac_bits) as int64, with no range check (``scale.encode_public``)."""
+        return scale.encode_public(c, frac_bits, device)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
@@ -197,9 +168,7 @@ class FixedPointOps:
 
     def _to_scale(self, x: Fixed) -> Fixed:
         """Truncate to f if the scale is above f (``secure.mpc.arithmetic.to_scale``)."""
-        if x.frac_bits > self.frac_bits:
-            return self._truncate(x, x.frac_bits - self.frac_bits)
-        return x
+        return self._truncate(x, scale.excess_bits(x.frac_bits, self.frac_bits))
 
     @staticmethod
     def _lift(x: Fixed, frac_bits: int) -> Fixed:
@@ -249,55 +218,50 @@ class FixedPointOps:
         return Fixed(-x.ring, x.frac_bits)
 
     def add_public(self, x: Fixed, c: Public) -> Fixed:
-        """x + c; a scale-0 x plus an integral c stays at scale 0, else x is lifted to f."""
+        """x + c at ``scale.add_public_scale`` (a scale-0 x plus an integral c stays at 0)."""
         self.fp.encode(c)  # range check with a clear error
-        if x.frac_bits < self.frac_bits and not (x.frac_bits == 0 and _is_integral(c)):
-            x = self._lift(x, self.frac_bits)
+        x = self._lift(x, scale.add_public_scale(x.frac_bits, c, self.frac_bits))
         return Fixed(x.ring + self._const(c, x.frac_bits, x.device), x.frac_bits)
 
     def mul_public(self, x: Fixed, c: Public) -> Fixed:
-        """x * c: exact for an integral c; else c at scale ``f + k`` (k extra bits for a
-        small scalar, as MpcOps), truncated back to f."""
-        self.fp.encode(c)
-        if _is_integral(c):
-            return Fixed(x.ring * self._const(c, 0, x.device), x.frac_bits)
-        k = coefficient_extra_bits([c]) if not isinstance(c, torch.Tensor) else 0
-        c_ring = self._const(c, self.frac_bits + k, x.device)
-        return self._to_scale(Fixed(x.ring * c_ring, x.frac_bits + self.frac_bits + k))
+        """x * c (``scale.mul_public_scale``): exact for an integral c; else c at scale
+        ``f + k``, the product truncated back to f."""
+        self.fp.encode(c)  # range check with a clear error
+        s, exact = scale.mul_public_scale(c, self.frac_bits)
+        product = Fixed(x.ring * self._const(c, s, x.device), x.frac_bits + s)
+        return product if exact else self._to_scale(product)
 
     def sum(self, x: Fixed, dim: int, keepdim: bool = False) -> Fixed:
         return Fixed(x.ring.sum(dim=dim, keepdim=keepdim), x.frac_bits)
 
     def dot_public(self, terms: Sequence[Fixed], coeffs: Sequence[float], bias: float = 0.0,
                    truncate: bool = True) -> Fixed:
-        """bias + sum_k coeffs[k] * terms[k], accumulated at 2f + k, one truncation to f
-        (k extra coefficient bits when all coefficients are small, as MpcOps); left at
-        2f + k with ``truncate=False``."""
+        """bias + sum_k coeffs[k] * terms[k] at ``scale.dot_public_scales`` (2f + k), one
+        truncation to f; left at 2f + k with ``truncate=False``."""
         f = self.frac_bits
-        k = self.fp.dot_public_extra_bits(len(terms), coeffs, bias)
-        scale = 2 * f + k
+        coeff_scale, sum_scale = scale.dot_public_scales(self.fp, len(terms), coeffs, bias)
         acc: torch.Tensor | None = None
         for t, c in zip(terms, coeffs):
             if t.frac_bits != f:
                 t = self._lift(t, f) if t.frac_bits < f else self._to_scale(t)
-            term = t.ring * self._const(c, f + k, t.device)
+            term = t.ring * self._const(c, coeff_scale, t.device)
             acc = term if acc is None else acc + term
         assert acc is not None
-        acc = acc + self._const(bias, scale, acc.device)
-        return self._to_scale(Fixed(acc, scale)) if truncate else Fixed(acc, scale)
+        acc = acc + self._const(bias, sum_scale, acc.device)
+        return self._to_scale(Fixed(acc, sum_scale)) if truncate else Fixed(acc, sum_scale)
 
     # ---- products -------------------------------------------------------------------------
     def mul(self, x: Fixed, y: Fixed) -> Fixed:
         """x * y at scale fx + fy, truncated to f when above it (exact with a bit)."""
-        return self._to_scale(Fixed(x.ring * y.ring, x.frac_bits + y.frac_bits))
+        return self._to_scale(Fixed(x.ring * y.ring, scale.product_scale(x.frac_bits, y.frac_bits)))
 
     def mul_many(self, pairs: Sequence[tuple[Fixed, Fixed]]) -> list[Fixed]:
         return [self.mul(x, y) for x, y in pairs]
 
     def sum_of_products(self, pairs: Sequence[tuple[Fixed, Fixed]]) -> Fixed:
         """sum_j x_j * y_j: ring products brought to the largest scale, one truncation (as MpcOps)."""
-        scales = [x.frac_bits + y.frac_bits for x, y in pairs]
-        top = max(scales)
+        scales = [scale.product_scale(x.frac_bits, y.frac_bits) for x, y in pairs]
+        top = scale.sum_of_products_scale(scales)
         acc = None
         for (x, y), sc in zip(pairs, scales):
             term = (x.ring * y.ring) << (top - sc)
@@ -306,21 +270,15 @@ class FixedPointOps:
 
     def matmul(self, x: Fixed, y: Fixed) -> Fixed:
         """x @ y exactly in the ring (``ring_matmul``), then truncated to f."""
-        return self._to_scale(Fixed(ring_matmul(x.ring, y.ring), x.frac_bits + y.frac_bits))
+        return self._to_scale(Fixed(ring_matmul(x.ring, y.ring), scale.product_scale(x.frac_bits, y.frac_bits)))
 
     # ---- comparisons ----------------------------------------------------------------------
     def less_than_public(self, x: Fixed, thresholds: Sequence[float]) -> list[Fixed]:
-        """[1{x_ring < round(c * 2^sx)}] as scale-0 bits, sx = x's scale (as MpcOps); an
-        integral x compared with a fractional c is lifted to f first."""
-        if x.frac_bits < self.frac_bits and not all(float(c).is_integer() for c in thresholds):
-            x = self._lift(x, self.frac_bits)
-        self.fp.encode(torch.tensor(list(thresholds), dtype=torch.float64))
-        scale = 1 << x.frac_bits
-        out = []
-        for c in thresholds:
-            c_ring = torch.tensor(round(c * scale), dtype=RING_DTYPE, device=x.device)
-            out.append(Fixed((x.ring < c_ring).to(RING_DTYPE), 0))
-        return out
+        """[1{x_ring < round(c * 2^s)}] as scale-0 bits at ``scale.comparison_scale`` s (x's
+        own; an integral x compared with a fractional c is lifted to f first)."""
+        x = self._lift(x, scale.comparison_scale(x.frac_bits, thresholds, self.frac_bits))
+        self.fp.encode(torch.tensor(list(thresholds), dtype=torch.float64))  # range check
+        return [Fixed((x.ring < self._const(c, x.frac_bits, x.device)).to(RING_DTYPE), 0) for c in thresholds]
 
     def less_than(self, x: Fixed, y: Fixed) -> Fixed:
         """1{x < y} as a scale-0 bit (exact on the aligned ring values, broadcasting)."""
@@ -342,24 +300,19 @@ class FixedPointOps:
         ``clamp(exponent_fn(e), +-fp.max_abs/4)`` encoded at f. Domain
         ``2^-f <= x < 2^(f+8)``; outside it both outputs are exactly 0, as in the protocol.
         """
-        x = self._to_scale(x)
         f = self.frac_bits
-        if x.frac_bits < f:
-            x = self._lift(x, f)
-        positions = 2 * f + FREXP_EXTRA_BITS
-        if positions > 63:  # X * 2^(2f+7-k) < 2^(2f+8) must fit in int64 (f <= 27)
-            raise ValueError(f"frexp needs 2f + {FREXP_EXTRA_BITS} <= 63, f={f} is too large")
-        limit = self.fp.max_abs / 4
-        table = [min(max(exponent_fn(k + 1 - f), -limit), limit) for k in range(positions)]
-        factor_table = self.fp.encode(torch.tensor(table, dtype=torch.float64), x.device)
+        positions = scale.frexp_positions(f, FREXP_EXTRA_BITS)  # X * 2^-e < 2^(2f+8) fits in int64
+        x = self._to_scale(x)
+        x = self._lift(x, f)
+        inverse_powers = scale.frexp_inverse_powers(f, FREXP_EXTRA_BITS, x.device)
+        factors = scale.frexp_factors(self.fp, exponent_fn, FREXP_EXTRA_BITS, x.device)
 
         ring = x.ring
         in_domain = (ring > 0) & (ring < (1 << positions))
         k = torch.where(in_domain, _highest_bit(ring), torch.zeros_like(ring))
-        shift = (2 * f + FREXP_EXTRA_BITS - 1) - k  # 2^-e at scale f + 8 is 2^shift
-        scaled = torch.where(in_domain, ring << shift, torch.zeros_like(ring))
-        m = self._to_scale(Fixed(scaled, x.frac_bits + f + FREXP_EXTRA_BITS))
-        factor = torch.where(in_domain, factor_table[k], torch.zeros_like(ring))
+        scaled = torch.where(in_domain, ring * inverse_powers[k], torch.zeros_like(ring))  # at 2f + 8
+        m = self._to_scale(Fixed(scaled, scale.product_scale(x.frac_bits, f + FREXP_EXTRA_BITS)))
+        factor = torch.where(in_domain, factors[k], torch.zeros_like(ring))
         return m, Fixed(factor, f)
 
 

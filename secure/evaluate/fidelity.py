@@ -7,7 +7,10 @@ per-layer max and mean absolute error of each block's output, and output agreeme
 cosine of sentence embeddings for encoders, top-1 next-token agreement and the
 perplexity delta for causal LMs.
 
-    python -m secure.graph.fidelity --model minilm --recipe ours --backends float,mpc --n 50
+    python -m secure.evaluate.fidelity --model minilm --recipe ours --backends float,mpc --n 50
+
+Runs graphs (``secure.runtime``, ``secure.mpc``): the compiler (``secure.graph``) must not
+import this module.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from secure.distill.corpus import evaluation_sentences
+from secure.graph.buckets import bucket_for, buckets_up_to
 from secure.graph.capture import capture
 from secure.graph.ir import Graph
 from secure.graph.passes import RECIPES, Recipe, power_recipe, rewrite
@@ -188,17 +193,6 @@ def evaluate(model: torch.nn.Module, recipe: Recipe, batches: Sequence[Batch], b
     return list(reports.values())
 
 
-BUCKETS = (16, 32, 64, 128)
-
-
-def bucket_length(tokens: int, buckets: Sequence[int] = BUCKETS) -> int:
-    """The smallest padded length that holds ``tokens`` (the parties learn only the bucket)."""
-    for b in buckets:
-        if tokens <= b:
-            return b
-    return buckets[-1]
-
-
 def format_report(reports: Sequence[BackendReport]) -> str:
     lines = []
     for rep in reports:
@@ -217,19 +211,17 @@ def _load(model_name: str, max_length: int, n: int) -> tuple[torch.nn.Module, li
         batches = []
         for _ in range(n):
             length = int(torch.randint(4, max_length + 1, (1,), generator=gen))
-            seq = bucket_length(length, [b for b in BUCKETS if b <= max_length] or [max_length])
+            seq = bucket_for(length, buckets_up_to(max_length))
             ids = torch.randint(0, 256, (1, seq), generator=gen)
             mask = (torch.arange(seq) < length).long().unsqueeze(0)
             batches.append({"input_ids": ids, "attention_mask": mask})
         return lm, batches, True, "tiny GPT-2 (random weights)"
-    from secure.graph.corpus import evaluation_sentences
-
     path = None if model_name == "minilm" else model_name
     encoder, tokenizer = load_minilm(path)
     batches = []
     for text in evaluation_sentences(n):
         tokens = len(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
-        seq = bucket_length(tokens, [b for b in BUCKETS if b <= max_length] or [max_length])
+        seq = bucket_for(tokens, buckets_up_to(max_length))
         enc = tokenizer([text], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
         batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return SentenceEncoder(encoder), batches, False, model_name
@@ -243,7 +235,7 @@ def resolve_recipe(name: str, model_name: str) -> Recipe:
         meta = Path(model_name) / "secure_recipe.json"
         if not meta.exists():
             raise FileNotFoundError(f"recipe 'power' needs a distilled model folder with {meta.name}; "
-                                    f"run `python -m secure.graph.distill --out DIR` first")
+                                    f"run `python -m secure.distill --out DIR` first")
         d = json.loads(meta.read_text())
         return power_recipe(d["p"], d["eps"], d["upper"], d["iterations"], d.get("normalize", False))
     raise ValueError(f"unknown recipe {name!r}; choose from {sorted(RECIPES)} or 'power'")

@@ -1,0 +1,1 @@
+"""Power-Softmax distillation of BERT-style models: student attention, training, calibration, CLI, corpus."""

@@ -1,0 +1,1 @@
+"""Measure compiled models by running them: the fidelity report and HE range calibration."""

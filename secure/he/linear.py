@@ -1,0 +1,179 @@
+"""Arithmetic across the slots of the column-major layout: linear layers by the diagonal
+method (baby-step giant-step rotations), products of two ciphertext matrices on k-slabs, and
+sums over the last dim, on a :class:`~secure.he.engine.SealEngine` or the planner's
+:class:`~secure.he.engine.GhostEngine` (the same calls, so the planner counts the real
+rotations and products).
+
+The layout (:func:`secure.he.layout.canonical`): element ``[..., c]`` of a tensor with R rows
+lies in slot ``c * stride + r`` (``stride = row_stride(R)``), spilling over to the next
+ciphertext. Every function here takes ciphers already laid out as it says and with the
+levels it needs: re-layouts and refreshes are the caller's (:mod:`secure.he.ops`). This
+module never imports the ops, the refresh session or the planner.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from secure.he.engine import GhostEngine, SealEngine
+from secure.he.layout import Cipher, canonical, next_pow2, row_stride
+
+
+def add_all(engine: SealEngine | GhostEngine, cts: Sequence[Any]) -> Any:
+    """The sum of the ciphertexts, added left to right."""
+    acc = cts[0]
+    for ct in cts[1:]:
+        acc = engine.add(acc, ct)
+    return acc
+
+
+def rotate_sum(engine: SealEngine | GhostEngine, ct: Any, step: int) -> Any:
+    """ct plus its rotations by step, 2 step, 4 step, ... below the slot count: every block of
+    ``step`` slots ends up holding the sum of all blocks (log2(slots / step) rotations)."""
+    while step < engine.slots:
+        ct = engine.add(ct, engine.rotate(ct, step))
+        step *= 2
+    return ct
+
+
+# ---- sums over the last dim ------------------------------------------------------------------
+def sum_columns(engine: SealEngine | GhostEngine, x: Cipher) -> Cipher:
+    """x[..., C] summed over its last dim, kept as a dim of 1 (x canonical and clean). Within
+    a ciphertext the row sum ends up in every column slab (the result is periodic: broadcasting
+    it back over the columns is free); columns spanning whole ciphertexts are added as such."""
+    slots = engine.slots
+    rows = math.prod(x.shape[:-1])
+    stride = row_stride(rows, slots)
+    index = torch.arange(rows, dtype=torch.int64).view([*x.shape[:-1], 1])
+    if stride > slots:
+        per = stride // slots
+        accs = [add_all(engine, [x.cts[c * per + j] for c in range(x.shape[-1])]) for j in range(per)]
+        return Cipher(accs, index, None, True)
+    acc = rotate_sum(engine, add_all(engine, x.cts), stride)
+    return Cipher([acc], index, stride if stride < slots else None, stride >= slots)
+
+
+# ---- encrypted @ plaintext (linear layers) -----------------------------------------------------
+def matmul_plain(engine: SealEngine | GhostEngine, x: Cipher, w: torch.Tensor) -> Cipher:
+    """x[..., K] @ w[K, N] (w 2-D; x canonical and clean, all ciphertexts at one level with a
+    level left): one plaintext-product level, the result canonical and clean."""
+    k_in, n_out = w.shape
+    rows = math.prod(x.shape[:-1])
+    stride = row_stride(rows, engine.slots)
+    index, count = canonical([*x.shape[:-1], n_out], engine.slots)
+    wn = w.to(torch.float64).numpy()
+    if stride > engine.slots:
+        return Cipher(_column_products(engine, x.cts, wn, stride // engine.slots), index, None, True)
+    return Cipher(_diagonal_products(engine, x.cts, wn, stride, count), index, None, True)
+
+
+def _column_products(engine: SealEngine | GhostEngine, cts: list[Any], wn: np.ndarray, per: int) -> list[Any]:
+    """Columns spanning ``per`` whole ciphertexts: output column j, part q is
+    ``sum_i w[i, j] x[i, q]``, scalar products only."""
+    k_in, n_out = wn.shape
+    out = []
+    for j in range(n_out):
+        for q in range(per):
+            terms = [(cts[i * per + q], float(wn[i, j])) for i in range(k_in) if wn[i, j] != 0.0]
+            out.append(engine.mul_plain_sum(terms) if terms else engine.mul_plain(cts[q], 0.0))
+    return out
+
+
+def _diagonal_products(engine: SealEngine | GhostEngine, cts: list[Any], wn: np.ndarray, stride: int,
+                       count: int) -> list[Any]:
+    """The diagonal method on blocks of ``stride`` slots: output ciphertext ``go`` sums, over the
+    input ciphertexts and the ``blocks`` diagonals of w's padded block matrix, each rotated input
+    times its diagonal; baby steps rotate the inputs (``baby`` rotations each), giant steps the
+    partial sums (``blocks / baby`` rotations per output)."""
+    blocks = engine.slots // stride
+    wp = np.zeros((len(cts) * blocks, count * blocks))
+    wp[:wn.shape[0], :wn.shape[1]] = wn
+    baby = 1 << math.ceil(math.log2(blocks) / 2)
+    rotated = [[ct if i == 0 else engine.rotate(ct, i * stride) for i in range(min(baby, blocks))] for ct in cts]
+    out = []
+    for go in range(count):
+        total = None
+        for j in range(blocks // baby):
+            part = _giant_step(engine, rotated, wp[:, go * blocks:(go + 1) * blocks], j, baby, stride)
+            if part is not None:
+                total = part if total is None else engine.add(total, part)
+        out.append(total if total is not None else engine.mul_plain(cts[0], 0.0))
+    return out
+
+
+def _giant_step(engine: SealEngine | GhostEngine, rotated: list[list[Any]], wcol: np.ndarray, j: int,
+                baby: int, stride: int) -> Any | None:
+    """Giant step j of one output ciphertext (``wcol``: its block columns of w): the sum over
+    input ciphertexts g and baby steps i of ``rotated[g][i]`` times diagonal ``j baby + i``
+    (pre-rotated back), rotated by ``j baby stride``; None when all those diagonals are 0."""
+    blocks = wcol.shape[1]
+    b = np.arange(blocks)
+    terms = []
+    for g, rots in enumerate(rotated):
+        for i in range(baby):
+            diag = wcol[g * blocks + (b + j * baby + i) % blocks, b]
+            if diag.any():
+                terms.append((rots[i], np.roll(np.repeat(diag, stride), j * baby * stride)))
+    if not terms:
+        return None
+    part = engine.mul_plain_sum(terms)
+    return engine.rotate(part, j * baby * stride) if j else part
+
+
+# ---- encrypted @ encrypted (attention) ---------------------------------------------------------
+@dataclass(frozen=True)
+class SlabLayout:
+    """Where the terms of ``x[..., M, K] @ y[..., K, N]`` meet: term (m, n, k) of both operands
+    lies in slot ``target[..., m, n, k] = k slab + n stride + row`` (k-slabs of ``slab`` slots,
+    ``k_pad`` of them over ``count`` ciphertexts per operand); ``x_source`` / ``y_source`` name
+    the element of x / y each target position holds (what the re-layout gathers)."""
+
+    target: torch.Tensor
+    x_source: torch.Tensor
+    y_source: torch.Tensor
+    count: int
+    slab: int
+    k_pad: int
+    out_shape: list[int]
+
+
+def slab_layout(x: Cipher, y: Cipher, slots: int) -> SlabLayout:
+    """The k-slab layout of ``x @ y`` (batch dims broadcast)."""
+    m, k = x.shape[-2], x.shape[-1]
+    k2, n = y.shape[-2], y.shape[-1]
+    if k != k2:
+        raise ValueError(f"matmul shapes {tuple(x.shape)} @ {tuple(y.shape)}")
+    batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    rows = math.prod(batch) * m
+    stride = row_stride(rows, slots)
+    slab = n * stride
+    slab = -(-slab // slots) * slots if slab >= slots else next_pow2(slab)
+    per_ct = max(1, slots // slab)
+    k_pad = -(-k // per_ct) * per_ct
+    row = torch.arange(rows, dtype=torch.int64).view(*batch, m, 1, 1)
+    col = torch.arange(n, dtype=torch.int64).view(1, n, 1)
+    kk = torch.arange(k, dtype=torch.int64).view(1, 1, k)
+    full = [*batch, m, n, k]
+    x_source = torch.broadcast_to(x.index, [*batch, m, k]).unsqueeze(-2).expand(full)
+    y_source = torch.broadcast_to(y.index, [*batch, k, n]).transpose(-1, -2).unsqueeze(-3).expand(full)
+    return SlabLayout(kk * slab + col * stride + row, x_source, y_source, k_pad * slab // slots, slab, k_pad,
+                      [*batch, m, n])
+
+
+def sum_slabs(engine: SealEngine | GhostEngine, prods: list[Any], layout: SlabLayout) -> Cipher:
+    """The products of the slab layout summed over k: whole ciphertexts when a slab spans
+    them (canonical, clean), else adds and rotations within one ciphertext (periodic by the slab)."""
+    slots = engine.slots
+    index, out_count = canonical(layout.out_shape, slots)
+    if layout.slab >= slots:
+        per = layout.slab // slots
+        sums = [add_all(engine, [prods[kk * per + j] for kk in range(layout.k_pad)]) for j in range(per)]
+        return Cipher(sums[:out_count], index, None, True)
+    total = rotate_sum(engine, add_all(engine, prods), layout.slab)
+    return Cipher([total], index, layout.slab, False)

@@ -1,0 +1,134 @@
+"""The fixed-point scale rules, written once for the share backend and its simulation.
+
+A value carries a scale s (``frac_bits``: the value is ring / 2^s): the format's f for
+reals, 0 for integers and 0/1 bits. The functions below decide, for every operation of
+:class:`secure.approx.interface.SecureOps`, the scale its result is held at, when it is
+truncated back to f and by how many bits, and how a public constant is encoded.
+:class:`secure.mpc.backend.MpcOps` (on shares, with ``secure.mpc.arithmetic`` and
+``secure.mpc.compare``) and :class:`secure.mpc.simulation.FixedPointOps` (on plain ring
+values) both follow them, so the simulation predicts the protocol's output.
+
+* Products hold ``fx + fy`` and are truncated to f only when that exceeds f: a product
+  with a bit or an integer is exact. A sum of products shifts each product up to the
+  largest product scale and truncates once.
+* Public constants are ``round(c * 2^s)`` (``torch.round``: half to even) at the scale s
+  they are used at, with no range check here (callers check with ``FixedPoint.encode``).
+* ``add_public``: x keeps its scale, except that a value below f is lifted to f, unless
+  it is an integer (scale 0) and c is integral (so ``1 - b`` of a bit is still a bit).
+* ``mul_public``: an integral c is an exact ring product at x's scale; a real c is
+  encoded at ``f + k`` (k extra bits for a small scalar, :func:`coefficient_extra_bits`),
+  the product held at ``fx + f + k`` and truncated to f.
+* ``dot_public``: every term at f, coefficients at ``f + k``, the sum and the bias at
+  ``2f + k``, one truncation.
+* Comparisons with public thresholds happen at x's scale (an integral x compared with a
+  fractional threshold is lifted to f first); the thresholds are encoded at that scale.
+* ``frexp``: the input at f, the inverse power 2^-e at ``f + extra`` (so the mantissa is a
+  product truncated once), the exponent factor at f, clamped to ``+-fp.max_abs / 4``.
+
+Pure functions of scales and public values: no shares, no rounds. Imports only the ring
+(``secure.mpc.ring``) and the interface's ``Public`` type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from secure.approx.interface import Public
+from secure.mpc.ring import RING_DTYPE, FixedPoint, coefficient_extra_bits
+
+FREXP_EXTRA_BITS: int = 8
+"""Bits of ``frexp``'s domain above f: it covers 2^-f <= x < 2^(f + 8)."""
+
+
+def is_integral(c: Public) -> bool:
+    """Every entry of c is a whole number (a product with it needs no truncation)."""
+    if isinstance(c, torch.Tensor):
+        return bool(torch.all(c == torch.round(c)))
+    return float(c).is_integer()
+
+
+def encode_public(c: Public, frac_bits: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``round(c * 2^frac_bits)`` as int64 (half to even), with no range check."""
+    t = torch.as_tensor(c, dtype=torch.float64, device=device)
+    return torch.round(t * (1 << frac_bits)).to(RING_DTYPE)
+
+
+def product_scale(fx: int, fy: int) -> int:
+    """The scale a ring product of values at fx and fy is held at before any truncation."""
+    return fx + fy
+
+
+def excess_bits(scale: int, f: int) -> int:
+    """Bits a value at ``scale`` is truncated by to come back to f (0 at or below f)."""
+    return scale - f if scale > f else 0
+
+
+def sum_of_products_scale(scales: Sequence[int]) -> int:
+    """The common scale of a sum of products: the largest product scale (the others are
+    shifted up to it exactly), truncated once to f afterwards."""
+    if not scales:
+        raise ValueError("sum_of_products needs at least one pair")
+    return max(scales)
+
+
+def add_public_scale(fx: int, c: Public, f: int) -> int:
+    """The scale ``x + c`` is computed at (x is lifted to it first)."""
+    if fx < f and not (fx == 0 and is_integral(c)):
+        return f
+    return fx
+
+
+def mul_public_scale(c: Public, f: int) -> tuple[int, bool]:
+    """(s, exact) for ``x * c``: c is encoded at scale s. Exact (an integral c, s = 0): the
+    ring product is the result, at x's scale, never truncated. Otherwise s = f + k and the
+    product, held at ``fx + s``, is truncated to f."""
+    if is_integral(c):
+        return 0, True
+    k = coefficient_extra_bits([c]) if not isinstance(c, torch.Tensor) else 0
+    return f + k, False
+
+
+def dot_public_scales(fp: FixedPoint, terms: int, coeffs: Sequence[float], bias: float) -> tuple[int, int]:
+    """(coefficient scale f + k, sum scale 2f + k) of ``bias + sum_j coeffs[j] * terms[j]``,
+    after checking the arguments (:meth:`FixedPoint.dot_public_extra_bits`). Every term is
+    brought to f first (lifted, or truncated when above)."""
+    k = fp.dot_public_extra_bits(terms, coeffs, bias)
+    return fp.frac_bits + k, 2 * fp.frac_bits + k
+
+
+def comparison_scale(fx: int, thresholds: Sequence[float], f: int) -> int:
+    """The scale x is compared with public thresholds at: x's own, except that an integral
+    x compared with a fractional threshold is lifted to f first."""
+    if fx < f and not all(float(c).is_integer() for c in thresholds):
+        return f
+    return fx
+
+
+def frexp_positions(f: int, extra_bits: int = FREXP_EXTRA_BITS) -> int:
+    """Bit positions ``frexp`` looks at (2f + extra): its domain is 1 <= X < 2^positions
+    in ring units at scale f."""
+    positions = 2 * f + extra_bits
+    if positions > 63:
+        raise ValueError(f"frexp needs 2 frac_bits + extra_bits <= 63 (its table holds 2^(2f+extra-1)), "
+                         f"got frac_bits={f}, extra_bits={extra_bits}")
+    return positions
+
+
+def frexp_inverse_powers(f: int, extra_bits: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """For each highest set bit k of X (x at scale f): 2^-e at scale ``f + extra_bits``
+    (e = k + 1 - f), i.e. the ring value 2^(2f + extra - 1 - k). The mantissa is the
+    product X * 2^-e at scale ``2f + extra``, truncated once to f."""
+    positions = frexp_positions(f, extra_bits)
+    return torch.tensor([1 << (positions - 1 - k) for k in range(positions)], dtype=RING_DTYPE, device=device)
+
+
+def frexp_factors(fp: FixedPoint, exponent_fn: Callable[[int], float], extra_bits: int,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """For each highest set bit k: ``exponent_fn(k + 1 - f)`` clamped to ``+-fp.max_abs / 4``
+    and encoded at f."""
+    f = fp.frac_bits
+    limit = fp.max_abs / 4
+    table = [min(max(exponent_fn(k + 1 - f), -limit), limit) for k in range(frexp_positions(f, extra_bits))]
+    return fp.encode(torch.tensor(table, dtype=torch.float64), device)
