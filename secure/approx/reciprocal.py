@@ -8,7 +8,7 @@
   SPU's quartic seed on the mantissa and optional Newton steps on the mantissa.
 
 Round notes (MPC): a "pass" below is one ``mul``/``mul_many`` call (2 rounds);
-``frexp`` costs about 18 rounds.
+``frexp`` costs 17 rounds (measured).
 """
 
 from __future__ import annotations
