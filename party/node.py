@@ -192,8 +192,9 @@ class PartyNode:
             assert self.cfg.ca is not None and self.entry.cert is not None and self.entry.key is not None
             creds = server_credentials(self.entry.cert, self.entry.key)
             peer_creds = server_credentials(self.entry.cert, self.entry.key, client_ca=self.cfg.ca)
+        # peer links are long-lived mTLS streams: never recycled for age or idleness mid-query
         peer = make_server(ServingLimits(max_streams=4, receive_timeout_s=self.cfg.deadline_s,
-                                         max_connection_idle_s=24 * 3600.0))
+                                         max_connection_idle_s=None, max_connection_age_s=None))
         pb2_grpc.add_PeerServicer_to_server(_PeerServicer(self), peer)
         client = make_server(self.limits, [TokenInterceptor(self.tokens, open_methods=[HEALTH_METHOD])])
         pb2_grpc.add_PartyServicer_to_server(_PartyServicer(self), client)
@@ -296,14 +297,14 @@ class PartyNode:
             for index, share in enumerate(outputs):
                 for p, comp in enumerate((share.a, share.b)):
                     for chunk in tensor_chunks(comp, pb2.TensorChunk):
-                        emit(pb2.QueryEvent(output=pb2.OutputChunk(index=index, part=p,
-                                                                          frac_bits=share.frac_bits, chunk=chunk)))
+                        emit(pb2.QueryEvent(output=pb2.OutputChunk(index=index, part=p, frac_bits=share.frac_bits,
+                                                                   chunk=chunk)))
             spans = []
             if want_trace:  # every traced node, in order, for per-part tables and timelines
                 spans = [s.since(start).to_proto(pb2.Span) for s in profiler.spans if s.depth == 0]
             seconds = time.perf_counter() - t0
-            emit(pb2.QueryEvent(done=pb2.Done(seconds=seconds, bytes_sent=party.bytes_sent,
-                                                    rounds=party.rounds, spans=spans)))
+            emit(pb2.QueryEvent(done=pb2.Done(seconds=seconds, bytes_sent=party.bytes_sent, rounds=party.rounds,
+                                              spans=spans)))
             log.info("query %s done: %.2f s, %d rounds, %.1f MB sent", query_id, seconds, party.rounds,
                      party.bytes_sent / 1e6)
         except Exception as e:  # noqa: BLE001 - reported to the client and to the peers

@@ -61,8 +61,9 @@ class ServingLimits:
     max_message_bytes: int = 8 << 20
     spare_workers: int = 8
     keepalive_s: float = 10.0
-    max_connection_idle_s: float = 300.0
-    max_connection_age_s: float = 4 * 3600.0
+    max_connection_idle_s: float | None = 300.0  # None: never closed for idleness
+    max_connection_age_s: float | None = 4 * 3600.0  # None: never recycled for age
+    max_connection_age_grace_s: float = 3600.0  # calls still running when a connection is recycled
 
     @property
     def workers(self) -> int:
@@ -72,16 +73,19 @@ class ServingLimits:
 def server_options(limits: ServingLimits) -> list[tuple[str, int]]:
     """gRPC channel arguments of a node's server."""
     ms = 1000
-    return [("grpc.max_receive_message_length", limits.max_message_bytes),
-            ("grpc.max_send_message_length", limits.max_message_bytes),
-            ("grpc.keepalive_time_ms", int(limits.keepalive_s * ms)),
-            ("grpc.keepalive_timeout_ms", int(limits.keepalive_s * ms // 2)),
-            ("grpc.max_connection_idle_ms", int(limits.max_connection_idle_s * ms)),
-            ("grpc.max_connection_age_ms", int(limits.max_connection_age_s * ms)),
-            ("grpc.max_connection_age_grace_ms", int(limits.receive_timeout_s * ms)),
-            # clients may ping idle connections, no more often than every 5 s
-            ("grpc.http2.min_ping_interval_without_data_ms", 5 * ms),
-            ("grpc.keepalive_permit_without_calls", 1)]
+    options = [("grpc.max_receive_message_length", limits.max_message_bytes),
+               ("grpc.max_send_message_length", limits.max_message_bytes),
+               ("grpc.keepalive_time_ms", int(limits.keepalive_s * ms)),
+               ("grpc.keepalive_timeout_ms", int(limits.keepalive_s * ms // 2)),
+               # clients may ping idle connections, no more often than every 5 s
+               ("grpc.http2.min_ping_interval_without_data_ms", 5 * ms),
+               ("grpc.keepalive_permit_without_calls", 1)]
+    if limits.max_connection_idle_s is not None:
+        options.append(("grpc.max_connection_idle_ms", int(limits.max_connection_idle_s * ms)))
+    if limits.max_connection_age_s is not None:
+        options += [("grpc.max_connection_age_ms", int(limits.max_connection_age_s * ms)),
+                    ("grpc.max_connection_age_grace_ms", int(limits.max_connection_age_grace_s * ms))]
+    return options
 
 
 def make_server(limits: ServingLimits, interceptors: Iterable[grpc.ServerInterceptor] = ()) -> grpc.Server:
