@@ -31,6 +31,7 @@ sys.modules["bench_peers"] = bench_peers  # its dataclasses look their module up
 _spec.loader.exec_module(bench_peers)
 
 FAMILIES = {"msb": "comparisons", "max": "comparisons", "frexp": "comparisons", "less_than": "comparisons",
+            "range_check": "comparisons",
             "mul": "products", "truncate_exact": "truncations", "truncate": "truncations"}
 
 

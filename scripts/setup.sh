@@ -21,3 +21,17 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# WordNet 3.0 from the Debian package wordnet-base: the general-English corpus that the
+# Power-Softmax distillation trains and is judged on (secure/distill/wordnet.py).
+if [ ! -f "${SECURE_WORDNET_DIR:-/usr/share/wordnet}/data.noun" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing the Debian package wordnet-base (WordNet 3.0, the distillation's English corpus)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+             wordnet-base; } >/dev/null 2>&1; then
+      echo "[setup] could not install wordnet-base: distillation stops with a message naming it; its tests are skipped"
+    fi
+  else
+    echo "[setup] WordNet is missing (Debian package wordnet-base; not root, not installed): distillation needs it" \
+         "(sudo apt-get install wordnet-base); its tests are skipped"
+  fi
+fi

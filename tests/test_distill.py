@@ -18,7 +18,7 @@ from transformers import BertConfig, BertModel, BertTokenizer  # noqa: E402
 from secure.approx.float_backend import FloatOps  # noqa: E402
 from secure.approx.reciprocal import bounded_reciprocal_start  # noqa: E402
 from secure.approx.softmax import POWER_SOFTMAX_EPS, power_softmax  # noqa: E402
-from secure.distill import corpus  # noqa: E402
+from secure.distill import cache, corpus, mixture, wordnet  # noqa: E402
 from secure.distill.attention import (  # noqa: E402
     ATTN_IMPLEMENTATION,
     keep_mask,
@@ -35,7 +35,9 @@ from secure.distill.calibrate import (  # noqa: E402
 )
 from secure.distill.loss import cosine_stats, sentence_embeddings  # noqa: E402
 from secure.distill.report import RECIPE_FILE  # noqa: E402
-from secure.distill.train import distill_power_softmax  # noqa: E402
+from secure.distill.train import DISTILL_DEFAULTS, distill_power_softmax, tokenize  # noqa: E402
+
+needs_wordnet = pytest.mark.skipif(not wordnet.available(), reason=wordnet.missing_reason() or "")
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -201,18 +203,33 @@ def test_only_the_observed_model_records_and_only_within_the_block(tiny_dir: Pat
 # ---- distillation -----------------------------------------------------------------------
 
 
-def test_short_distillation_reduces_loss_and_saves(tiny_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "student"
+def _docstring_texts() -> dict:
+    """Training, calibration and held-out texts from the docstring corpus only (no WordNet)."""
+    return {"train_texts": corpus.training_sentences(240, seed=0),
+            "calibration_texts": corpus.training_sentences(32, seed=9),
+            "held_out": {"docstrings": corpus.evaluation_sentences(8), "everyday": mixture.everyday_sentences()}}
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """The tiny BERT distilled for 30 steps with the default eps / headroom (docstring texts)."""
+    out = tmp_path_factory.mktemp("student")
     report = distill_power_softmax(
         tiny_dir, out, p=4, steps=30, batch_size=8, max_length=32, lr=3e-3, seed=0, progress=False,
         eval_texts=corpus.evaluation_sentences(16), calibration_batches=4, distilled_from="tiny-bert",
+        **_docstring_texts(),
     )
+    return out, report
+
+
+def test_short_distillation_reduces_loss_and_saves(tiny_dir: Path, tiny_student: tuple[Path, object]) -> None:
+    out, report = tiny_student
     assert report.loss_end < 0.8 * report.loss_start
     assert report.cosine_after["mean"] > report.cosine_before["mean"]
     assert 0.0 < report.lower < report.upper
-    assert report.calibration.denominator_max * 2.0 <= report.upper
+    assert report.calibration.denominator_max * DISTILL_DEFAULTS["headroom"] <= report.upper
     recipe = json.loads((out / RECIPE_FILE).read_text())
-    assert recipe["softmax"] == "power" and recipe["p"] == 4 and recipe["eps"] == POWER_SOFTMAX_EPS
+    assert recipe["softmax"] == "power" and recipe["p"] == 4 and recipe["eps"] == DISTILL_DEFAULTS["eps"]
     assert recipe["upper"] == report.upper and recipe["iterations"] == report.iterations
     assert recipe["distilled_from"] == "tiny-bert" and recipe["steps"] == 30
     for key in ("cosine_before", "cosine_after", "cosine_after_secure_form"):
@@ -249,3 +266,143 @@ def test_corpus_is_deterministic_disjoint_and_varied() -> None:
     words = sorted(len(s.split()) for s in ev)
     assert words[0] <= 4 and words[-1] >= 60
     assert len(corpus.all_sentences()) > 1000
+
+
+def test_distilled_recipe_keeps_eps_at_or_above_lower(tiny_student: tuple[Path, object]) -> None:
+    """eps >= lower: no denominator (>= eps by construction) can fall below the bounded
+    division's accuracy range, whatever the input; upper has headroom over what was seen."""
+    out, report = tiny_student
+    recipe = json.loads((out / RECIPE_FILE).read_text())
+    _, lower, _ = bounded_reciprocal_start(recipe["upper"], recipe["iterations"])
+    assert recipe["eps"] >= lower and recipe["lower"] == pytest.approx(lower)
+    assert recipe["calibration"]["eps_guarantee"] and recipe["calibration"]["covered"]
+    # the smallest iteration count that does it
+    _, lower_less, _ = bounded_reciprocal_start(recipe["upper"], recipe["iterations"] - 1)
+    assert lower_less > recipe["eps"] or recipe["iterations"] == 8
+    held = recipe["held_out_denominators"]
+    assert set(held) == {"docstrings", "everyday"}
+    for h in held.values():
+        assert h["rows"] > 0 and h["denominator_min"] >= recipe["eps"]
+        assert h["max_over_upper"] == pytest.approx(h["denominator_max"] / recipe["upper"])
+
+
+def test_choose_calibration_with_eps_picks_lower_below_eps() -> None:
+    r = LayerRange(denominator_min=0.01, denominator_max=40.0, head_min=[0.01], head_max=[40.0])
+    cal = choose_calibration({0: r}, headroom=5.0, max_iterations=20, eps=0.01)
+    assert cal.upper == 200.0 and cal.eps_guarantee and cal.covered
+    assert cal.lower <= 0.01 < bounded_reciprocal_start(200.0, cal.iterations - 1)[1]
+    tight = choose_calibration({0: r}, headroom=5.0, max_iterations=12, eps=0.01)
+    assert tight.iterations == 12 and not tight.eps_guarantee and not tight.covered
+
+
+def test_padded_rows_are_recorded_with_rows_all(tiny_dir: Path) -> None:
+    model = use_power_softmax(BertModel.from_pretrained(str(tiny_dir)), eps=0.01, normalize=True).eval()
+    tok = BertTokenizer.from_pretrained(str(tiny_dir))
+    batch = tokenize(tok, ["thanks!"], 32)
+    assert batch["input_ids"].shape[-1] == 16 and int(batch["attention_mask"].sum()) < 16  # padded to its bucket
+    counts = {}
+    for rows in ("real", "all"):
+        with torch.no_grad(), record_denominators(model, 4, 0.01, rows=rows) as ranges:
+            model(**batch)
+        counts[rows] = sum(r.rows for r in ranges.values())
+    real = int(batch["attention_mask"].sum())
+    assert counts["real"] == 2 * 2 * real and counts["all"] == 2 * 2 * 16  # layers x heads x rows
+
+
+def test_evaluation_command_on_a_tiny_model(tiny_dir: Path, tiny_student: tuple[Path, object], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from secure.evaluate import distilled
+
+    out, _ = tiny_student
+    general = 8 if wordnet.available() else 0
+    report = tmp_path / "eval.json"
+    rc = distilled.main([str(out), "--reference", str(tiny_dir), "--general", str(general), "--docstrings", "4",
+                         "--seq", "32", "--json", str(report), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "secure mean" in printed and "everyday" in printed
+    data = json.loads(report.read_text())
+    sets = {s["set"]: s for s in data["sets"]}
+    assert set(sets) == {"docstrings", "everyday"} | ({"general"} if general else set())
+    assert sets["everyday"]["texts"] == 50 and set(sets["everyday"]["buckets"]) <= {"16", "32"}
+    for s in sets.values():
+        assert s["non_finite"] == 0 and s["rows_above_upper"] == 0
+        assert -1.0 <= s["secure_min"] <= s["secure_mean"] <= 1.0
+        # the secure form on floats tracks the exact distilled model closely
+        assert abs(s["secure_mean"] - s["exact_mean"]) < 0.02
+        assert len(s["per_text"]["secure"]) == s["texts"]
+    assert data["recipe"]["eps"] >= bounded_reciprocal_start(data["recipe"]["upper"], data["recipe"]["iterations"])[1]
+
+
+def test_named_model_is_distilled_once_and_cached(tiny_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECURE_INFERENCE_CACHE", str(tmp_path / "cache"))
+    said: list[str] = []
+    kwargs = dict(model_dir=tiny_dir, steps=2, batch_size=4, max_length=32, calibration_batches=2,
+                  eval_texts=corpus.evaluation_sentences(4), **_docstring_texts())
+    folder = cache.ensure_distilled("minilm-power", progress=False, say=said.append, **kwargs)
+    assert folder == tmp_path / "cache" / "minilm-power" and cache.is_distilled(folder)
+    assert len(said) == 2 and "not cached" in said[0] and "distilled in" in said[1]
+    assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name]
+    assert cache.resolve_model("minilm-power", say=said.append) == folder and len(said) == 2  # cached
+    assert cache.resolve_model(str(tiny_dir)) == tiny_dir
+    with pytest.raises(ValueError):
+        cache.ensure_distilled("no-such-model")
+
+
+# ---- the general-English corpus (WordNet) -----------------------------------------------------
+
+
+def test_wordnet_cleaning() -> None:
+    assert wordnet.clean_text("the barn spider was made famous in `Charlotte's Web'") == (
+        "The barn spider was made famous in 'Charlotte's Web'.")
+    assert wordnet.clean_text("  a prissy creature...settles  into a mold ") == "A prissy creature settles into a mold."
+    assert wordnet.clean_text("is it?") == "Is it?"
+    assert wordnet.clean_text("x = <y>") is None and wordnet.clean_text(" ; ") is None
+    defs, exs = wordnet.parse_gloss('extend one\'s body or limbs; "Let\'s stretch for a minute"; "stretch out"  ')
+    assert defs == ["extend one's body or limbs"] and exs == ["Let's stretch for a minute", "stretch out"]
+
+
+def _clear_wordnet_caches() -> None:
+    for fn in (wordnet._load, wordnet._pools, wordnet._held_out_phrases):
+        fn.cache_clear()
+
+
+def test_missing_wordnet_names_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECURE_WORDNET_DIR", str(tmp_path))
+    _clear_wordnet_caches()
+    try:
+        assert not wordnet.available()
+        with pytest.raises(wordnet.WordNetMissing, match="wordnet-base"):
+            wordnet.held_out_texts(4)
+        with pytest.raises(wordnet.WordNetMissing, match="wordnet-base"):
+            mixture.training_texts(4)
+    finally:
+        monkeypatch.delenv("SECURE_WORDNET_DIR")
+        _clear_wordnet_caches()
+
+
+@needs_wordnet
+def test_general_english_split_is_fixed_and_disjoint() -> None:
+    held = wordnet.held_out_texts()
+    train = mixture.training_texts(3000, seed=0)
+    calib = mixture.calibration_texts(500, seed=0)
+    assert len(held) == 256 >= 200 and len(set(held)) == 256
+    _clear_wordnet_caches()
+    assert wordnet.held_out_texts() == held and wordnet.held_out_texts(20) == held[:20]
+    assert mixture.training_texts(3000, seed=0) == train and mixture.training_texts(3000, seed=1) != train
+    everyday = mixture.everyday_sentences()
+    assert len(everyday) == 50 and everyday[0] == "Thanks!" and len(set(everyday)) == 50
+    never = set(held) | set(everyday) | set(corpus.evaluation_sentences())
+    assert not never & set(train) and not never & set(calib)
+    exs, defs = wordnet.training_pool()
+    h_exs, h_defs = wordnet.held_out_pool()
+    assert not (set(exs) | set(defs)) & (set(h_exs) | set(h_defs))
+    assert len(exs) > 40_000 and len(defs) > 100_000 and len(h_exs) > 2_000
+    # the mixture: a third docstring items, the rest general English, shuffled together
+    k = round(300 * mixture.DOCSTRING_SHARE)
+    mixed = mixture.training_texts(300, seed=0)
+    assert sorted(mixed) == sorted(wordnet.training_texts(300 - k, 0) + corpus.training_sentences(k, 0))
+    assert mixed != wordnet.training_texts(300 - k, 0) + corpus.training_sentences(k, 0)
+    words = sorted(len(t.split()) for t in held)
+    assert words[0] <= 2 and words[-1] >= 60

@@ -532,11 +532,11 @@ def _silent_queries(cfg: ClusterConfig, address: str, count: int, token: str | N
 
 
 def _answers_promptly(nodes: LocalNodes) -> None:
-    """Health and Describe answer within 3 s on every party."""
+    """Health and Describe answer within 5 s on every party."""
     with local_client(nodes) as client:
         for i, stub in enumerate(client.stubs):
-            assert stub.Health(pb2.HealthRequest(), timeout=3).live
-            assert stub.Describe(pb2.DescribeRequest(), metadata=client.metadata(i), timeout=3).party_id == i
+            assert stub.Health(pb2.HealthRequest(), timeout=5).live
+            assert stub.Describe(pb2.DescribeRequest(), metadata=client.metadata(i), timeout=5).party_id == i
 
 
 @pytest.mark.parametrize("count", [12, 100])
@@ -548,9 +548,11 @@ def test_idle_unauthenticated_streams_do_not_starve_a_node(nodes: LocalNodes, pl
         with local_client(nodes) as client:
             result = client.embed(E2E_TEXT)
         assert plain.cosine(E2E_TEXT, result.embedding) >= 0.999
-        # refused by the interceptor at once, without reading a message
-        codes = idle.outcomes(timeout_s=10)
-        assert len(codes) == count and all(c == grpc.StatusCode.UNAUTHENTICATED for c, _ in codes), codes[:3]
+        # refused at once without a message read: by the token check, or, when more arrive at
+        # once than the node has threads, by gRPC's concurrency limit
+        codes = [c for c, _ in idle.outcomes(timeout_s=10)]
+        refused = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert len(codes) == count and set(codes) <= refused and grpc.StatusCode.UNAUTHENTICATED in codes, codes[:3]
     finally:
         idle.close()
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from secure.approx.interface import Public
+from secure.approx.interface import Public, RangeError, check_range_arguments
 
 
 class FloatOps:
@@ -82,6 +82,19 @@ class FloatOps:
 
     def max(self, x: torch.Tensor, dim: int = -1, keepdim: bool = True) -> torch.Tensor:
         return x.amax(dim=dim, keepdim=keepdim)
+
+    def check_range(self, x: torch.Tensor, lower: float | None, upper: float | None, what: str) -> None:
+        """RangeError (count, observed min/max) if any element is outside ``[lower, upper]``
+        or NaN."""
+        check_range_arguments(lower, upper)
+        out = torch.isnan(x)
+        if lower is not None:
+            out = out | (x < lower)
+        if upper is not None:
+            out = out | (x > upper)
+        count = int(out.sum())
+        if count:
+            raise RangeError(what, lower, upper, count, x.numel(), (float(x.min()), float(x.max())))
 
     def frexp(
         self, x: torch.Tensor, exponent_fn: Callable[[int], float]

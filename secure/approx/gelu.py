@@ -227,7 +227,8 @@ def chebyshev_basis(ops: SecureOps[T], v: T, degree: int) -> dict[int, T]:
     return basis
 
 
-def poly_gelu(ops: SecureOps[T], x: T, bound: float, degree: int = POLY_GELU_DEGREE) -> T:
+def poly_gelu(ops: SecureOps[T], x: T, bound: float, degree: int = POLY_GELU_DEGREE, *,
+              check: bool = True) -> T:
     """GeLU as one polynomial on ``[-bound, bound]`` (no comparison: the HE form).
 
     Math: ``gelu(x) = 0.5 x + 0.5 x erf(x / sqrt 2)``; the even part is
@@ -235,12 +236,16 @@ def poly_gelu(ops: SecureOps[T], x: T, bound: float, degree: int = POLY_GELU_DEG
     every term bounded by 1, so nothing overflows a CKKS or fixed-point range); see
     :func:`poly_gelu_coefficients` for the error per bound. Outside the bound the
     polynomial diverges: calibrate ``bound`` on the model's activations
-    (``secure.evaluate.he_ranges.calibrate_for_he``).
+    (``secure.evaluate.he_ranges.calibrate_for_he``). Nothing in the structure bounds x, so
+    ``check=True`` (the default) checks ``|x| <= bound`` first (``ops.check_range``:
+    RangeError outside it; a no-op under CKKS, whose guard is the refresh bound check).
 
     Cost: 1 ``mul_public``, 1 product for ``v``, ``ceil(log2 degree)`` product passes for
     the basis, 1 ``dot_public``. Depth under CKKS: 1 + 1 + 3 + 1 = 6 (degree 8).
     """
     coeffs = poly_gelu_coefficients(bound, degree)
+    if check:
+        ops.check_range(x, -bound, bound, f"poly_gelu input (bound {bound:g})")
     xs = ops.mul_public(x, 2.0**0.5 / bound)
     v = ops.add_public(ops.mul(xs, xs), -1.0)
     basis = chebyshev_basis(ops, v, degree)

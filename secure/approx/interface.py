@@ -21,6 +21,12 @@ through :meth:`SecureOps.mul` is exact in fixed point (no truncation under MPC).
 Round cost matters under MPC, so the batched methods (``mul_many``,
 ``less_than_public``) exist: a form should put independent products or comparisons of
 the same step in one call, which costs one pass of rounds however many there are.
+
+Bounded forms (a division or an inverse square root on a public range, a polynomial GeLU
+on ``[-bound, bound]``) are accurate only inside their range. Where the structure of a
+form cannot guarantee the range, the form calls :meth:`SecureOps.check_range`, which
+raises :class:`RangeError` instead of letting a wrong value through (HE cannot compare:
+there it is a no-op, see :class:`secure.he.ops.HeOps`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,40 @@ T = TypeVar("T")
 
 Public = float | torch.Tensor
 """A public value: a Python float or a float tensor that broadcasts against the secret."""
+
+
+class RangeError(ValueError):
+    """A bounded form met a value outside the range where its error bound holds
+    (:meth:`SecureOps.check_range`): the query fails instead of answering wrongly.
+
+    ``count`` of ``total`` elements of ``what`` lie outside ``[lower, upper]`` (None: that
+    end is not checked); ``observed`` is ``(min, max)`` where the backend sees the values
+    (float and fixed-point simulation), None under MPC, where only the count is opened.
+    """
+
+    def __init__(self, what: str, lower: float | None, upper: float | None, count: int, total: int,
+                 observed: tuple[float, float] | None = None) -> None:
+        lo = "-inf" if lower is None else f"{lower:g}"
+        hi = "inf" if upper is None else f"{upper:g}"
+        seen = "" if observed is None else f"; observed min {observed[0]:.6g}, max {observed[1]:.6g}"
+        super().__init__(f"{what}: {count} of {total} elements outside [{lo}, {hi}], where the "
+                         f"form's error bound holds{seen}; refusing to answer")
+        self.what = what
+        self.lower = lower
+        self.upper = upper
+        self.count = count
+        self.total = total
+        self.observed = observed
+
+
+def check_range_arguments(lower: float | None, upper: float | None) -> list[float]:
+    """The thresholds of a range check (``lower`` and/or ``upper``, None: that end open),
+    after checking that there is at least one and that ``lower <= upper``."""
+    if lower is None and upper is None:
+        raise ValueError("check_range needs a lower or an upper end")
+    if lower is not None and upper is not None and not lower <= upper:
+        raise ValueError(f"check_range: need lower <= upper, got [{lower}, {upper}]")
+    return [float(c) for c in (lower, upper) if c is not None]
 
 
 class SecureOps(Protocol[T]):
@@ -118,6 +158,18 @@ class SecureOps(Protocol[T]):
 
     def max(self, x: T, dim: int = -1, keepdim: bool = True) -> T:
         """Maximum along ``dim`` (a tree of comparisons under MPC)."""
+        ...
+
+    def check_range(self, x: T, lower: float | None, upper: float | None, what: str) -> None:
+        """Raise :class:`RangeError` unless every element of x lies in ``[lower, upper]``
+        (ends inclusive; None leaves that end open); ``what`` names the value in the message.
+
+        Float and fixed-point backends compare the values and report the count and the
+        observed min/max. Under MPC: one comparison pass for both ends (8 rounds), the
+        out-of-range bits summed locally into one share and only that count opened
+        (1 round); it reveals the number of out-of-range elements of that value, which is
+        0 for every query that is answered. Under CKKS there is no comparison: a no-op.
+        """
         ...
 
     # ---- normalisation seed for reciprocal and inverse square root ------------------

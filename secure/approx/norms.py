@@ -25,6 +25,8 @@ def layer_norm(
     eps: float = LAYER_NORM_EPS,
     newton_iterations: int = 0,
     variance_range: tuple[float, float] | None = None,
+    *,
+    check: bool = True,
 ) -> T:
     """LayerNorm over the last dimension: ``(x - mean) / sqrt(var + eps) * gamma + beta``.
 
@@ -43,7 +45,11 @@ def layer_norm(
     ``4 + 2 * newton_iterations`` product calls (1 with ``d``, 3 in ``mul_rsqrt``).
 
     With ``variance_range = (lower, upper)`` (calibrated bounds of ``var + eps``) the
-    denominator is :func:`mul_rsqrt_bounded` instead: no comparison, the HE form.
+    denominator is :func:`mul_rsqrt_bounded` instead: no comparison, the HE form. Its
+    accuracy holds on that range only and nothing guarantees it (the variance is data), so
+    ``check=True`` (the default) checks ``var + eps`` against it first
+    (``ops.check_range``: RangeError outside it; under MPC 9 rounds on one value per row;
+    a no-op under CKKS). Without ``variance_range`` there is nothing to check.
     """
     n = ops.shape(x)[-1]
     mean = ops.mul_public(ops.sum(x, dim=-1, keepdim=True), 1.0 / n)
@@ -55,7 +61,10 @@ def layer_norm(
         dd, num = ops.mul_many([(d, d), (d, gamma)])
     var_eps = ops.dot_public([ops.sum(dd, dim=-1, keepdim=True)], [1.0 / n], bias=eps)
     if variance_range is not None:
-        y = mul_rsqrt_bounded(ops, num, var_eps, *variance_range)
+        lo, hi = variance_range
+        if check:
+            ops.check_range(var_eps, lo, hi, "LayerNorm variance + eps")
+        y = mul_rsqrt_bounded(ops, num, var_eps, lo, hi, check=False)
     else:
         y = mul_rsqrt(ops, num, var_eps, newton_iterations=newton_iterations)
     if beta is not None:

@@ -7,6 +7,12 @@
 * :func:`rsqrt`, :func:`mul_rsqrt` -- 1/sqrt(x) (or n/sqrt(x)) for x > 0 through ``frexp``,
   SPU's quartic seed on the mantissa and optional Newton steps on the mantissa.
 
+The bounded forms (:func:`reciprocal_bounded`, :func:`divide_bounded`,
+:func:`mul_rsqrt_bounded`) are accurate only on their range: with ``check=True`` (the
+default) they call ``ops.check_range`` on x first, which raises
+:class:`~secure.approx.interface.RangeError` for a value outside it (under MPC one
+comparison pass and one opened count, 9 rounds; a no-op under CKKS).
+
 Round notes (MPC): a "pass" below is one ``mul``/``mul_many`` call (2 rounds);
 ``frexp`` costs 17 rounds (measured).
 """
@@ -131,6 +137,7 @@ def divide_bounded(
     iterations: int = 8,
     *,
     lower: float | None = None,
+    check: bool = True,
 ) -> T:
     """numerator / x for x in (0, upper] with a public bound ``upper``; no comparison.
 
@@ -148,10 +155,16 @@ def divide_bounded(
     x -> 0); above ``upper (1 + lower/upper)`` the iteration diverges, so ``upper`` must
     really bound x. Measured on FloatOps: see :func:`reciprocal_bounded`.
 
+    ``check=True`` first checks ``x in [lower, upper]`` (``ops.check_range``: RangeError
+    outside it; under MPC 9 rounds, see :meth:`secure.mpc.backend.MpcOps.check_range`).
+    ``check=False`` is for callers that guarantee or check the range themselves.
+
     Cost: 1 ``dot_public``, 1 ``mul_public``, ``iterations`` product calls (the last a
     ``mul``, the others ``mul_many`` of 2). Multiplicative depth ``iterations`` (HE).
     """
-    a, _, _ = bounded_reciprocal_start(upper, iterations, lower)
+    a, lo, _ = bounded_reciprocal_start(upper, iterations, lower)
+    if check:
+        ops.check_range(x, lo, upper, "divide_bounded denominator")
     k = a / upper
     err = ops.dot_public([x], [-k], bias=1.0)
     n = ops.mul_public(numerator, k)
@@ -170,6 +183,7 @@ def reciprocal_bounded(
     iterations: int = 8,
     *,
     lower: float | None = None,
+    check: bool = True,
 ) -> T:
     """1/x for x in (0, upper] with a public bound ``upper``; no comparison, no ``frexp``.
 
@@ -184,12 +198,16 @@ def reciprocal_bounded(
     the result underestimates 1/x, above ``upper (1 + lower/upper)`` it diverges.
     Measured on FloatOps (upper = 1, 8 iterations, x log-spaced on [0.0135, 1]): max
     relative error 1.0e-3 (at both ends, equioscillating); at x = 0.05: 3e-12.
+    ``check=True`` raises RangeError for x outside ``[lower, upper]`` (as
+    :func:`divide_bounded`).
 
     Cost: 2 ``dot_public``, ``iterations`` product calls for ``iterations >= 2`` (the first
     only squares err0, since ``w1`` needs no product; 0 for ``iterations = 1``); depth
     ``iterations``. To divide, :func:`divide_bounded` saves the final product.
     """
-    a, _, _ = bounded_reciprocal_start(upper, iterations, lower)
+    a, lo, _ = bounded_reciprocal_start(upper, iterations, lower)
+    if check:
+        ops.check_range(x, lo, upper, "reciprocal_bounded input")
     k = a / upper
     err = ops.dot_public([x], [-k], bias=1.0)
     w = ops.dot_public([err], [k], bias=k)  # first update k (1 + err0): public coefficients
@@ -297,20 +315,23 @@ def rsqrt_bounded_plan(lower: float, upper: float, tol: float = 1e-4) -> tuple[f
 
 
 def mul_rsqrt_bounded(ops: SecureOps[T], numerator: T, x: T, lower: float, upper: float,
-                      tol: float = 1e-4) -> T:
+                      tol: float = 1e-4, *, check: bool = True) -> T:
     """numerator / sqrt(x) for x in a public range ``[lower, upper]``; no comparison, no
     ``frexp`` (the HE form of the LayerNorm denominator).
 
     Math: a linear seed ``y0 = c0 + c1 x`` below 1/sqrt(x) (:func:`rsqrt_bounded_plan`),
     then Newton ``y <- y (1.5 - h y^2)`` with ``h = x / 2``; relative error <= ``tol``
     on the range (measured in float64 on a log grid by the plan itself), an underestimate
-    outside it below ``lower``, divergence far above ``upper``.
+    outside it below ``lower``, divergence far above ``upper``. ``check=True`` raises
+    RangeError for x outside ``[lower, upper]`` (``ops.check_range``) instead.
 
     Cost: 1 ``dot_public`` (seed), 1 ``mul_public`` (h), 3 product calls per Newton step
     (``y^2``, ``h y^2``, the update), 1 final product; depth ``2 + 3 steps + 1`` under CKKS.
     For a range ratio of 100: 7 steps at tol 1e-4.
     """
     c0, c1, steps = rsqrt_bounded_plan(lower, upper, tol)
+    if check:
+        ops.check_range(x, lower, upper, "mul_rsqrt_bounded input")
     y = ops.dot_public([x], [c1], bias=c0)
     h = ops.mul_public(x, 0.5)
     for _ in range(steps):

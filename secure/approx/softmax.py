@@ -6,7 +6,7 @@ import torch
 
 from secure.approx.exp import EXP_CLIP, clipped_exp
 from secure.approx.interface import Public, SecureOps, T
-from secure.approx.reciprocal import divide_bounded, reciprocal
+from secure.approx.reciprocal import bounded_reciprocal_start, divide_bounded, reciprocal
 
 MASK_BIAS_FLOOR: float = -1.0e4
 """Additive mask biases are clamped to >= this value (public operation). HF models use
@@ -139,6 +139,7 @@ def power_softmax(
     lower: float | None = None,
     dim: int = -1,
     normalize: bool = False,
+    check: bool = True,
 ) -> T:
     """Power-Softmax (Zimerman et al. 2024) over the last dimension, no comparison at all.
 
@@ -158,6 +159,19 @@ def power_softmax(
     underestimate, denominators above ``upper (1 + lower/upper)`` diverge, so calibrate
     ``upper`` on the (distilled) model's attention scores.
 
+    Range (:func:`power_softmax_range`): the denominator is ``eps + mean(m x^p) >= eps``
+    (p even), so the lower end is guaranteed by construction when ``eps >= lower`` (up to
+    one fixed-point ulp); the upper end never is (it grows with the scores). With
+    ``check=True`` (the default) the denominator is checked before the division
+    (``ops.check_range``, :class:`~secure.approx.interface.RangeError` outside): its upper
+    end always, its lower end only when not guaranteed (fully masked rows, whose
+    denominator is exactly eps and whose numerator is exactly 0, are exempt). Under MPC
+    that is 9 rounds per call (one comparison pass, one opened count) whichever ends are
+    checked, on one value per row; a no-op under CKKS (see :class:`secure.he.ops.HeOps`).
+    Guaranteeing the lower end instead costs iterations: ``lower ~ 3.45 upper / 2^k``, so
+    eps = 1e-6 under upper = 1e3 needs about 32 (64 rounds). ``check=False`` is for cost
+    measurements and for callers that have bounded the scores themselves.
+
     Measured on FloatOps (float64, scores ~ N(0, 2^2), shape (2, 4, 16, 16), all
     denominators inside [lower, upper]), max relative error vs the exact formula:
     p = 4, upper = 400, 10 iterations: 2.3e-5 (no mask), 3.2e-4 (padding mask);
@@ -166,9 +180,11 @@ def power_softmax(
 
     Cost: ``even_power`` (2 product calls for p = 4), 1 ``mul_public`` by the mask
     (integral: free under MPC), 1 ``mul_public`` / ``dot_public`` for the mean,
-    ``iterations`` product calls. No ``max``, ``less_than_public`` or ``frexp``.
+    ``iterations`` product calls, and the ``check_range`` (above). No ``max``,
+    ``less_than_public`` or ``frexp``.
     """
     n = _check_last_dim(ops, x, dim)
+    checked_lower, _ = power_softmax_range(eps, upper, iterations, lower)
     xp = even_power(ops, x, p)
     if mask is None:
         total = ops.sum(xp, dim=-1, keepdim=True)
@@ -182,6 +198,32 @@ def power_softmax(
         inv_len = 1.0 / counts.clamp(min=1.0)
         total = ops.sum(xp, dim=-1, keepdim=True)
         denom = ops.add_public(ops.mul_public(total, inv_len), eps)
+    if check:
+        seen = denom
+        if checked_lower is not None and mask is not None and bool((counts == 0).any()):
+            # a fully masked row: denominator exactly eps, numerator exactly 0, answer 0
+            seen = ops.add_public(denom, (counts == 0).to(torch.float64) * checked_lower)
+        ops.check_range(seen, checked_lower, upper, f"Power-Softmax denominator eps + mean(x^{p})")
     if normalize:  # the public 1/L per row, applied to the numerator
         xp = ops.mul_public(xp, 1.0 / n if mask is None else inv_len)
-    return divide_bounded(ops, xp, denom, upper, iterations, lower=lower)
+    return divide_bounded(ops, xp, denom, upper, iterations, lower=lower, check=False)
+
+
+def power_softmax_range(
+    eps: float, upper: float, iterations: int, lower: float | None = None
+) -> tuple[float | None, float]:
+    """Public helper: ``(lower end to check or None, upper)`` of Power-Softmax's denominator.
+
+    The division (:func:`divide_bounded`) is accurate on ``[lower, upper]`` (``lower`` from
+    :func:`bounded_reciprocal_start` when None). The denominator ``eps + mean(m x^p)`` is at
+    least eps, so the lower end needs no check when ``eps >= lower`` (returned as None);
+    the upper end always does. Raises ValueError for an ``eps`` above ``upper``: every
+    denominator would be out of range.
+    """
+    if eps < 0.0:
+        raise ValueError(f"Power-Softmax eps must be >= 0, got {eps}")
+    _, lo, _ = bounded_reciprocal_start(upper, iterations, lower)
+    if eps > upper:
+        raise ValueError(f"Power-Softmax eps = {eps:g} is above upper = {upper:g}: every denominator "
+                         "(>= eps) would be outside the division's range")
+    return (None if eps >= lo else lo), upper

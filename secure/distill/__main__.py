@@ -4,7 +4,8 @@ The command line of :mod:`secure.distill.train`; writes the student, its tokeniz
 
     python -m secure.distill --out /tmp/minilm-power [--steps N] [--p 4] ...
 
-then ``python -m secure.evaluate.fidelity --model DIR --recipe power`` measures it.
+then ``python -m secure.evaluate.distilled DIR`` measures it against the original on
+held-out general English, the docstring split and the everyday sentences.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def main(argv: Sequence[str] | None = None) -> DistillReport:
     ap.add_argument("--max-length", type=int, default=d["max_length"])
     ap.add_argument("--lr", type=float, default=d["lr"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eps", type=float, default=d["eps"],
+                    help="eps of Power-Softmax: the floor of every denominator, kept >= the division's lower end")
+    ap.add_argument("--init-target", type=float, default=d["init_target"],
+                    help="every head's largest denominator before training (0: no rescaling)")
+    ap.add_argument("--headroom", type=float, default=d["headroom"],
+                    help="upper = this times the largest calibration denominator, rounded up to 1/2/5 x 10^k")
     ap.add_argument("--range-weight", type=float, default=d["range_weight"])
     ap.add_argument("--attention-weight", type=float, default=d["attention_weight"])
     ap.add_argument("--no-normalize", action="store_true",
@@ -61,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> DistillReport:
         model_dir, args.out, p=args.p, steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, lr=args.lr, seed=args.seed, progress=not args.quiet,
         normalize=not args.no_normalize, range_weight=args.range_weight,
-        attention_weight=args.attention_weight,
+        attention_weight=args.attention_weight, eps=args.eps, init_target=args.init_target or None,
+        headroom=args.headroom,
     )  # fmt: skip
     total = time.perf_counter() - t0
     cal = r.calibration
@@ -72,10 +80,15 @@ def main(argv: Sequence[str] | None = None) -> DistillReport:
     print(f"cosine vs original, before (power attention, original weights): {_fmt(r.cosine_before)}")
     print(f"cosine vs original, after  (exact Power-Softmax):               {_fmt(r.cosine_after)}")
     print(f"cosine vs original, after  (secure form on floats):             {_fmt(r.cosine_after_secure_form)}")
-    print(f"denominators seen [{cal.denominator_min:.3g}, {cal.denominator_max:.3g}], max |score| "
-          f"{cal.max_abs_score:.3g}; upper {cal.upper:g}, iterations {cal.iterations}, lower {cal.lower:.3g} "
-          f"({'covers' if cal.covered else 'does NOT cover'} the smallest; "
-          f"{100 * cal.fraction_below_lower:.3f}% of rows below lower)")
+    print(f"calibration denominators [{cal.denominator_min:.3g}, {cal.denominator_max:.3g}], max |score| "
+          f"{cal.max_abs_score:.3g}; upper {cal.upper:g} ({cal.headroom:g}x headroom), iterations "
+          f"{cal.iterations}, lower {cal.lower:.3g} "
+          + (f"<= eps {r.eps:g}: no denominator can fall below it" if cal.eps_guarantee else
+             f"({'covers' if cal.covered else 'does NOT cover'} the smallest; "
+             f"{100 * cal.fraction_below_lower:.3f}% of rows below lower)"))
+    for name, h in r.held_out.items():
+        print(f"held-out {name}: largest denominator {h['denominator_max']:.3g} = "
+              f"{h['max_over_upper']:.3f} x upper, {h['rows_above_upper']} of {h['rows']} rows above upper")
     print(f"saved to {r.out_dir} ({RECIPE_FILE})")
     return r
 

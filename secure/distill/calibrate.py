@@ -1,15 +1,24 @@
 """Calibration of a Power-Softmax student's denominators: the public ``upper`` and the
 Goldschmidt iteration count of the secure form's division.
 
-PS is invariant to scaling one head's scores (up to eps), and training leaves every head
-at its own scale (MiniLM layer 0: denominators from 1e-4 to 2e5). So after training each
-head's query projection is rescaled so that its largest denominator is ``align_target``
-(:func:`align_head_scales`; the function is unchanged), then the denominators
-``eps + (1/L) sum_i m_i x_i^p`` are recorded per layer and head on the evaluation and some
-training batches (:func:`record_denominators`), and the public ``upper`` (2x the largest,
-rounded up to 1/2/5 x 10^k) and the Goldschmidt iteration count are chosen so that the
-accuracy range ``[lower, upper]`` (:func:`bounded_reciprocal_start`) covers the smallest if
-it can within ``max_iterations`` (:func:`choose_calibration`).
+Every denominator ``d = eps + (1/L) sum_i m_i x_i^p`` is at least ``eps``, so the lower end
+is settled by construction, not by data: the distillation trains with an ``eps`` (0.01 by
+default) and :func:`choose_calibration` takes the smallest iteration count whose accuracy
+range ``[lower, upper]`` (:func:`bounded_reciprocal_start`) starts at ``lower <= eps``.
+No input, seen or unseen, can then put a row below the range (below it the division
+underestimates; earlier students, trained with eps = 1e-6, had rows there).
+
+The upper end depends on the data: a denominator above ``upper (1 + lower/upper)`` makes
+the iteration diverge (inf on floats, and ``0 * inf`` = NaN reaches the next layer through
+the masked keys). The denominators are recorded per layer and head
+(:func:`record_denominators`) over every row that the secure form computes, padded query
+rows included (``rows="all"``: a service pads each query to its bucket), on calibration
+texts from the training pools, and ``upper`` is ``headroom`` times the largest, rounded up
+to 1/2/5 x 10^k. The distillation then records the same on held-out texts and reports
+how close they come to ``upper`` (never used to choose it).
+
+PS is invariant to scaling one head's scores up to eps (:func:`align_head_scales`); the
+distillation uses that once, before training, to start every head at the same scale.
 
 Imports only ``secure.approx`` and :mod:`secure.distill.attention` of the project.
 """
@@ -28,20 +37,32 @@ from torch import nn
 from secure.approx.reciprocal import bounded_reciprocal_start
 from secure.distill.attention import observe_scores, self_attention_modules
 
+ROWS = ("real", "all")
+"""Which rows :func:`row_denominators` counts: ``"real"`` (unpadded queries) or ``"all"``
+(every row with an attended key, padded queries included)."""
+
 
 def row_denominators(
-    scores: torch.Tensor, keep: torch.Tensor | None, p: int, eps: float
+    scores: torch.Tensor, keep: torch.Tensor | None, p: int, eps: float, rows: str = "real"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row ``[..., q]``: the denominator ``d = eps + (1/L) sum_i m_i x_i^p`` and a
-    bool "real row" flag. For self-attention (square scores) row i is real when its own
-    key i is attended (``keep[..., i, i] = 1``); padded query rows are computed under MPC
-    too but never reach a real token (their keys are masked)."""
+    bool flag of the rows counted.
+
+    ``rows="real"``: for self-attention (square scores) row i counts when its own key i is
+    attended (``keep[..., i, i] = 1``). ``rows="all"``: every row with an attended key,
+    padded query rows included. Padded rows never reach a real token (their keys are
+    masked), but the secure form computes them too: on floats a padded row whose
+    denominator exceeds ``upper`` diverges to inf and ``0 * inf`` = NaN reaches the real
+    rows of the next layer, and under HE it would break the refresh bounds. A service
+    pads every query to its bucket, so the public ``upper`` must cover them."""
+    if rows not in ROWS:
+        raise ValueError(f"rows must be one of {ROWS}, got {rows!r}")
     xp = scores.pow(p)
     if keep is None:
         return xp.mean(dim=-1) + eps, torch.ones(scores.shape[:-1], dtype=torch.bool, device=scores.device)
     k = keep.to(scores.dtype)
     denom = (xp * k).sum(-1) / k.sum(-1).clamp(min=1.0) + eps
-    if scores.shape[-1] == scores.shape[-2]:
+    if rows == "real" and scores.shape[-1] == scores.shape[-2]:
         real = torch.diagonal(k, dim1=-2, dim2=-1) > 0
     else:
         real = k.sum(-1) > 0
@@ -107,10 +128,12 @@ class LayerRange:
 
 
 @contextlib.contextmanager
-def record_denominators(model: nn.Module, p: int, eps: float) -> Iterator[dict[int, LayerRange]]:
+def record_denominators(model: nn.Module, p: int, eps: float, rows: str = "real"
+                        ) -> Iterator[dict[int, LayerRange]]:
     """Within the block, every Power-Softmax attention call (exact or secure form) of
-    ``model`` records its denominator range over real rows (:func:`row_denominators`) into
-    the yielded dict (key: the module's ``layer_idx``, else the order of first appearance)."""
+    ``model`` records its denominator range over the ``rows`` of :func:`row_denominators`
+    into the yielded dict (key: the module's ``layer_idx``, else the order of first
+    appearance)."""
     ranges: dict[int, LayerRange] = {}
     order: dict[int, int] = {}
 
@@ -120,7 +143,7 @@ def record_denominators(model: nn.Module, p: int, eps: float) -> Iterator[dict[i
             idx = order.setdefault(id(module), len(order))
         with torch.no_grad():
             s = scores.detach().to(torch.float64)
-            denom, real = row_denominators(s, None if keep is None else keep.to(s.dtype), p, eps)
+            denom, real = row_denominators(s, None if keep is None else keep.to(s.dtype), p, eps, rows)
             abs_s = s.abs() if keep is None else s.abs() * keep.to(s.dtype)
             ranges.setdefault(int(idx), LayerRange()).update(denom, real, abs_s)
 
@@ -175,7 +198,12 @@ class Calibration:
     count in ``[min_iterations, max_iterations]`` whose accuracy range ``[lower, upper]``
     (relative error <= 1e-3, :func:`bounded_reciprocal_start`) has ``lower * margin <=``
     the smallest denominator seen (``covered``), else ``max_iterations`` (not covered:
-    rows below ``lower`` are underestimated)."""
+    rows below ``lower`` are underestimated).
+
+    With ``eps`` given to :func:`choose_calibration` the lower end is guaranteed instead of
+    observed: every denominator is ``eps + mean(x^p) >= eps``, so ``iterations`` is the
+    smallest count with ``lower <= eps`` and ``covered`` (= ``eps_guarantee``) holds for
+    every input, seen or not. Only ``upper`` then depends on the data."""
 
     upper: float
     iterations: int
@@ -187,6 +215,9 @@ class Calibration:
     covered: bool
     fraction_below_lower: float = 0.0
     per_layer: dict[int, LayerRange] = field(default_factory=dict)
+    headroom: float = 2.0
+    eps_guarantee: bool = False
+    """True when ``lower <= eps``: no denominator can fall below the accuracy range."""
 
 
 def choose_calibration(
@@ -196,9 +227,11 @@ def choose_calibration(
     margin: float = 2.0,
     min_iterations: int = 8,
     max_iterations: int = 16,
+    eps: float | None = None,
 ) -> Calibration:
     """Pick ``upper`` and ``iterations`` for :func:`secure.approx.softmax.power_softmax`
-    from recorded denominator ranges (see :class:`Calibration`).
+    from recorded denominator ranges (see :class:`Calibration`; with ``eps``, the
+    iteration count makes ``lower <= eps``).
 
     Each iteration is one product pass (2 rounds under MPC, one level of depth under HE)
     and halves ``log(lower / upper)``'s reach only logarithmically (``lower / upper ~
@@ -213,10 +246,11 @@ def choose_calibration(
     chosen = max_iterations
     for k in range(min_iterations, max_iterations + 1):
         _, lower, _ = bounded_reciprocal_start(upper, k)
-        if lower * margin <= dmin:
+        if (lower <= eps) if eps is not None else (lower * margin <= dmin):
             chosen = k
             break
     _, lower, bound = bounded_reciprocal_start(upper, chosen)
+    guaranteed = eps is not None and lower <= eps
     rows = sum(r.rows for r in ranges.values())
     below = sum(r.rows_below(lower) for r in ranges.values())
     return Calibration(
@@ -227,8 +261,10 @@ def choose_calibration(
         denominator_min=dmin,
         denominator_max=dmax,
         max_abs_score=max(r.max_abs_score for r in ranges.values()),
-        covered=lower * margin <= dmin,
+        covered=guaranteed if eps is not None else lower * margin <= dmin,
         fraction_below_lower=below / rows if rows else 0.0,
         per_layer=dict(sorted(ranges.items())),
+        headroom=headroom,
+        eps_guarantee=guaranteed,
     )
 

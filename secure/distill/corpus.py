@@ -1,5 +1,9 @@
 """An offline English corpus for distillation and fidelity checks; nothing is downloaded.
 
+One of the distillation's sources (:mod:`secure.distill.mixture` mixes it with general
+English from WordNet, :mod:`secure.distill.wordnet`): a student distilled on docstrings
+alone fits them and generalises poorly (everyday sentences: mean cosine 0.964, min 0.82).
+
 Sentences are harvested from text that is already on the machine:
 
 * the docstrings of a fixed list of Python standard-library modules (module, classes,

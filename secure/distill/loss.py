@@ -83,11 +83,13 @@ def distillation_loss(
 
 
 @contextlib.contextmanager
-def range_penalty(model: nn.Module, p: int, eps: float, window: tuple[float, float]
+def range_penalty(model: nn.Module, p: int, eps: float, window: tuple[float, float], rows: str = "real"
                   ) -> Iterator[list[torch.Tensor]]:
     """Collect, per Power-Softmax attention call of ``model``, ``mean_rows (relu(log(lo/d))
-    + relu(log(d/hi)))^2`` over the real rows' denominators d (differentiable): keeps d
-    inside a window whose ratio the bounded reciprocal covers with few iterations."""
+    + relu(log(d/hi)))^2`` over the rows' denominators d (differentiable): keeps d
+    inside a window whose ratio the bounded reciprocal covers with few iterations.
+    ``rows``: ``"real"`` (unpadded queries) or ``"all"`` (padded queries too, which the
+    secure form computes as well; see :func:`secure.distill.calibrate.row_denominators`)."""
     terms: list[torch.Tensor] = []
     lo, hi = math.log(window[0]), math.log(window[1])
 
@@ -98,7 +100,8 @@ def range_penalty(model: nn.Module, p: int, eps: float, window: tuple[float, flo
             real = torch.ones_like(denom)
         else:
             denom = (xp * keep).sum(-1) / keep.sum(-1).clamp(min=1.0) + eps
-            real = torch.diagonal(keep, dim1=-2, dim2=-1) if scores.shape[-1] == scores.shape[-2] else (
+            square = scores.shape[-1] == scores.shape[-2]
+            real = torch.diagonal(keep, dim1=-2, dim2=-1) if square and rows == "real" else (
                 keep.sum(-1) > 0).to(scores.dtype)
         ld = torch.log(denom)
         out = (torch.relu(lo - ld) + torch.relu(ld - hi)).pow(2)

@@ -6,7 +6,7 @@ Imports only :mod:`secure.distill.calibrate` of the project.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +40,11 @@ class DistillReport:
     loss_start: float
     loss_end: float
     calibration: Calibration
+    held_out: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per held-out set: the denominator range over every row (padded ones included) and
+    how many rows exceed ``upper`` (measured after calibration, never used by it)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """The other settings of the run (init target, penalty, headroom, corpus sizes, ...)."""
 
     def recipe(self, distilled_from: str) -> dict[str, Any]:
         """The ``secure_recipe.json`` contents."""
@@ -72,6 +77,10 @@ class DistillReport:
                 "covered": cal.covered,
                 "error_bound": cal.error_bound,
                 "fraction_below_lower": cal.fraction_below_lower,
+                "headroom": cal.headroom,
+                "eps_guarantee": cal.eps_guarantee,
                 "per_layer": {str(k): v.summary() for k, v in cal.per_layer.items()},
             },
+            "held_out_denominators": self.held_out,
+            "settings": self.settings,
         }

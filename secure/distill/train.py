@@ -42,49 +42,73 @@ from typing import Any
 import torch
 from torch import nn
 
-from secure.approx.softmax import POWER_SOFTMAX_EPS
-from secure.distill import corpus
+from secure.distill import mixture
 from secure.distill.attention import DEFAULT_P, check_p, register_power_softmax, use_power_softmax
-from secure.distill.calibrate import Calibration, align_head_scales, choose_calibration, record_denominators
+from secure.distill.calibrate import (
+    Calibration,
+    LayerRange,
+    align_head_scales,
+    choose_calibration,
+    record_denominators,
+)
 from secure.distill.loss import cosine_stats, distillation_loss, range_penalty, sentence_embeddings
 from secure.distill.report import RECIPE_FILE, DistillReport
+from secure.graph.buckets import BUCKETS, bucket_for
 
 DISTILL_DEFAULTS: dict[str, Any] = {
-    "steps": 1000,
+    "steps": 2000,
     "batch_size": 16,
     "max_length": 128,
     "lr": 2e-4,
-    "range_weight": 0.0,
+    "eps": 1e-2,
+    "init_target": 20.0,
+    "headroom": 5.0,
+    "range_weight": 1.0,
     "attention_weight": 0.0,
 }
 """Defaults of :func:`distill_power_softmax` and the command line (see the module doc for
 what they reach on MiniLM)."""
 
+MAX_ITERATIONS: int = 20
+"""The most Goldschmidt iterations the calibration may choose to bring ``lower`` under eps."""
 
-def _batches(tokenizer: Any, texts: Sequence[str], batch_size: int, max_length: int) -> list[dict]:
-    return [
-        dict(
-            tokenizer(
-                list(texts[i : i + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-        )
-        for i in range(0, len(texts), batch_size)
-    ]
+
+def lengths_for(max_length: int) -> list[int]:
+    """The padded lengths a service uses up to ``max_length`` (:data:`BUCKETS`), plus
+    ``max_length`` itself when it is not one of them."""
+    return sorted({b for b in BUCKETS if b <= max_length} | {max_length})
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, pad_to_buckets: bool = True) -> dict:
+    """One batch: with ``pad_to_buckets`` padded to the bucket of its longest text
+    (:func:`secure.graph.buckets.bucket_for`, as the service pads a query), else to the
+    longest text; truncated to ``max_length`` tokens."""
+    if not pad_to_buckets:
+        return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt"))
+    longest = max(len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"])
+    seq = bucket_for(longest, lengths_for(max_length))
+    return dict(tokenizer(list(texts), padding="max_length", truncation=True, max_length=seq, return_tensors="pt"))
+
+
+def _batches(tokenizer: Any, texts: Sequence[str], batch_size: int, max_length: int,
+             pad_to_buckets: bool = True) -> list[dict]:
+    return [tokenize(tokenizer, texts[i : i + batch_size], max_length, pad_to_buckets)
+            for i in range(0, len(texts), batch_size)]
 
 
 def _length_bucketed(
-    tokenizer: Any, texts: Sequence[str], batch_size: int, max_length: int, rng: random.Random
+    tokenizer: Any, texts: Sequence[str], batch_size: int, max_length: int, rng: random.Random,
+    pad_to_buckets: bool = True,
 ) -> list[dict]:
     """Tokenise, sort by length, cut into batches (little padding), shuffle batch order."""
+    if not texts:
+        return []
     lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
     groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(groups)
-    return [_batches(tokenizer, [texts[i] for i in g], len(g), max_length)[0] for g in groups]
+    return [tokenize(tokenizer, [texts[i] for i in g], max_length, pad_to_buckets) for g in groups]
 
 
 def _model_name(model_dir: str | os.PathLike[str]) -> str:
@@ -104,6 +128,25 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _record(model: nn.Module, batches: Sequence[dict], p: int, eps: float) -> dict[int, LayerRange]:
+    """Denominator ranges of ``model`` on ``batches``, every row with an attended key
+    (padded query rows included: the secure form computes them too)."""
+    with record_denominators(model, p, eps, rows="all") as ranges, torch.no_grad():
+        for b in batches:
+            model(**b)
+    return ranges
+
+
+def held_out_summary(ranges: dict[int, LayerRange], upper: float) -> dict[str, float]:
+    """``{denominator_min, denominator_max, rows, rows_above_upper, max_over_upper}`` of
+    ranges recorded on held-out texts (reported, never used to choose anything)."""
+    dmax = max(r.denominator_max for r in ranges.values())
+    rows = sum(r.rows for r in ranges.values())
+    below = sum(r.rows_below(upper) for r in ranges.values())
+    return {"denominator_min": min(r.denominator_min for r in ranges.values()), "denominator_max": dmax,
+            "rows": rows, "rows_above_upper": rows - below, "max_over_upper": dmax / upper}
+
+
 def distill_power_softmax(
     model_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -115,38 +158,62 @@ def distill_power_softmax(
     seed: int = 0,
     progress: bool = True,
     *,
-    eps: float = POWER_SOFTMAX_EPS,
+    eps: float = DISTILL_DEFAULTS["eps"],
     cosine_weight: float = 1.0,
     attention_weight: float = DISTILL_DEFAULTS["attention_weight"],
     normalize: bool = True,
+    init_target: float | None = DISTILL_DEFAULTS["init_target"],
     range_weight: float = DISTILL_DEFAULTS["range_weight"],
-    denominator_window: tuple[float, float] = (1.0, 100.0),
+    denominator_window: tuple[float, float] | None = None,
+    headroom: float = DISTILL_DEFAULTS["headroom"],
+    max_iterations: int = MAX_ITERATIONS,
     warmup_fraction: float = 0.05,
     weight_decay: float = 0.0,
     train_embeddings: bool = False,
+    pad_to_buckets: bool = True,
     eval_texts: Sequence[str] | None = None,
     train_texts: Sequence[str] | None = None,
+    calibration_texts: Sequence[str] | None = None,
+    held_out: dict[str, Sequence[str]] | None = None,
     calibration_batches: int = 32,
-    align_target: float | None = 45.0,
+    align_target: float | None = None,
     distilled_from: str | None = None,
 ) -> DistillReport:
     """Distill a Power-Softmax student from a BERT-style model and save it.
 
-    Steps: load teacher = ``AutoModel(model_dir)`` (eval, frozen) and student = a deep copy
-    with :func:`~secure.distill.attention.use_power_softmax` (``p``, ``eps``); measure
-    ``cosine_before`` (student with the untrained weights vs teacher, sentence embeddings
-    of ``eval_texts``, default :func:`secure.distill.corpus.evaluation_sentences`); train
-    ``steps`` AdamW steps (:func:`_train`: linear warm-up over ``warmup_fraction`` of the
-    steps, then cosine decay to 0, gradient norm clipped to 1) on
-    :func:`~secure.distill.loss.distillation_loss` over length-bucketed batches of
-    ``train_texts`` (default :func:`secure.distill.corpus.training_sentences`
-    (steps * batch_size, seed)), embeddings frozen unless ``train_embeddings``; measure
-    ``cosine_after``; calibrate ``upper`` / ``iterations`` on the evaluation batches plus
-    ``calibration_batches`` training batches (:func:`_calibrate`); measure
-    ``cosine_after_secure_form`` with the secure form on floats; save the student
-    (safetensors; ``p``, ``eps``, ``upper``, ``iterations`` in its config.json), the
-    tokenizer and ``secure_recipe.json``.
+    Steps:
 
+    1. teacher = ``AutoModel(model_dir)`` (eval, frozen); student = a deep copy with
+       :func:`~secure.distill.attention.use_power_softmax` (``p``, ``eps``, ``normalize``).
+    2. With ``init_target``: every head's query projection is rescaled so that its
+       largest denominator on the calibration batches is ``init_target``
+       (:func:`~secure.distill.calibrate.align_head_scales`): the pretrained heads' own
+       scales span 1e-4 to 2e5, and a head far below ``eps`` would start dead.
+    3. ``cosine_before`` on ``eval_texts`` (default: the first 64 held-out general-English
+       texts, :func:`secure.distill.wordnet.held_out_texts`).
+    4. ``steps`` AdamW steps (:func:`_train`: linear warm-up over ``warmup_fraction``,
+       cosine decay to 0, gradient norm clipped to 1) on
+       :func:`~secure.distill.loss.distillation_loss` plus ``range_weight`` times
+       :func:`~secure.distill.loss.range_penalty` over every row, padded ones included,
+       with ``denominator_window`` (default ``(eps, init_target)``: only the upper side
+       acts, since every denominator is >= eps), over length-sorted batches of
+       ``train_texts`` (default :func:`secure.distill.mixture.training_texts`) padded to
+       their buckets as a service pads a query (``pad_to_buckets``); embeddings frozen
+       unless ``train_embeddings``.
+    5. ``cosine_after``; calibration (:func:`_calibrate`) on ``calibration_texts``
+       (default :func:`secure.distill.mixture.calibration_texts`, ``calibration_batches``
+       batches; training pools only): ``upper = nice_ceil(headroom * max denominator)``,
+       every row counted, and the smallest iteration count (at most ``max_iterations``)
+       whose accuracy range starts at ``lower <= eps``, so that no denominator can fall
+       below it (:func:`~secure.distill.calibrate.choose_calibration`).
+    6. The held-out denominators: the largest on each set of ``held_out`` (default
+       :func:`secure.distill.mixture.evaluation_sets`), against ``upper`` (reported only).
+    7. ``cosine_after_secure_form`` with the secure form on floats, one text per batch
+       padded to its bucket; save the student (safetensors; ``p``, ``eps``, ``upper``,
+       ``iterations`` in its config.json), the tokenizer and ``secure_recipe.json``.
+
+    ``align_target`` (default None) rescales the heads again after training, as earlier
+    versions did; with a large ``eps`` that changes the function, so it is off.
     Deterministic for a given seed, thread count and torch build.
     """
     from transformers import AutoModel, AutoTokenizer
@@ -155,6 +222,8 @@ def distill_power_softmax(
     check_p(p)
     if steps < 0 or batch_size < 1:
         raise ValueError(f"need steps >= 0 and batch_size >= 1, got {steps}, {batch_size}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be > 0 (it is the floor of every denominator), got {eps}")
     _set_seed(seed)
     register_power_softmax()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -166,30 +235,41 @@ def distill_power_softmax(
         teacher.set_attn_implementation("eager")  # sdpa returns no attention weights
 
     if eval_texts is None:
-        eval_texts = corpus.evaluation_sentences()
+        eval_texts = mixture.evaluation_sets()["general"][:64]
     if train_texts is None:
-        train_texts = corpus.training_sentences(max(steps, calibration_batches) * batch_size, seed)
-    eval_batches = _batches(tokenizer, eval_texts, batch_size, max_length)
-    train_batches = _length_bucketed(tokenizer, train_texts, batch_size, max_length, random.Random(seed))
+        train_texts = mixture.training_texts(steps * batch_size, seed)
+    if calibration_texts is None:
+        calibration_texts = mixture.calibration_texts(calibration_batches * batch_size, seed)
+    if held_out is None:
+        held_out = mixture.evaluation_sets()
+    window = denominator_window or (eps, init_target if init_target is not None else 100.0)
+    eval_batches = _batches(tokenizer, eval_texts, batch_size, max_length, pad_to_buckets)
+    cal_batches = _length_bucketed(tokenizer, calibration_texts, batch_size, max_length,
+                                   random.Random(f"calibration-{seed}"), pad_to_buckets)
+    train_batches = _length_bucketed(tokenizer, train_texts, batch_size, max_length, random.Random(seed),
+                                     pad_to_buckets)
+    if init_target is not None:
+        align_head_scales(student, _record(student, cal_batches, p, eps), p, init_target)
     teacher_emb = sentence_embeddings(teacher, eval_batches)
     cosine_before = cosine_stats(sentence_embeddings(student, eval_batches), teacher_emb)
 
     losses, train_seconds = _train(
         student, teacher, train_batches, steps, lr, p, eps, progress=progress, cosine_weight=cosine_weight,
-        attention_weight=attention_weight, range_weight=range_weight, denominator_window=denominator_window,
+        attention_weight=attention_weight, range_weight=range_weight, denominator_window=window,
         warmup_fraction=warmup_fraction, weight_decay=weight_decay, train_embeddings=train_embeddings,
     )  # fmt: skip
     cosine_after = cosine_stats(sentence_embeddings(student, eval_batches), teacher_emb)
-    cal = _calibrate(student, eval_batches + train_batches[:calibration_batches], p, eps, align_target)
+    cal = _calibrate(student, cal_batches, p, eps, align_target, headroom, max_iterations)
+    held = {name: held_out_summary(_record(student, _batches(tokenizer, texts, 1, max_length, pad_to_buckets),
+                                           p, eps), cal.upper)
+            for name, texts in held_out.items() if texts}
     use_power_softmax(student, p, eps, secure_form=True, upper=cal.upper, iterations=cal.iterations)
-    # one text per batch: no padded rows, whose denominators nobody calibrated (in floats
-    # a diverging padded row turns into inf/NaN and 0 * NaN reaches the real rows; under
-    # MPC the ring wraps and the 0/1 mask still zeroes it)
-    single = _batches(tokenizer, eval_texts, 1, max_length)
+    # one text per batch, padded to its bucket: what a service computes for one query
+    single = _batches(tokenizer, eval_texts, 1, max_length, pad_to_buckets)
     cosine_secure = cosine_stats(sentence_embeddings(student, single), teacher_emb)
     use_power_softmax(student, p, eps)  # saved with the exact form; upper/iterations kept
 
-    window = max(1, min(10, len(losses) // 4)) if losses else 1
+    avg = max(1, min(10, len(losses) // 4)) if losses else 1
     report = DistillReport(
         out_dir=str(out_dir),
         p=p,
@@ -207,9 +287,14 @@ def distill_power_softmax(
         cosine_before=cosine_before,
         cosine_after=cosine_after,
         cosine_after_secure_form=cosine_secure,
-        loss_start=sum(losses[:window]) / window if losses else math.nan,
-        loss_end=sum(losses[-window:]) / window if losses else math.nan,
+        loss_start=sum(losses[:avg]) / avg if losses else math.nan,
+        loss_end=sum(losses[-avg:]) / avg if losses else math.nan,
         calibration=cal,
+        held_out=held,
+        settings={"init_target": init_target, "range_weight": range_weight, "denominator_window": list(window),
+                  "headroom": headroom, "pad_to_buckets": pad_to_buckets, "calibration_texts": len(calibration_texts),
+                  "train_texts": len(train_texts), "docstring_share": mixture.DOCSTRING_SHARE,
+                  "align_target": align_target, "seed": seed},
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +337,7 @@ def _train(
         att = attention_weight > 0
         with torch.no_grad():
             t_out = teacher(**batch, output_hidden_states=True, output_attentions=att)
-        with (range_penalty(student, p, eps, denominator_window) if range_weight
+        with (range_penalty(student, p, eps, denominator_window, rows="all") if range_weight
               else contextlib.nullcontext([])) as penalty:
             s_out = student(**batch, output_hidden_states=True, output_attentions=att)
         loss = distillation_loss(s_out, t_out, batch["attention_mask"], cosine_weight, attention_weight)
@@ -272,17 +357,14 @@ def _train(
     return losses, train_seconds
 
 
-def _calibrate(student: nn.Module, batches: Sequence[dict], p: int, eps: float,
-               align_target: float | None) -> Calibration:
-    """Record the student's denominators on ``batches``; with ``align_target``, rescale every
-    head to it (:func:`~secure.distill.calibrate.align_head_scales`, in place) and record
-    again; then :func:`~secure.distill.calibrate.choose_calibration`."""
-    with record_denominators(student, p, eps) as ranges, torch.no_grad():
-        for b in batches:
-            student(**b)
+def _calibrate(student: nn.Module, batches: Sequence[dict], p: int, eps: float, align_target: float | None,
+               headroom: float, max_iterations: int) -> Calibration:
+    """Record the student's denominators on ``batches`` (every row, padded ones included);
+    with ``align_target``, rescale every head to it
+    (:func:`~secure.distill.calibrate.align_head_scales`, in place) and record again; then
+    :func:`~secure.distill.calibrate.choose_calibration` with ``eps`` (``lower <= eps``)."""
+    ranges = _record(student, batches, p, eps)
     if align_target is not None:
         align_head_scales(student, ranges, p, align_target)
-        with record_denominators(student, p, eps) as ranges, torch.no_grad():
-            for b in batches:
-                student(**b)
-    return choose_calibration(ranges)
+        ranges = _record(student, batches, p, eps)
+    return choose_calibration(ranges, headroom=headroom, max_iterations=max_iterations, eps=eps)

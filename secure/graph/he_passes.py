@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from secure.approx.gelu import poly_gelu_degree
+from secure.approx.softmax import power_softmax_range
 from secure.graph.ir import Graph, GraphInput, Node, Ref, Spec
 from secure.graph.passes import UnsupportedOpError
 
@@ -108,6 +109,18 @@ def _still_used(graph: Graph, lookup: Node, weight: str) -> bool:
     return any(weight in n.refs() for n in graph.nodes if n is not lookup)
 
 
+def _unguarded_power_softmax(kw: dict) -> str | None:
+    """Why a Power-Softmax node cannot be trusted under CKKS, or None: nothing can check a
+    ciphertext's range, so the denominator's lower end must hold by construction (eps at
+    least the division's lower end); the upper end is left to the client's refresh check."""
+    lower, _ = power_softmax_range(kw["eps"], kw["upper"], kw["iterations"])
+    if lower is None:
+        return None
+    return (f"eps = {kw['eps']:g} is below the division's accurate range [{lower:g}, {kw['upper']:g}], so small "
+            "denominators would be silently wrong under CKKS; distil with eps >= the lower end (python -m "
+            "secure.distill)")
+
+
 def check_he_supported(graph: Graph) -> Graph:
     """Raise UnsupportedOpError naming the first secret node that CKKS cannot evaluate
     (anything that needs a comparison, a max or frexp)."""
@@ -117,6 +130,8 @@ def check_he_supported(graph: Graph) -> Graph:
         reason = None
         if n.op == "secure.softmax" and n.kwargs.get("kind") != "power":
             reason = "the clipped-exp softmax needs a row max (comparisons); use the power recipe"
+        elif n.op == "secure.softmax":
+            reason = _unguarded_power_softmax(n.kwargs)
         elif n.op == "secure.gelu" and n.kwargs.get("form") != "poly":
             reason = "piecewise GeLU needs comparisons; calibrate the graph for HE first"
         elif n.op == "secure.layer_norm" and not n.kwargs.get("variance_range"):

@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from secure.approx.softmax import power_softmax_range
 from secure.graph.ir import Graph, Node, Ref, Spec
 
 
@@ -30,7 +31,13 @@ class UnsupportedOpError(ValueError):
 
 @dataclass(frozen=True)
 class SoftmaxRecipe:
-    """Which softmax replaces attention's: "puma" (clipped exp, t, exp order) or "power"."""
+    """Which softmax replaces attention's: "puma" (clipped exp, t, exp order) or "power".
+
+    Power-Softmax's denominator ``eps + mean(x^p)`` is accurate on the division's range
+    ``[lower, upper]`` (``lower ~ 3.45 upper / 2^iterations``): its lower end holds by
+    construction when ``eps >= lower``, else it is checked at run time with the upper end
+    (:func:`secure.approx.softmax.power_softmax`; a query out of range fails with an error
+    naming the node). The rewrite refuses a recipe whose range no denominator can meet."""
 
     kind: str = "puma"
     t: int = 6
@@ -119,7 +126,12 @@ def rewrite_silu(graph: Graph) -> Graph:
     return _map_nodes(graph, fn)
 
 
-def _softmax_kwargs(recipe: SoftmaxRecipe, causal: bool) -> dict:
+def _softmax_kwargs(recipe: SoftmaxRecipe, causal: bool, n: Node) -> dict:
+    if recipe.kind == "power":
+        try:
+            power_softmax_range(recipe.eps, recipe.upper, recipe.iterations)
+        except ValueError as e:
+            raise ValueError(f"Power-Softmax recipe at node {n.name} in {n.origin or 'top level'}: {e}") from e
     return {"causal": causal, **asdict(recipe)}
 
 
@@ -132,7 +144,7 @@ def rewrite_softmax(graph: Graph, recipe: SoftmaxRecipe) -> Graph:
             if dim not in (-1, rank - 1):
                 raise UnsupportedOpError(f"softmax over dim {dim} (node {n.name}, in {n.origin or '?'}): "
                                          "secure softmax works over the last dimension only")
-            return _replace(n, "secure.softmax", [n.args[0], None], _softmax_kwargs(recipe, False))
+            return _replace(n, "secure.softmax", [n.args[0], None], _softmax_kwargs(recipe, False, n))
         return None
 
     return _map_nodes(graph, fn)
@@ -169,7 +181,7 @@ def decompose_attention(graph: Graph, recipe: SoftmaxRecipe) -> Graph:
         scaled = Node(f"{base}.scaled", "aten.mul.Tensor", [Ref(scores.name), scale], {}, score_spec, True,
                       n.origin)
         probs = Node(f"{base}.probs", "secure.softmax", [Ref(scaled.name), mask],
-                     _softmax_kwargs(recipe, bool(causal)), score_spec, True, n.origin)
+                     _softmax_kwargs(recipe, bool(causal), n), score_spec, True, n.origin)
         out = Node(base, "aten.matmul.default", [Ref(probs.name), v], {}, n.spec, True, n.origin)
         return [kt, scores, scaled, probs, out]
 

@@ -310,6 +310,22 @@ class HeOps:
                                     else session.referenced_only(v), flood_bits) for v in values]
 
     # ---- no CKKS form -----------------------------------------------------------------
+    def check_range(self, x: Value, lower: float | None, upper: float | None, what: str) -> None:
+        """A no-op: CKKS cannot compare, so the server cannot check a ciphertext's range
+        (and decrypting to check would need the client's key). What guards the bounded forms
+        here instead: the range guaranteed by construction where the structure allows it
+        (Power-Softmax's denominator is ``>= eps``, so with ``eps`` at or above the
+        division's lower end that end holds: :func:`secure.approx.softmax.power_softmax`),
+        and the client's bound check on every refresh (:class:`secure.he.client.RefreshCheck`,
+        :mod:`secure.he.refresh`): a value beyond ``M + B`` (M the mask amplitude, B the
+        node's calibrated bound), as a diverging division or polynomial soon becomes, fails
+        the query at its next refresh; a smaller excess over B only with probability about
+        ``(|v| - B) / 2M``. Not caught under CKKS: a value outside the form's range that
+        stays near B (a denominator below the division's lower end gives an underestimate;
+        a GeLU input slightly past its bound), and anything after the node's last refresh.
+        Adds no cost."""
+        return None
+
     def less_than_public(self, x: Value, thresholds: Sequence[float]) -> list[Value]:
         raise HeUnsupportedError("comparisons have no CKKS form; use the HE recipe (polynomial forms)")
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from secure.approx.interface import Public
+from secure.approx.interface import Public, RangeError, check_range_arguments
 from secure.mpc import arithmetic as ar
 from secure.mpc import compare as cmp
 from secure.mpc import scale as sc
@@ -111,6 +111,17 @@ class MpcOps:
 
     def max(self, x: AShare, dim: int = -1, keepdim: bool = True) -> AShare:
         return cmp.max_along(self.party, x, dim, keepdim)
+
+    def check_range(self, x: AShare, lower: float | None, upper: float | None, what: str) -> None:
+        """RangeError if any element of x is outside ``[lower, upper]``: one comparison pass
+        for both ends (8 rounds), the out-of-range bits summed into one share, only that
+        count opened (1 round) -- :func:`secure.mpc.compare.count_out_of_range`. It reveals
+        the number of out-of-range elements of this value (0 for every answered query); all
+        three parties open the same count, so all three fail the same query."""
+        check_range_arguments(lower, upper)
+        count = cmp.count_out_of_range(self.party, x, lower, upper)
+        if count:
+            raise RangeError(what, lower, upper, count, x.a.numel())
 
     def frexp(self, x: AShare, exponent_fn: Callable[[int], float]) -> tuple[AShare, AShare]:
         return cmp.frexp(self.party, x, exponent_fn)

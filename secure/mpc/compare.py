@@ -13,7 +13,7 @@ import torch
 
 from secure.mpc import scale
 from secure.mpc import shares as sh
-from secure.mpc.arithmetic import mul_many, mul_untruncated_many, to_scale
+from secure.mpc.arithmetic import mul_many, mul_untruncated_many, open_many, to_scale
 from secure.mpc.boolean import (
     DaBits,
     bit_decompose,
@@ -54,6 +54,39 @@ def less_than_public(party: Party, x: AShare, thresholds: Sequence[float]) -> li
     party.fp.encode(torch.tensor(list(thresholds), dtype=torch.float64))  # range check
     diffs = [sh.add_ring_public(x, -scale.encode_public(c, s, x.device), party.id) for c in thresholds]
     return msb_many(party, diffs)
+
+
+@protocol("range_check")
+def count_out_of_range(party: Party, x: AShare, lower: float | None, upper: float | None) -> int:
+    """The number of elements of x outside ``[lower, upper]`` (None: that end open); only
+    that count is opened, to all three parties.
+
+    One MSB pass on ``x - lower`` and ``upper - x`` (the pass of ``less_than_public`` with
+    both thresholds: 8 rounds; ``1{x < lower}``, ``1{x > upper}``, thresholds encoded at
+    ``scale.comparison_scale``), the 0/1 shares summed locally over every element into one
+    arithmetic share at scale 0, and that share opened (1 round, 24 bytes over the three
+    parties). 9 rounds. What it reveals: the count, i.e. how many elements of this value
+    left the range (0 for every query that is answered); no value, position or sign.
+    """
+    if lower is None and upper is None:
+        raise ValueError("count_out_of_range needs a lower or an upper end")
+    thresholds = [float(c) for c in (lower, upper) if c is not None]
+    s = scale.comparison_scale(x.frac_bits, thresholds, party.fp.frac_bits)
+    if s != x.frac_bits:
+        x = sh.lift(x, s)
+    party.fp.encode(torch.tensor(thresholds, dtype=torch.float64))  # range check
+    diffs = []
+    if lower is not None:  # MSB(x - lower) = 1{x < lower}
+        diffs.append(sh.add_ring_public(x, -scale.encode_public(lower, s, x.device), party.id))
+    if upper is not None:  # MSB(upper - x) = 1{x > upper}
+        diffs.append(sh.add_ring_public(sh.neg(x), scale.encode_public(upper, s, x.device), party.id))
+    count: AShare | None = None
+    for bits in msb_many(party, diffs):
+        total = bits.map(lambda t: t.reshape(-1).sum(0, keepdim=True))
+        count = total if count is None else sh.add(count, total)
+    assert count is not None
+    (opened,) = open_many(party, [count])
+    return int(opened.item())
 
 
 def relu_mask(party: Party, x: AShare) -> AShare:

@@ -29,6 +29,9 @@ scale ``frac_bits``. What is particular to the simulation:
   ``+-fp.max_abs / 4`` and encoded at scale ``f``. Domain ``1 <= X < 2^(2f+8)``
   (``2^-f <= x < 2^(f+8)``); outside it the protocol's one-hot has no bit in range and
   both results are exactly 0, which is reproduced here.
+* ``check_range`` compares the ring values with both thresholds exactly as ``MpcOps``
+  counts them, and raises :class:`~secure.approx.interface.RangeError` with the count and
+  the observed min/max (under MPC only the count is opened).
 * Range checks as ``MpcOps``: ``add_public`` and ``mul_public`` check c with
   :meth:`FixedPoint.encode` (:class:`FixedPointOverflowError`), ``dot_public`` its
   coefficients and its bias (:meth:`FixedPoint.dot_public_extra_bits`).
@@ -49,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from secure.approx.interface import Public
+from secure.approx.interface import Public, RangeError, check_range_arguments
 from secure.mpc import scale
 from secure.mpc.matmul import ring_matmul
 from secure.mpc.ring import RING_DTYPE, FixedPoint, FixedPointOverflowError, check_ring
@@ -290,6 +293,23 @@ class FixedPointOps:
         if x.shape[dim] == 0:
             raise ValueError("max over an empty dimension")
         return Fixed(x.ring.amax(dim=dim, keepdim=keepdim), x.frac_bits)
+
+    def check_range(self, x: Fixed, lower: float | None, upper: float | None, what: str) -> None:
+        """RangeError if any ring value is below ``round(lower 2^s)`` or above
+        ``round(upper 2^s)`` at ``scale.comparison_scale`` s, exactly as ``MpcOps`` counts
+        them (there only the count is opened); the message adds the observed min/max."""
+        thresholds = check_range_arguments(lower, upper)
+        x = self._lift(x, scale.comparison_scale(x.frac_bits, thresholds, self.frac_bits))
+        self.fp.encode(torch.tensor(thresholds, dtype=torch.float64))  # range check
+        out = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+        if lower is not None:
+            out |= x.ring < self._const(lower, x.frac_bits, x.device)
+        if upper is not None:
+            out |= x.ring > self._const(upper, x.frac_bits, x.device)
+        count = int(out.sum())
+        if count:
+            values = self.decode(x)
+            raise RangeError(what, lower, upper, count, x.ring.numel(), (float(values.min()), float(values.max())))
 
     # ---- frexp ----------------------------------------------------------------------------
     def frexp(self, x: Fixed, exponent_fn: Callable[[int], float]) -> tuple[Fixed, Fixed]:
