@@ -16,8 +16,9 @@ scale ``frac_bits``. What is particular to the simulation:
   ``x``). That is the distribution of the one-round protocol
   (``secure.mpc.arithmetic.truncate_many``: ``floor(x_0 / 2^d) + ceil(u / 2^d)`` with a
   uniform ``x_0``), checked empirically on the three-party engine, and it is close to the
-  default exact truncation, whose result is within 1 ulp of the floor. The draws come from a
-  ``torch.Generator`` seeded from ``seed`` (simulation randomness, not share randomness).
+  default exact truncation, whose result is within 1 ulp of the floor. The draws come from
+  the parties' AES-CTR stream (``secure.mpc.randomness.PrfStream``) keyed by ``seed``, so a
+  seeded simulation is reproducible; no torch or numpy generator is used.
 * Comparisons are exact on ring values: ``less_than(x, y)`` = ``1{x < y}`` after aligning
   scales, ``less_than_public(x, [c])`` = ``1{x_ring < round(c * 2^s)}`` at the comparison
   scale s (x's own; f for an integral x and a fractional c), both as scale-0 bits. ``max``
@@ -55,6 +56,7 @@ import torch
 from secure.approx.interface import Public, RangeError, check_range_arguments
 from secure.mpc import scale
 from secure.mpc.matmul import ring_matmul
+from secure.mpc.randomness import KEY_BYTES, PrfStream, random_key
 from secure.mpc.ring import RING_DTYPE, FixedPoint, FixedPointOverflowError, check_ring
 from secure.mpc.scale import FREXP_EXTRA_BITS
 
@@ -118,8 +120,9 @@ class FixedPointOps:
             raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
         self.fp = fixed_point
         self.truncation = truncation
-        self.seed = seed if seed is not None else torch.Generator().seed()
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self.seed = seed if seed is not None else int.from_bytes(random_key(), "little")
+        # the same AES-CTR generator the parties use, keyed by the seed: reproducible draws
+        self._stream = PrfStream((self.seed % (1 << 128)).to_bytes(KEY_BYTES, "little"))
 
     @property
     def frac_bits(self) -> int:
@@ -147,13 +150,6 @@ class FixedPointOps:
         """round(c * 2^frac_bits) as int64, with no range check (``scale.encode_public``)."""
         return scale.encode_public(c, frac_bits, device)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            self._generators[device] = gen
-        return gen
 
     def _truncate(self, x: Fixed, bits: int) -> Fixed:
         """x / 2^bits at scale ``x.frac_bits - bits``: floor, or floor + stochastic 0/1."""
@@ -164,8 +160,7 @@ class FixedPointOps:
         out = x.ring >> bits
         if self.truncation == "probabilistic":
             low = x.ring & ((1 << bits) - 1)
-            draw = torch.randint(0, 1 << bits, x.ring.shape, dtype=RING_DTYPE,
-                                 device=x.ring.device, generator=self._generator(x.ring.device))
+            draw = self._stream.words(x.ring.numel(), x.ring.device).reshape(x.ring.shape) & ((1 << bits) - 1)
             out = out + (draw < low).to(RING_DTYPE)
         return Fixed(out, x.frac_bits - bits)
 
