@@ -99,18 +99,20 @@ class RefreshSession:
     planner reports for a non-interactive run). ``on_event(kind, detail)`` is called for
     each trip (progress display). ``refresh_bounds``: B per graph node name
     (``graph.meta[REFRESH_BOUNDS_META]``); ``node`` is (name, description) of the node being
-    evaluated (:meth:`at`), None outside a node (B = :data:`REFRESH_BOUND`).
+    evaluated (:meth:`at`), None outside a node; a node without a bound, or no node, gets
+    ``default_bound`` (:data:`REFRESH_BOUND`).
     """
 
     def __init__(self, engine: SealEngine | GhostEngine, link: RefreshLink | None = None, *,
                  allow_refresh: bool = True, on_event: Callable[[str, dict], None] | None = None,
-                 refresh_bounds: dict[str, float] | None = None) -> None:
+                 refresh_bounds: dict[str, float] | None = None, default_bound: float = REFRESH_BOUND) -> None:
         self.engine = engine
         self.slots = engine.slots
         self.link = link
         self.allow_refresh = allow_refresh
         self.on_event = on_event
         self.refresh_bounds = dict(refresh_bounds or {})
+        self.default_bound = default_bound
         self.node: tuple[str, str] | None = None
         self.refreshes = 0
         self.relayouts = 0
@@ -179,7 +181,7 @@ class RefreshSession:
     def _check(self, items: int) -> RefreshCheck:
         """The bound B of the current node and its mask amplitude M, for every item."""
         key, where = self.node or ("", "no graph node")
-        bound = float(self.refresh_bounds.get(key, REFRESH_BOUND))
+        bound = float(self.refresh_bounds.get(key, self.default_bound))
         amplitude = mask_amplitude(bound, where)
         return RefreshCheck(where, [bound] * items, [amplitude] * items)
 
