@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", choices=["mpc", "he"], default="mpc")
     ap.add_argument("--config", type=Path, required=True,
                     help="cluster config (MPC mode) or HE node config (HE mode, party.he_config)")
-    ap.add_argument("--model", default="tiny", help="model name on the HE node (HE mode)")
+    ap.add_argument("--model", default="tiny",
+                    help="model name on the HE node (HE mode): tiny, minilm-power or a distilled folder")
     ap.add_argument("--seq", type=int, default=16, help="padded length the HE node serves (HE mode)")
     ap.add_argument("--token-file", type=Path, required=True)
     ap.add_argument("--timeout", type=float, default=None, help="seconds for the whole query")
@@ -86,6 +87,7 @@ def _query_text(args: argparse.Namespace) -> str:
 
 def _he(args: argparse.Namespace) -> int:
     from client.he import HeSecureClient
+    from secure.distill.cache import tokenizer_dir
     from secure.models import load_minilm
 
     try:
@@ -94,7 +96,7 @@ def _he(args: argparse.Namespace) -> int:
     except (ConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _, tokenizer = load_minilm(None if args.model == "tiny" else args.model)
+    _, tokenizer = load_minilm(None if args.model == "tiny" else tokenizer_dir(args.model))
     enc = tokenizer([args.text], padding="max_length", truncation=True, max_length=args.seq, return_tensors="pt")
     with client:
         ids = enc["input_ids"]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from secure.distill import wordnet
 from secure.distill.attention import DEFAULT_P
 from secure.distill.report import RECIPE_FILE, DistillReport
 from secure.distill.train import DISTILL_DEFAULTS, distill_power_softmax
@@ -63,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> DistillReport:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model) if args.model else default_model_dir()
+    if not wordnet.available():
+        raise SystemExit(f"error: {wordnet.missing_reason()}")
     t0 = time.perf_counter()
     r = distill_power_softmax(
         model_dir, args.out, p=args.p, steps=args.steps, batch_size=args.batch_size,

@@ -154,10 +154,10 @@ def distilled_he_model(path: str | Path, seq: int = 16, calibration: int = 16) -
     from secure.distill.corpus import evaluation_sentences
     from secure.evaluate.fidelity import resolve_recipe
 
-    name, path = str(path), resolve_model(path)
+    path = resolve_model(path)
     encoder, tokenizer = load_minilm(path)
     samples = []
     for text in evaluation_sentences(calibration):
         enc = tokenizer([text], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
         samples.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    return compile_he(name, SentenceEncoder(encoder), resolve_recipe("power", str(path)), samples)
+    return compile_he(str(path), SentenceEncoder(encoder), resolve_recipe("power", str(path)), samples)
