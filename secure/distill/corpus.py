@@ -32,7 +32,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 STDLIB_MODULES: tuple[str, ...] = (
@@ -280,24 +280,33 @@ def evaluation_sentences(n: int = 64) -> list[str]:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random("evaluation")
     pool = evaluation_pool()
+    kinds = ("sentence", "phrase", "sentence", "passage")
+
+    def draw(k: int) -> str:
+        kind = kinds[k % len(kinds)]
+        if kind == "phrase":
+            return _phrase(rng, rng.choice(pool))
+        if kind == "passage":
+            return _passage(rng, pool)
+        return rng.choice(pool)
+
+    return distinct_draws(n, draw, "the evaluation pool")
+
+
+def distinct_draws(n: int, draw: Callable[[int], str], source: str) -> list[str]:
+    """``n`` distinct texts from ``draw(k)`` (``k``: how many are already taken), in the
+    order drawn; a RuntimeError naming ``source`` if it cannot supply that many."""
     out: list[str] = []
     seen: set[str] = set()
-    kinds = ("sentence", "phrase", "sentence", "passage")
-    attempts = 0
-    while len(out) < n:
-        attempts += 1
-        if attempts > 100 * (n + 10):
-            raise RuntimeError(f"the evaluation pool cannot supply {n} distinct texts")
-        kind = kinds[len(out) % len(kinds)]
-        if kind == "phrase":
-            item = _phrase(rng, rng.choice(pool))
-        elif kind == "passage":
-            item = _passage(rng, pool)
-        else:
-            item = rng.choice(pool)
+    for _ in range(100 * (n + 10)):
+        if len(out) == n:
+            return out
+        item = draw(len(out))
         if item not in seen:
             seen.add(item)
             out.append(item)
+    if len(out) < n:
+        raise RuntimeError(f"{source} cannot supply {n} distinct texts")
     return out
 
 
@@ -305,6 +314,7 @@ __all__ = [
     "STDLIB_MODULES",
     "all_sentences",
     "clean_sentence",
+    "distinct_draws",
     "evaluation_pool",
     "evaluation_sentences",
     "is_evaluation_sentence",

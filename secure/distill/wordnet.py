@@ -30,6 +30,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from secure.distill.corpus import distinct_draws
+
 WORDNET_PACKAGE: str = "wordnet-base"
 """The Debian package that ships WordNet 3.0's database."""
 
@@ -237,18 +239,7 @@ def held_out_texts(n: int = 256) -> list[str]:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random("wordnet-held-out")
     exs, defs = held_out_pool()
-    out: list[str] = []
-    seen: set[str] = set()
-    attempts = 0
-    while len(out) < n:
-        attempts += 1
-        if attempts > 100 * (n + 10):
-            raise RuntimeError(f"the held-out pool cannot supply {n} distinct texts")
-        item = _item(_KINDS[len(out) % len(_KINDS)], rng, exs, defs)
-        if item not in seen:
-            seen.add(item)
-            out.append(item)
-    return out
+    return distinct_draws(n, lambda k: _item(_KINDS[k % len(_KINDS)], rng, exs, defs), "the held-out pool")
 
 
 __all__ = [
