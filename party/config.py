@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from secure.he.plain_cache import DEFAULT_BUDGET_BYTES
+
 TOKEN_METADATA_KEY = "x-client-token"
 
 
@@ -230,7 +232,8 @@ class HeNodeConfig(_ConfigFile):
           "models": [{"model": "tiny", "seq_lens": [16]}],
           "max_concurrent_queries": 2,
           "receive_timeout_s": 120,              // each message the node waits for (refresh replies too)
-          "flood_bits": 10                       // optional: noise flooding of the outputs, 2^-k
+          "flood_bits": 10,                      // optional: noise flooding of the outputs, 2^-k
+          "plaintext_cache_mib": 4096            // encoded weight diagonals kept between queries
         }
 
     Relative paths are relative to the file; a client needs only ``address`` and ``tls.ca``.
@@ -248,6 +251,7 @@ class HeNodeConfig(_ConfigFile):
     max_concurrent_queries: int = 2
     receive_timeout_s: float = 120.0
     flood_bits: int | None = None
+    plaintext_cache_mib: int = DEFAULT_BUDGET_BYTES >> 20
     path: Path | None = None
 
     @property
@@ -273,11 +277,14 @@ class HeNodeConfig(_ConfigFile):
                 key=file(tls.get("key")), server_name=str(tls.get("name", "he-node")),
                 max_concurrent_queries=int(raw.get("max_concurrent_queries", 2)),
                 receive_timeout_s=float(raw.get("receive_timeout_s", 120.0)),
-                flood_bits=None if raw.get("flood_bits") is None else int(raw["flood_bits"]), path=path)
+                flood_bits=None if raw.get("flood_bits") is None else int(raw["flood_bits"]),
+                plaintext_cache_mib=int(raw.get("plaintext_cache_mib", DEFAULT_BUDGET_BYTES >> 20)), path=path)
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"bad HE configuration{f' in {path}' if path else ''}: {type(e).__name__}: {e}") from None
         if not cfg.models:
             raise ConfigError("the HE configuration serves no model ('models' is empty)")
+        if cfg.plaintext_cache_mib < 0:
+            raise ConfigError(f"plaintext_cache_mib must be >= 0 (0: no cache), got {cfg.plaintext_cache_mib}")
         if tls and (cfg.ca is None or cfg.cert is None or cfg.key is None):
             raise ConfigError("the HE configuration's tls needs 'ca', 'cert' and 'key'")
         return cfg

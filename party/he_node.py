@@ -47,6 +47,7 @@ from secure.he.client import RefreshCheck, server_engine
 from secure.he.engine import HeFormatError, SealEngine
 from secure.he.layout import Cipher, Plain, canonical
 from secure.he.ops import HeOps
+from secure.he.plain_cache import PlainCache
 from secure.he.refresh import REFRESH_BOUNDS_META, RefreshSession, Sent
 from secure.runtime.he_planner import HePlan, plan
 from secure.runtime.interpreter import Interpreter, InterpreterError
@@ -66,13 +67,16 @@ class HeNode:
 
     ``token_sha256`` lists the accepted client tokens' digests; ``limits`` bounds the
     admitted queries and the receive deadline; ``flood_bits = k`` floods the outputs with
-    uniform noise in [-2^-k, 2^-k] (``HeOps.finish_outputs``; None: off).
+    uniform noise in [-2^-k, 2^-k] (``HeOps.finish_outputs``; None: off); ``plain_cache``
+    keeps encoded weight diagonals for every later query (:mod:`secure.he.plain_cache`).
     """
 
     def __init__(self, models: dict[tuple[str, int], HeModel], token_sha256: list[str],
-                 limits: serving.ServingLimits | None = None, flood_bits: int | None = None) -> None:
+                 limits: serving.ServingLimits | None = None, flood_bits: int | None = None,
+                 plain_cache: PlainCache | None = None) -> None:
         self.models = models
         self.flood_bits = flood_bits
+        self.plain_cache = plain_cache
         self.tokens = serving.TokenCheck(token_sha256)
         if not self.tokens.digests:
             raise ConfigError("the HE node accepts no client token: give it 'client_token_sha256'")
@@ -112,6 +116,7 @@ class HeNode:
         mask = start.attention_mask()
         the_plan = self.plan_for(m)
         engine = _query_engine(wire.read_context(), the_plan)
+        engine.plain_cache = self.plain_cache
         embeds = _input_cipher(wire, engine, m, start.input_ciphertexts)
         link = _StreamLink(wire)
         session = RefreshSession(engine, link, refresh_bounds=m.graph.meta.get(REFRESH_BOUNDS_META),
@@ -126,7 +131,8 @@ class HeNode:
         wire.send_result(QueryResult([([engine.serialize(ct) for ct in o.cts], o.index) for o in finished], seconds,
                                      session.bytes_to_client, session.bytes_from_client, session.refreshes,
                                      tracer.spans))
-        log.info("HE query on %s (seq %d): %.2f s, %d client trips", m.name, m.seq_len, seconds, session.refreshes)
+        log.info("HE query on %s (seq %d): %.2f s, %d client trips%s", m.name, m.seq_len, seconds, session.refreshes,
+                 "" if self.plain_cache is None else f"; plaintext cache {self.plain_cache.summary()}")
 
     def start(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
         """Listen on ``address`` (TLS with ``credentials``; None is plaintext, logged loudly) and
@@ -259,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.require_tls(args.insecure)
         node = HeNode(load_models(cfg), list(cfg.client_token_sha256),
                       serving.ServingLimits(max_streams=cfg.max_concurrent_queries,
-                                            receive_timeout_s=cfg.receive_timeout_s), cfg.flood_bits)
+                                            receive_timeout_s=cfg.receive_timeout_s), cfg.flood_bits,
+                      PlainCache(cfg.plaintext_cache_mib << 20))
         creds = serving.server_credentials(cfg.cert, cfg.key) if cfg.cert and cfg.key else None
         port = node.start(cfg.bind_address, creds)
     except (ConfigError, OSError) as e:

@@ -277,7 +277,7 @@ def test_masks_that_would_hide_less_than_2_to_minus_13_are_refused_on_both_sides
 
     ops, enc, _, spy, _ = he
     assert mask_amplitude(2.0**7, "x") == MASK_BOUND and mask_amplitude(2.0**13, "x") == 2.0**26  # B / M = 2^-13
-    ops.session.refresh_bounds["wide"] = 2.0**18  # would need M = 2^31, above the 2^30 that precision allows
+    ops.session.refresh_bounds["wide"] = 2.0**22  # would need M = 2^35, above the 2^34 that precision allows
     try:
         wide = Node("wide", "secure.layer_norm", [], {}, None, True, "encoder.embeddings.LayerNorm")
         with HeTracer(ops.session)(wide):
@@ -359,3 +359,60 @@ def test_flooding_moves_outputs_by_at_most_its_stated_cost(tiny_output):
     for part in ("real", "imag"):  # every slot, both parts: the client's decryption shows no bare noise
         noise = np.abs(slots(flooded, part) - slots(plain, part))
         assert noise.max() <= 2.0**-10 + 3e-5 and np.median(noise) > 2.0**-12
+
+
+# ---- encoded weights kept between queries (issue 11, item 4) ----------------------------
+
+def test_cached_diagonals_give_the_same_linear_and_are_reused_across_engines(he):
+    from secure.he.plain_cache import PlainCache
+
+    ops, enc, dec, _, engine = he
+    x, w = _r(16, 40, seed=3), _r(40, 24, scale=40**-0.5, seed=4)
+    cold = dec(ops.matmul(enc(x), Plain(w)))
+    cache = PlainCache()
+    engine.plain_cache = cache
+    try:
+        first = dec(ops.matmul(enc(x), Plain(w)))
+        filled = cache.summary()
+        assert filled["entries"] == filled["misses"] > 0 and filled["hits"] == 0
+        other = server_engine(ops.session.link.client.public_context())  # another query's engine, same keys
+        other.plain_cache = cache
+        again = dec(HeOps(RefreshSession(other, ops.session.link)).matmul(enc(x), Plain(w)))
+        assert cache.hits == filled["entries"] and cache.misses == filled["misses"]  # every diagonal reused
+        # each run encrypts x afresh: equal up to CKKS noise (about 1e-5)
+        assert (first - cold).abs().max() < 1e-4 and (again - x @ w).abs().max() < 1e-3
+        changed = w.clone()
+        changed[0, 0] += 1.0  # same shape, other values: must never hit
+        got = dec(ops.matmul(enc(x), Plain(changed)))
+        assert (got - x @ changed).abs().max() < 1e-3 and cache.misses > filled["misses"]
+    finally:
+        engine.plain_cache = None
+
+
+def test_the_plaintext_cache_keeps_nothing_beyond_its_budget():
+    from secure.he.plain_cache import PlainCache, weight_key
+
+    cache = PlainCache(budget_bytes=100)
+    assert cache.get("a", 2, 1.0, 60, lambda: "pt-a") == "pt-a"
+    assert cache.get("b", 2, 1.0, 60, lambda: "pt-b") == "pt-b"  # 120 > 100: encoded, not kept
+    assert cache.get("a", 2, 1.0, 60, lambda: "other") == "pt-a"
+    assert cache.get("b", 2, 1.0, 60, lambda: "again") == "again"
+    assert cache.summary() == {"entries": 1, "mib": 60 / 2**20, "hits": 1, "misses": 3}
+    a = np.arange(6.0).reshape(2, 3)
+    assert weight_key(a, 16) == weight_key(a.copy(), 16) != weight_key(a, 32) != weight_key(a.T.copy(), 16)
+    with pytest.raises(ValueError, match="budget"):
+        PlainCache(-1)
+
+
+def test_range_misses_name_the_nodes_a_query_leaves(small_model):
+    from secure.evaluate.he_ranges import range_misses
+
+    m = small_model
+    ids = torch.tensor([[5, 17, 3, 99, 42, 8, 150, 2]])
+    normal = m.client_inputs(ids, torch.ones(1, 8, dtype=torch.long))
+    loud = dict(normal)
+    loud[m.embeds_input] = normal[m.embeds_input] * 1e3  # variance far above the embeddings' range
+    assert range_misses(m.graph, m.weights, [normal]) == [[]]
+    (missed,) = range_misses(m.graph, m.weights, [loud])
+    ln = [n.name for n in m.graph.nodes if n.op == "secure.layer_norm"][0]
+    assert ln in missed

@@ -156,6 +156,16 @@ def test_he_plaintext_needs_insecure(tmp_path: Path) -> None:
     assert main(["--config", str(path)]) == 2
 
 
+def test_he_plaintext_cache_budget_is_configured_and_checked(tmp_path: Path) -> None:
+    base = {"address": "127.0.0.1:1", "models": [{"model": "tiny"}], "client_token_sha256": [token_digest(TOKEN)]}
+    assert HeNodeConfig.from_dict(base).plaintext_cache_mib == 4096
+    assert HeNodeConfig.from_dict({**base, "plaintext_cache_mib": 0}).plaintext_cache_mib == 0
+    with pytest.raises(ConfigError, match="plaintext_cache_mib must be >= 0"):
+        HeNodeConfig.from_dict({**base, "plaintext_cache_mib": -5})
+    with pytest.raises(ConfigError, match="bad HE configuration"):
+        HeNodeConfig.from_dict({**base, "plaintext_cache_mib": "lots"})
+
+
 # ---- the serving pieces alone -----------------------------------------------------------------
 def test_token_check_is_by_digest() -> None:
     check = TokenCheck([token_digest("a"), token_digest("b").upper()])

@@ -147,17 +147,24 @@ def tiny_he_model(seq: int = 16, hidden: int = 128, layers: int = 2, heads: int 
     return compile_he(f"tiny-bert-h{hidden}", model, TINY_RECIPE, samples)
 
 
-def distilled_he_model(path: str | Path, seq: int = 16, calibration: int = 16) -> HeModel:
+HE_CALIBRATION: int = 64
+"""Texts the distilled model's HE ranges are calibrated on."""
+
+
+def distilled_he_model(path: str | Path, seq: int = 16, calibration: int = HE_CALIBRATION) -> HeModel:
     """A Power-Softmax MiniLM distilled by ``python -m secure.distill --out DIR``, or
-    ``"minilm-power"``: distilled on first use and cached (:mod:`secure.distill.cache`)."""
+    ``"minilm-power"``: distilled on first use and cached (:mod:`secure.distill.cache`).
+    GeLU, LayerNorm and refresh ranges are calibrated on ``calibration`` texts of the
+    distillation's training pools (general English and docstrings,
+    :func:`secure.distill.mixture.calibration_texts`), never on an evaluation text."""
     from secure.distill.cache import resolve_model
-    from secure.distill.corpus import evaluation_sentences
+    from secure.distill.mixture import calibration_texts
     from secure.evaluate.fidelity import resolve_recipe
 
     path = resolve_model(path)
     encoder, tokenizer = load_minilm(path)
     samples = []
-    for text in evaluation_sentences(calibration):
+    for text in calibration_texts(calibration):
         enc = tokenizer([text], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
         samples.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return compile_he(str(path), SentenceEncoder(encoder), resolve_recipe("power", str(path)), samples)

@@ -8,13 +8,14 @@ module runs it (``secure.runtime``, the secure forms on plaintext floats).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
 import torch
 
 from secure.graph.he_passes import HeRanges, apply_he_ranges, he_range_sites
-from secure.graph.ir import Graph
+from secure.graph.ir import Graph, Node
 from secure.runtime.execute import run_float
 
 
@@ -42,6 +43,34 @@ def measure_he_ranges(graph: Graph, weights: dict[str, torch.Tensor],
             else:
                 gelu_max[node] = max(gelu_max.get(node, 0.0), float(x.abs().max()))
     return HeRanges(gelu_max, {node: (var_lo[node], var_hi[node]) for node in var_lo})
+
+
+_RANGE_KWARGS = ("form", "bound", "degree", "variance_range")
+"""What :func:`secure.graph.he_passes.apply_he_ranges` sets on a node."""
+
+
+def range_misses(graph: Graph, weights: dict[str, torch.Tensor],
+                 samples: Sequence[dict[str, torch.Tensor]]) -> list[list[str]]:
+    """For each sample, the calibrated GeLU and LayerNorm nodes of ``graph`` whose input
+    leaves the node's range on it (GeLU: max |x| above ``bound``; LayerNorm: some row's
+    ``var + eps`` outside ``variance_range``): under CKKS nothing checks these, so this is
+    how far the calibration can be trusted on other text. Runs on floats, with the nodes'
+    unbounded forms (the bounded ones refuse an input outside their range: RangeError)."""
+    limits = {n.name: n.kwargs for n in graph.nodes
+              if n.kwargs.get("bound") is not None or n.kwargs.get("variance_range") is not None}
+    unbounded = copy.copy(graph)
+    unbounded.nodes = [Node(n.name, n.op, n.args, {k: v for k, v in n.kwargs.items() if k not in _RANGE_KWARGS},
+                            n.spec, n.secret, n.origin) if n.name in limits else n for n in graph.nodes]
+    out = []
+    for sample in samples:
+        seen = measure_he_ranges(unbounded, weights, [sample])
+        missed = [node for node, top in seen.gelu_max.items()
+                  if node in limits and top > limits[node]["bound"]]
+        missed += [node for node, (lo, hi) in seen.variance.items()
+                   if node in limits and not limits[node]["variance_range"][0] <= lo <= hi
+                   <= limits[node]["variance_range"][1]]
+        out.append(missed)
+    return out
 
 
 def calibrate_for_he(graph: Graph, weights: dict[str, torch.Tensor],

@@ -23,7 +23,7 @@ import tempfile
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from secure.he.params import CkksParams, galois_element
+from secure.he.plain_cache import PlainCache
 
 
 class HeFormatError(ValueError):
@@ -171,6 +172,8 @@ class SealEngine:
         self.slots = ctx.params.slots
         self.top_level = ctx.top_level
         self.floor = ctx.params.floor_level
+        self.plain_cache: PlainCache | None = None
+        """Encoded weight diagonals kept across queries (:mod:`secure.he.plain_cache`), set by the server."""
 
     def level(self, ct: Any) -> int:
         return self.ctx.level(ct)
@@ -255,18 +258,26 @@ class SealEngine:
         """a * values, one level."""
         return self.mul_plain_sum([(a, values)])
 
-    def mul_plain_sum(self, terms: Sequence[tuple[Any, np.ndarray | float]]) -> Any:
-        """sum_i a_i * v_i with one rescale (all a_i at one level)."""
+    def mul_plain_sum(self, terms: Sequence[tuple[Any, np.ndarray | float]],
+                      keys: Sequence[Hashable | None] | None = None) -> Any:
+        """sum_i a_i * v_i with one rescale (all a_i at one level). ``keys[i]`` (not None)
+        names v_i for :attr:`plain_cache`: the same key must always mean the same values."""
         level = self.level(terms[0][0])
         if level <= self.floor:
             raise OutOfLevelsError(f"plaintext product at level {level} (floor {self.floor})")
         scale = self._plain_scale(level)
+        size = self.ctx.params.poly_degree * (level + 1) * 8
         acc = None
-        for a, v in terms:
+        for t, (a, v) in enumerate(terms):
             if self.level(a) != level:
                 raise ValueError("mul_plain_sum terms must share one level")
+            key = None if keys is None or self.plain_cache is None else keys[t]
             with self.stats.timed("encode"):
-                pt = self.ctx.encode(v, level, scale)
+                if key is None:
+                    pt = self.ctx.encode(v, level, scale)
+                else:
+                    pt = self.plain_cache.get((self.ctx.params, key), level, scale, size,
+                                              lambda v=v: self.ctx.encode(v, level, scale))
             with self.stats.timed("ct-pt product"):
                 prod = self._new()
                 self.ev.multiply_plain(a, pt, prod)
@@ -351,7 +362,8 @@ class GhostEngine:
     def mul_plain(self, a: GhostCt, values: Any) -> GhostCt:
         return self._down(a.level, "ct-pt product")
 
-    def mul_plain_sum(self, terms: Sequence[tuple[GhostCt, Any]]) -> GhostCt:
+    def mul_plain_sum(self, terms: Sequence[tuple[GhostCt, Any]], keys: Sequence[Hashable | None] | None = None
+                      ) -> GhostCt:
         self.stats.count["ct-pt product"] += len(terms) - 1
         return self._down(terms[0][0].level, "ct-pt product")
 

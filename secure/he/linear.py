@@ -23,6 +23,7 @@ import torch
 
 from secure.he.engine import GhostEngine, SealEngine
 from secure.he.layout import Cipher, canonical, next_pow2, row_stride
+from secure.he.plain_cache import weight_key
 
 
 def add_all(engine: SealEngine | GhostEngine, cts: Sequence[Any]) -> Any:
@@ -95,12 +96,15 @@ def _diagonal_products(engine: SealEngine | GhostEngine, cts: list[Any], wn: np.
     wp = np.zeros((len(cts) * blocks, count * blocks))
     wp[:wn.shape[0], :wn.shape[1]] = wn
     baby = 1 << math.ceil(math.log2(blocks) / 2)
+    # the diagonals' cache key, by content and layout; None where the engine keeps no cache (the planner's)
+    key = weight_key(wn, stride, count, len(cts)) if getattr(engine, "plain_cache", None) is not None else None
     rotated = [[ct if i == 0 else engine.rotate(ct, i * stride) for i in range(min(baby, blocks))] for ct in cts]
     out = []
     for go in range(count):
         total = None
         for j in range(blocks // baby):
-            part = _giant_step(engine, rotated, wp[:, go * blocks:(go + 1) * blocks], j, baby, stride)
+            part = _giant_step(engine, rotated, wp[:, go * blocks:(go + 1) * blocks], j, baby, stride,
+                               None if key is None else (key, go))
             if part is not None:
                 total = part if total is None else engine.add(total, part)
         out.append(total if total is not None else engine.mul_plain(cts[0], 0.0))
@@ -108,21 +112,23 @@ def _diagonal_products(engine: SealEngine | GhostEngine, cts: list[Any], wn: np.
 
 
 def _giant_step(engine: SealEngine | GhostEngine, rotated: list[list[Any]], wcol: np.ndarray, j: int,
-                baby: int, stride: int) -> Any | None:
+                baby: int, stride: int, key: tuple[bytes, int] | None = None) -> Any | None:
     """Giant step j of one output ciphertext (``wcol``: its block columns of w): the sum over
     input ciphertexts g and baby steps i of ``rotated[g][i]`` times diagonal ``j baby + i``
-    (pre-rotated back), rotated by ``j baby stride``; None when all those diagonals are 0."""
+    (pre-rotated back), rotated by ``j baby stride``; None when all those diagonals are 0.
+    ``key``: (weight key, output ciphertext) for the engine's plaintext cache."""
     blocks = wcol.shape[1]
     b = np.arange(blocks)
-    terms = []
+    terms, keys = [], []
     for g, rots in enumerate(rotated):
         for i in range(baby):
             diag = wcol[g * blocks + (b + j * baby + i) % blocks, b]
             if diag.any():
                 terms.append((rots[i], np.roll(np.repeat(diag, stride), j * baby * stride)))
+                keys.append(None if key is None else (*key, j, g, i))
     if not terms:
         return None
-    part = engine.mul_plain_sum(terms)
+    part = engine.mul_plain_sum(terms, keys)
     return engine.rotate(part, j * baby * stride) if j else part
 
 

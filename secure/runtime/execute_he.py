@@ -23,6 +23,7 @@ from secure.he.client import HeClient, RefreshCheck, server_engine
 from secure.he.engine import SealEngine
 from secure.he.layout import Cipher, Plain
 from secure.he.ops import HeOps
+from secure.he.plain_cache import PlainCache
 from secure.he.refresh import REFRESH_BOUNDS_META, RefreshSession, Sent
 from secure.profile.profiler import Span
 from secure.runtime.he_planner import HePlan, plan
@@ -95,11 +96,13 @@ class _Opener:
 
 def run_he(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
            observe: Iterable[str] = (), allow_refresh: bool = True,
-           on_event: Callable[[str, dict], None] | None = None, flood_bits: int | None = None) -> HeRun:
+           on_event: Callable[[str, dict], None] | None = None, flood_bits: int | None = None,
+           plain_cache: PlainCache | None = None) -> HeRun:
     """Plan, generate keys, encrypt the client inputs, evaluate (every secret node traced
     for the breakdown; refreshes bounded by ``graph.meta[REFRESH_BOUNDS_META]``), finish the
     outputs as the HE node does (:meth:`HeOps.finish_outputs`: unused slots cleared,
-    ``flood_bits`` noise flooding), decrypt."""
+    ``flood_bits`` noise flooding), decrypt. ``plain_cache``: the server's encoded weight
+    diagonals, kept across runs as the HE node keeps them (None: encode every time)."""
     seconds: dict[str, float] = {}
     with _timed(seconds, "plan"):
         the_plan = plan(graph, weights, inputs, allow_refresh=allow_refresh)
@@ -107,6 +110,7 @@ def run_he(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, tor
         client = HeClient(the_plan.params, the_plan.steps)
         public = client.public_context()
     engine = server_engine(public)
+    engine.plain_cache = plain_cache
     session = RefreshSession(engine, InProcessLink(client), allow_refresh=allow_refresh, on_event=on_event,
                              refresh_bounds=graph.meta.get(REFRESH_BOUNDS_META))
     with _timed(seconds, "encrypt"):
