@@ -1,5 +1,5 @@
 """One secure query from the command line; prints the sentence embedding (L2-normalised,
-as sentence-transformers gives it) as JSON.
+as sentence-transformers gives it) as JSON, or for a causal LM the token it predicts next.
 
     echo "sentence" | python -m client --config cluster.json --token-file TOKENS.json    # MPC
     python -m client --mode he --config he.json --token-file TOKEN --text-file Q.txt     # HE
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from client.sdk import QueryFailed, SecureClient
+from client.sdk import QueryFailed, SecureClient, token_mismatches
 from party.config import ClusterConfig, ConfigError, HeNodeConfig, load_client_tokens
 
 
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="model name on the HE node (HE mode): tiny, minilm-power or a distilled folder")
     ap.add_argument("--seq", type=int, default=16, help="padded length the HE node serves (HE mode)")
     ap.add_argument("--token-file", type=Path, required=True)
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="the dealt model's tokenizer folder (MPC mode; default: tokenizer/ beside the cluster file, "
+                         "or the bundled MiniLM's)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds for the whole query")
     ap.add_argument("--insecure", action="store_true", help="allow a configuration without TLS (local demos only)")
     args = ap.parse_args(argv)
@@ -54,19 +57,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = ClusterConfig.load(args.config)
         tokens = load_client_tokens(args.token_file)
-        client = SecureClient(cfg, tokens, args.timeout, insecure=args.insecure)
+        if mismatched := token_mismatches(cfg, tokens):
+            raise ConfigError(f"the token file {args.token_file} does not match the cluster file {args.config}: its "
+                              f"token for {', '.join(f'party{i}' for i in mismatched)} is not among the digests the "
+                              "cluster file accepts there (a token file of another cluster?)")
+        client = SecureClient(cfg, tokens, args.timeout, insecure=args.insecure, tokenizer_dir=args.tokenizer)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with client:
         try:
-            result = client.embed(args.text)
+            inputs = client.encode_text(args.text)
+            result = client.query(inputs)
         except QueryFailed as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except ValueError as e:  # no tokenizer for the model
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        stats = {"seconds": round(result.seconds, 3), "rounds": result.rounds,
+                 "bytes_sent_per_party": result.bytes_sent}
+        if result.outputs[0].dim() == 3:  # a causal LM's logits: its prediction after the last real token
+            last = int(inputs["attention_mask"][0].sum()) - 1
+            token = int(result.outputs[0][0, last].argmax())
+            print(json.dumps({"next_token_id": token, "next_token": client.tokenizer().decode([token]), **stats}))
+            return 0
     embedding = torch.nn.functional.normalize(result.embedding, dim=-1)[0]
-    print(json.dumps({"embedding": [round(v, 6) for v in embedding.tolist()], "seconds": round(result.seconds, 3),
-                      "rounds": result.rounds, "bytes_sent_per_party": result.bytes_sent}))
+    print(json.dumps({"embedding": [round(v, 6) for v in embedding.tolist()], **stats}))
     return 0
 
 

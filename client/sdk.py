@@ -24,12 +24,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
 
-from party.config import TOKEN_METADATA_KEY, ClusterConfig, party_name
+from party.config import TOKEN_METADATA_KEY, ClusterConfig, party_name, token_digest
 from protos import load as load_protos
 from secure.graph.buckets import bucket_for
 from secure.mpc.ring import FixedPoint
@@ -70,7 +71,7 @@ class SecureClient:
     """Talks to the three parties of a cluster."""
 
     def __init__(self, cfg: ClusterConfig, tokens: list[str], timeout_s: float | None = None,
-                 insecure: bool = False) -> None:
+                 insecure: bool = False, tokenizer_dir: str | Path | None = None) -> None:
         if isinstance(tokens, str) or len(tokens) != 3:
             raise ValueError("a client needs one token per party (three), see party.config.load_client_tokens")
         cfg.require_tls(insecure)
@@ -82,6 +83,7 @@ class SecureClient:
         self.stubs = [pb2_grpc.PartyStub(c) for c in self._channels]
         self._infos: list[Any] | None = None
         self._tokenizer: Any = None
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
 
     def _channel(self, party: int) -> grpc.Channel:
         target = self.cfg.party(party).client_address
@@ -136,12 +138,24 @@ class SecureClient:
 
     # ---- high level: sentence embeddings ------------------------------------------------
     def tokenizer(self) -> Any:
+        """The model's tokenizer: ``tokenizer_dir``, else the ``tokenizer/`` folder beside the
+        cluster file (``secure-cluster`` puts a dealt model folder's there), else the bundled
+        MiniLM's for ``minilm`` and its distilled ``minilm-power``."""
         if self._tokenizer is None:
-            if self.cfg.model != "minilm":
-                raise ValueError(f"no tokenizer known for model {self.cfg.model!r}")
-            from secure.models import load_minilm
+            from secure.models import load_tokenizer, minilm_path
 
-            self._tokenizer = load_minilm()[1]
+            folder = self.tokenizer_dir
+            beside = self.cfg.path.parent / "tokenizer" if self.cfg.path is not None else None
+            if folder is None and beside is not None and beside.is_dir():
+                folder = beside
+            if folder is not None:
+                self._tokenizer = load_tokenizer(folder)
+            elif self.cfg.model in ("minilm", "minilm-power"):  # the distilled model keeps MiniLM's tokenizer
+                self._tokenizer = load_tokenizer(minilm_path())
+            else:
+                raise ValueError(f"no tokenizer known for model {self.cfg.model!r}: give the dealt model's tokenizer "
+                                 "folder (the deal's tokenizer/; secure-cluster copies it beside each client's "
+                                 "cluster.json)")
         return self._tokenizer
 
     def encode_text(self, text: str) -> dict[str, torch.Tensor]:
@@ -241,6 +255,13 @@ class SecureClient:
             raise QueryFailed("a party closed the stream without finishing")
         ordered = [outputs[k] for k in sorted(outputs)]
         return {"outputs": ordered, "frac_bits": [frac_bits[k] for k in sorted(outputs)], "done": done}
+
+
+def token_mismatches(cfg: ClusterConfig, tokens: list[str]) -> list[int]:
+    """The parties whose entry lists accepted token digests without this client's token for it
+    (a token file of another cluster, or of a client the cluster file does not know)."""
+    return [i for i, token in enumerate(tokens)
+            if cfg.party(i).client_token_sha256 and token_digest(token) not in cfg.party(i).client_token_sha256]
 
 
 def _check_identity(cfg: ClusterConfig, party: int, info: Any) -> None:

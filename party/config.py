@@ -15,9 +15,11 @@ One JSON file per cluster::
          "shares": "deal/party0/shares.pt", "cert": "certs/party0.pem", "key": "certs/party0.key",
          "shares_sha256": "<hex SHA-256 of the share file, as the dealer printed it>",
          "manifest": "deal/manifest.json",    // optional; needed with dealer_public_key
-         "client_token_sha256": ["<hex SHA-256 of each client token party 0 accepts>"]},
+         "client_token_sha256": ["<hex SHA-256 of each client token party 0 accepts>"],
+         "metrics_port": 9100, "metrics_bind": "127.0.0.1"},  // optional: Prometheus endpoint (party.metrics)
         ...
-      ]
+      ],
+      "log_json": false                         // optional: JSON log lines (also: --log-json)
     }
 
 Relative paths are relative to the file. A party only reads its own entry's shares, cert
@@ -38,7 +40,9 @@ metadata (:data:`TOKEN_METADATA_KEY`), where the node checks it before reading a
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,7 @@ from typing import Any
 from secure.he.plain_cache import DEFAULT_BUDGET_BYTES
 
 TOKEN_METADATA_KEY = "x-client-token"
+DEFAULT_METRICS_BIND = "127.0.0.1"  # metrics are exposed beyond the host only deliberately
 
 
 class ConfigError(ValueError):
@@ -69,6 +74,8 @@ class PartyEntry:
     client_token_sha256: tuple[str, ...] = ()
     shares_sha256: str | None = None  # the pinned SHA-256 (hex) of ``shares``
     manifest: Path | None = None  # the dealer's manifest.json (its .sig beside it)
+    metrics_port: int | None = None  # Prometheus metrics endpoint (party.metrics); None: none
+    metrics_bind: str = DEFAULT_METRICS_BIND
 
     @property
     def name(self) -> str:
@@ -113,6 +120,7 @@ class ClusterConfig(_ConfigFile):
     ca: Path | None = None
     dealer_public_key: Path | None = None  # Ed25519 public key (PEM) that signs the dealer's manifests
     path: Path | None = None
+    log_json: bool = False  # JSON log lines (party.logs)
 
     @property
     def tls(self) -> bool:
@@ -136,7 +144,7 @@ class ClusterConfig(_ConfigFile):
                                   file(p.get("shares")), file(p.get("cert")), file(p.get("key")),
                                   tuple(str(t).lower() for t in p.get("client_token_sha256", [])),
                                   shares_sha256=sha256_hex(p["shares_sha256"]) if p.get("shares_sha256") else None,
-                                  manifest=file(p.get("manifest")))
+                                  manifest=file(p.get("manifest")), **_metrics_setting(p, f"party {p['id']}"))
                        for p in raw["parties"]]
             tls = raw.get("tls")
             deadline_s = float(raw.get("deadline_s", 60.0))
@@ -145,10 +153,14 @@ class ClusterConfig(_ConfigFile):
                 deadline_s=deadline_s, receive_timeout_s=float(raw.get("receive_timeout_s", deadline_s)),
                 max_request_bytes=int(raw.get("max_request_bytes", 256 << 20)),
                 ca=file(tls["ca"]) if tls else None, dealer_public_key=file(raw.get("dealer_public_key")),
-                path=path)
+                path=path, log_json=_flag(raw, "log_json"))
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"bad cluster configuration{f' in {path}' if path else ''}: "
                               f"{type(e).__name__}: {e}") from None
+        for p in cfg.parties:
+            if p.metrics_port in (p.peer_port, p.client_port):
+                raise ConfigError(f"bad cluster configuration{f' in {path}' if path else ''}: party {p.id}'s "
+                                  f"metrics_port {p.metrics_port} is also its peer or client port")
         if sorted(p.id for p in cfg.parties) != [0, 1, 2]:
             raise ConfigError(f"the cluster needs parties 0, 1 and 2, got {[p.id for p in cfg.parties]}")
         if cfg.tls and any(p.cert is None or p.key is None for p in cfg.parties):
@@ -179,6 +191,11 @@ class ClusterConfig(_ConfigFile):
             out["tls"] = {"ca": rel(self.ca)}
         if self.dealer_public_key is not None:
             out["dealer_public_key"] = rel(self.dealer_public_key)
+        for entry, p in zip(out["parties"], self.parties):
+            if p.metrics_port is not None:
+                entry.update(metrics_port=p.metrics_port, metrics_bind=p.metrics_bind)
+        if self.log_json:
+            out["log_json"] = True
         return out
 
 
@@ -233,7 +250,10 @@ class HeNodeConfig(_ConfigFile):
           "max_concurrent_queries": 2,
           "receive_timeout_s": 120,              // each message the node waits for (refresh replies too)
           "flood_bits": 10,                      // optional: noise flooding of the outputs, 2^-k
-          "plaintext_cache_mib": 4096            // encoded weight diagonals kept between queries
+          "plaintext_cache_mib": 4096,           // encoded weight diagonals kept between queries
+          "metrics_port": 9100,                  // optional: Prometheus endpoint (party.metrics)
+          "metrics_bind": "127.0.0.1",           // where it listens (default 127.0.0.1)
+          "log_json": false                      // optional: JSON log lines (also: --log-json)
         }
 
     Relative paths are relative to the file; a client needs only ``address`` and ``tls.ca``.
@@ -253,6 +273,9 @@ class HeNodeConfig(_ConfigFile):
     flood_bits: int | None = None
     plaintext_cache_mib: int = DEFAULT_BUDGET_BYTES >> 20
     path: Path | None = None
+    metrics_port: int | None = None  # Prometheus metrics endpoint (party.metrics); None: none
+    metrics_bind: str = DEFAULT_METRICS_BIND
+    log_json: bool = False  # JSON log lines (party.logs)
 
     @property
     def tls(self) -> bool:
@@ -278,7 +301,8 @@ class HeNodeConfig(_ConfigFile):
                 max_concurrent_queries=int(raw.get("max_concurrent_queries", 2)),
                 receive_timeout_s=float(raw.get("receive_timeout_s", 120.0)),
                 flood_bits=None if raw.get("flood_bits") is None else int(raw["flood_bits"]),
-                plaintext_cache_mib=int(raw.get("plaintext_cache_mib", DEFAULT_BUDGET_BYTES >> 20)), path=path)
+                plaintext_cache_mib=int(raw.get("plaintext_cache_mib", DEFAULT_BUDGET_BYTES >> 20)), path=path,
+                log_json=_flag(raw, "log_json"), **_metrics_setting(raw, "the HE node"))
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"bad HE configuration{f' in {path}' if path else ''}: {type(e).__name__}: {e}") from None
         if not cfg.models:
@@ -287,7 +311,32 @@ class HeNodeConfig(_ConfigFile):
             raise ConfigError(f"plaintext_cache_mib must be >= 0 (0: no cache), got {cfg.plaintext_cache_mib}")
         if tls and (cfg.ca is None or cfg.cert is None or cfg.key is None):
             raise ConfigError("the HE configuration's tls needs 'ca', 'cert' and 'key'")
+        if cfg.metrics_port is not None and str(cfg.metrics_port) == cfg.bind_address.rsplit(":", 1)[-1]:
+            raise ConfigError(f"bad HE configuration{f' in {path}' if path else ''}: metrics_port "
+                              f"{cfg.metrics_port} is also the node's client port")
         return cfg
+
+
+def _metrics_setting(raw: dict[str, Any], who: str) -> dict[str, Any]:
+    """``metrics_port`` (an integer TCP port, 1-65535; absent: no endpoint) and ``metrics_bind``
+    (an IP address or host name, default 127.0.0.1) of ``raw``; ValueError naming ``who``."""
+    port, bind = raw.get("metrics_port"), raw.get("metrics_bind", DEFAULT_METRICS_BIND)
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
+        raise ValueError(f"{who}'s metrics_port must be a TCP port number from 1 to 65535, got {port!r}")
+    host = bind.strip("[]") if isinstance(bind, str) else ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", host):
+            raise ValueError(f"{who}'s metrics_bind must be an IP address or a host name, got {bind!r}") from None
+    return {"metrics_port": port, "metrics_bind": host}
+
+
+def _flag(raw: dict[str, Any], key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -19,7 +19,9 @@ indices and the per-part spans. Malformed input gets INVALID_ARGUMENT with the r
 a wrong token UNAUTHENTICATED, an unknown model NOT_FOUND, a client that stops sending
 DEADLINE_EXCEEDED; the node keeps serving. Queries run at most
 ``max_concurrent_queries`` at a time (RESOURCE_EXHAUSTED beyond), each in its own
-worker thread.
+worker thread. With ``metrics_port`` the node serves Prometheus metrics
+(``party.metrics``: queries by outcome, latency, stream bytes, client trips); with
+``--log-json`` it logs JSON lines (``party.logs``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ import torch
 
 from party import serving
 from party.config import ConfigError, HeNodeConfig
+from party.logs import configure_logging
+from party.metrics import NodeMetrics, QueryRecord
 from party.serving import Rejected
 from protos import load
 from secure.evaluate.he_model import HeModel, distilled_he_model, tiny_he_model
@@ -85,6 +89,7 @@ class HeNode:
         self.plans: dict[tuple[str, int], HePlan] = {}
         self._plan_lock = threading.Lock()
         self.server: grpc.Server | None = None
+        self.metrics = NodeMetrics("he", "he-node", self.limits.max_streams, lambda: self.admission.active)
 
     def model(self, name: str, seq: int) -> HeModel:
         m = self.models.get((name, seq))
@@ -107,9 +112,10 @@ class HeNode:
         return self.plans[key]
 
     # ---- one query, in a worker thread -------------------------------------------------
-    def serve(self, requests: Iterator[Any], emit: Callable[[Any], None]) -> None:
+    def serve(self, requests: Iterator[Any], emit: Callable[[Any], None], record: QueryRecord | None = None) -> None:
         """One query: ``requests`` are the client's messages, ``emit`` sends the node's.
-        Malformed messages raise :class:`WireError`, refused ones :class:`Rejected`."""
+        Malformed messages raise :class:`WireError`, refused ones :class:`Rejected`;
+        ``record`` hears when it runs, its client trips and its success."""
         wire = NodeStream(pb2, requests, emit, MAX_CONTEXT_BYTES, MAX_CIPHERTEXT_BYTES)
         start = wire.read_start()
         m = self.model(start.model, start.seq_len)
@@ -118,6 +124,8 @@ class HeNode:
         engine = _query_engine(wire.read_context(), the_plan)
         engine.plain_cache = self.plain_cache
         embeds = _input_cipher(wire, engine, m, start.input_ciphertexts)
+        if record is not None:
+            record.running()
         link = _StreamLink(wire)
         session = RefreshSession(engine, link, refresh_bounds=m.graph.meta.get(REFRESH_BOUNDS_META),
                                  on_event=lambda kind, _: wire.send_progress(link.trips, the_plan.refreshes, kind))
@@ -133,11 +141,15 @@ class HeNode:
                                      tracer.spans))
         log.info("HE query on %s (seq %d): %.2f s, %d client trips%s", m.name, m.seq_len, seconds, session.refreshes,
                  "" if self.plain_cache is None else f"; plaintext cache {self.plain_cache.summary()}")
+        if record is not None:
+            record.add_traffic(rounds=session.refreshes)
+            record.succeeded()
 
     def start(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
         """Listen on ``address`` (TLS with ``credentials``; None is plaintext, logged loudly) and
         return the bound port."""
-        interceptor = serving.TokenInterceptor(self.tokens, open_methods=[HEALTH_METHOD])
+        interceptor = serving.TokenInterceptor(self.tokens, open_methods=[HEALTH_METHOD],
+                                               on_refused=self.metrics.refused_call)
         server = serving.make_server(self.limits, [interceptor])
         pb2_grpc.add_HeInferenceServicer_to_server(_Servicer(self), server)
         serving.add_standard_health(server, ["secureinference.HeInference"])
@@ -147,6 +159,7 @@ class HeNode:
         return bound
 
     def stop(self) -> None:
+        self.metrics.stop()
         if self.server is not None:
             self.server.stop(0.5)
 
@@ -216,6 +229,11 @@ class _Servicer(pb2_grpc.HeInferenceServicer):
         return pb2.HealthReply(live=True, ready=True, detail="HE node serving")
 
     def Query(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
+        record = self.node.metrics.query()
+        return record.track(self._query(request_iterator, context, record), context)
+
+    def _query(self, request_iterator: Iterator[Any], context: grpc.ServicerContext, record: QueryRecord
+               ) -> Iterator[Any]:
         node = self.node
         try:
             node.admission.acquire()  # before reading: a stream still uploading holds a slot
@@ -224,7 +242,8 @@ class _Servicer(pb2_grpc.HeInferenceServicer):
 
         def work(emit: Callable[[Any], None]) -> None:
             with serving.ReceiveDeadline(context, node.limits.receive_timeout_s) as deadline:
-                node.serve(deadline.timed(request_iterator, "the next message of its query"), emit)
+                requests = deadline.timed(record.received_messages(request_iterator), "the next message of its query")
+                node.serve(requests, record.sending(emit), record)
 
         try:
             yield from serving.run_in_worker(work, "he-query", on_exit=node.admission.release)
@@ -258,10 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, required=True, help="HE node configuration (party.config.HeNodeConfig)")
     ap.add_argument("--insecure", action="store_true",
                     help="allow a configuration without TLS (plaintext; the token travels in the clear)")
+    ap.add_argument("--log-json", action="store_true", help="log JSON lines (or \"log_json\": true in the config)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s he-node %(levelname)s %(message)s")
+    configure_logging("he-node", logging.INFO, args.log_json)
     try:
         cfg = HeNodeConfig.load(args.config)
+        if cfg.log_json and not args.log_json:
+            configure_logging("he-node", logging.INFO, json_lines=True)
         cfg.require_tls(args.insecure)
         node = HeNode(load_models(cfg), list(cfg.client_token_sha256),
                       serving.ServingLimits(max_streams=cfg.max_concurrent_queries,
@@ -269,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                       PlainCache(cfg.plaintext_cache_mib << 20))
         creds = serving.server_credentials(cfg.cert, cfg.key) if cfg.cert and cfg.key else None
         port = node.start(cfg.bind_address, creds)
+        if cfg.metrics_port is not None:
+            node.metrics.serve(cfg.metrics_bind, cfg.metrics_port)
     except (ConfigError, OSError) as e:
         log.error("cannot start: %s", e)
         return 2

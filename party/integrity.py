@@ -218,6 +218,19 @@ def check_party_header(header: dict[str, Any], entry: PartyEntry, cfg: ClusterCo
                           f"describes deal {manifest['deal_id']!r}")
 
 
+def check_client_token_digests(entry: PartyEntry, cfg: ClusterConfig) -> None:
+    """Refuse an entry whose ``client_token_sha256`` lists something that is not a SHA-256
+    digest (a token pasted in place of its digest would lock every client out)."""
+    for value in entry.client_token_sha256:
+        try:
+            sha256_hex(value)
+        except ValueError:
+            raise ConfigError(f"{cfg.path or 'the cluster file'}: party {entry.id}'s client_token_sha256 lists a "
+                              f"value of {len(value)} characters that is not a hex SHA-256 digest (not shown: it may "
+                              "be a token): list each client token's digest (party.config.token_digest; "
+                              "`secure-cluster` writes them), never the token itself") from None
+
+
 def pin_instructions(manifest: dict[str, Any], out: Path, public_key: Path | None = None) -> str:
     """What the dealer prints: each file's digest and the cluster-file lines that pin them."""
     lines = []

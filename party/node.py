@@ -20,7 +20,9 @@ a failing query is aborted on the peers and reported to the client with a gRPC s
 and the node keeps serving.
 
 Logs never contain tensor values, token ids or text: only query ids, shapes, timings
-and errors.
+and errors (JSON lines with ``--log-json``, see ``party.logs``). With ``metrics_port`` in
+its entry the node serves Prometheus metrics (``party.metrics``): queries by outcome,
+latency, peer bytes and rounds, active queries, peer links.
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ from typing import Any
 import grpc
 import torch
 
+from party.certs import check_party_certificate
 from party.config import ClusterConfig, ConfigError, party_name
-from party.integrity import check_party_header, verify_party_file
+from party.integrity import check_client_token_digests, check_party_header, verify_party_file
+from party.logs import configure_logging
+from party.metrics import NodeMetrics, QueryRecord
 from party.serving import (
     Admission,
     ReceiveDeadline,
@@ -66,6 +71,7 @@ from secure.mpc.shares import AShare
 from secure.profile.profiler import Profiler, span
 from secure.runtime.inputs import InputError, check_part_key, input_specs, party_inputs
 from secure.runtime.interpreter import Interpreter
+from secure.transport.base import payload_bytes
 from secure.transport.grpc_peer import GrpcTransport, Mailbox, PeerLinks
 from secure.transport.wire import TensorAssembler, WireError, tensor_chunks
 
@@ -135,6 +141,10 @@ class PartyNode:
         self.tokens = TokenCheck(self.entry.client_token_sha256)
         if not self.tokens.digests:
             raise ConfigError(f"party {party_id} accepts no client token: give its entry 'client_token_sha256'")
+        check_client_token_digests(self.entry, cfg)
+        if cfg.tls:  # what a peer or a client would refuse later, refused now, naming the file
+            assert cfg.ca is not None and self.entry.cert is not None and self.entry.key is not None
+            check_party_certificate(self.entry.cert, self.entry.key, cfg.ca, party_id)
         self.limits = ServingLimits(max_streams=max_concurrent_queries, receive_timeout_s=cfg.receive_timeout_s)
         self.admission = Admission(max_concurrent_queries)
         self._reachable: dict[int, tuple[float, bool]] = {}
@@ -152,6 +162,9 @@ class PartyNode:
         self._running: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self._servers: list[grpc.Server] = []
+        self.metrics = NodeMetrics("party", self.entry.name, max_concurrent_queries, lambda: self.admission.active,
+                                   peers=lambda: {party_name(p): self.peer_reachable(p) for p in range(3)
+                                                  if p != self.id})
 
     # ---- networking --------------------------------------------------------------------
     def _peer_channel(self, peer: int) -> grpc.Channel:
@@ -196,7 +209,8 @@ class PartyNode:
         peer = make_server(ServingLimits(max_streams=4, receive_timeout_s=self.cfg.deadline_s,
                                          max_connection_idle_s=None, max_connection_age_s=None))
         pb2_grpc.add_PeerServicer_to_server(_PeerServicer(self), peer)
-        client = make_server(self.limits, [TokenInterceptor(self.tokens, open_methods=[HEALTH_METHOD])])
+        client = make_server(self.limits, [TokenInterceptor(self.tokens, open_methods=[HEALTH_METHOD],
+                                                            on_refused=self.metrics.refused_call)])
         pb2_grpc.add_PartyServicer_to_server(_PartyServicer(self), client)
         add_standard_health(client, ["secureinference.Party"])
         bind(peer, f"[::]:{self.entry.peer_port}", peer_creds, f"party {self.id}'s peer port")
@@ -207,8 +221,11 @@ class PartyNode:
         peer.start()
         client.start()
         self._servers = [peer, client]
+        if self.entry.metrics_port is not None:
+            self.metrics.serve(self.entry.metrics_bind, self.entry.metrics_port)
 
     def stop(self, grace: float = 1.0) -> None:
+        self.metrics.stop()
         self.links.close()
         for s in self._servers:
             s.stop(grace)
@@ -274,10 +291,11 @@ class PartyNode:
             raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
 
     def run_query(self, query_id: str, graph: Graph, inputs: dict[str, Any], emit: Callable[[Any], None],
-                  want_trace: bool) -> None:
+                  want_trace: bool, record: QueryRecord | None = None) -> None:
         """Run one query in lockstep with the peers, emitting its progress, output and summary
-        events; a failure is sent to the peers as an abort and raised."""
-        transport = GrpcTransport(self.id, query_id, self.links, self.mailbox, self.cfg.deadline_s)
+        events; a failure is sent to the peers as an abort and raised. ``record`` gets its
+        traffic (bytes to and from the peers, rounds) and its success."""
+        transport = _CountedTransport(self.id, query_id, self.links, self.mailbox, self.cfg.deadline_s)
         profiler = Profiler()
         party = Party(transport, self.fp, self.device, profiler)
         secret_nodes = [n for n in graph.nodes if n.name in graph.secret_names()]
@@ -307,16 +325,31 @@ class PartyNode:
                                               spans=spans)))
             log.info("query %s done: %.2f s, %d rounds, %.1f MB sent", query_id, seconds, party.rounds,
                      party.bytes_sent / 1e6)
+            if record is not None:
+                record.succeeded()
         except Exception as e:  # noqa: BLE001 - reported to the client and to the peers
             transport.abort(f"{type(e).__name__}: {e}")
             log.warning("query %s failed after %.1f s: %s: %s", query_id, time.perf_counter() - t0,
                         type(e).__name__, e)
             raise
         finally:
+            if record is not None:
+                record.add_traffic(party.bytes_sent, transport.bytes_received, party.rounds)
             self.mailbox.forget(query_id)
             self.mailbox.sweep(idle_s=10 * self.cfg.deadline_s)
             with self._lock:
                 self._running.pop(query_id, None)
+
+
+class _CountedTransport(GrpcTransport):
+    """One query's transport, also counting the payload bytes it receives (for the metrics)."""
+
+    bytes_received = 0
+
+    def recv(self, frm: int) -> list[torch.Tensor]:
+        msg = super().recv(frm)
+        self.bytes_received += payload_bytes(msg)
+        return msg
 
 
 class _PeerServicer(pb2_grpc.PeerServicer):
@@ -356,6 +389,11 @@ class _PartyServicer(pb2_grpc.PartyServicer):
         self.node = node
 
     def Query(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
+        record = self.node.metrics.query()
+        return record.track(self._query(request_iterator, context, record), context)
+
+    def _query(self, request_iterator: Iterator[Any], context: grpc.ServicerContext, record: QueryRecord
+               ) -> Iterator[Any]:
         node = self.node
         try:
             node.admission.acquire()  # before reading: a stream still uploading holds a slot
@@ -370,10 +408,12 @@ class _PartyServicer(pb2_grpc.PartyServicer):
             node.admission.release()
             return
         query_id = header.query_id
+        record.query_id = query_id
+        record.running()
         log.info("query %s accepted: length %d", query_id, header.seq_len)
         # a client that gives up (or fails on another party) cancels the query here too
         context.add_callback(lambda: node.mailbox.abort(query_id, "the client cancelled the query"))
-        events = run_in_worker(lambda emit: node.run_query(query_id, graph, inputs, emit, header.want_trace),
+        events = run_in_worker(lambda emit: node.run_query(query_id, graph, inputs, emit, header.want_trace, record),
                                f"query-{query_id}", on_exit=node.admission.release)
         try:
             yield from events
@@ -441,17 +481,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--insecure", action="store_true",
                     help="allow a configuration without TLS (plaintext, unauthenticated links; local demos only)")
+    ap.add_argument("--log-json", action="store_true", help="log JSON lines (or \"log_json\": true in the config)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s party{args.party} %(levelname)s %(message)s")
+    configure_logging(f"party{args.party}", args.log_level, args.log_json)
     torch.set_num_threads(1)
     tune_malloc()
     try:
-        node = PartyNode(ClusterConfig.load(args.config), args.party, args.device, args.max_concurrent_queries,
-                         insecure=args.insecure)
+        cfg = ClusterConfig.load(args.config)
+        if cfg.log_json and not args.log_json:
+            configure_logging(f"party{args.party}", args.log_level, json_lines=True)
+        node = PartyNode(cfg, args.party, args.device, args.max_concurrent_queries, insecure=args.insecure)
     except (ConfigError, FileNotFoundError) as e:
         log.error("cannot start: %s", e)
         return 2
-    node.start()
+    try:
+        node.start()
+    except OSError as e:  # a port in use
+        log.error("cannot start: %s", e)
+        node.stop(0)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -460,3 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("party %d shutting down", args.party)
     node.stop()
     return 0
+
+
+if __name__ == "__main__":  # python -m party.node, as python -m party
+    raise SystemExit(main())

@@ -158,12 +158,15 @@ class TokenInterceptor(grpc.ServerInterceptor):
 
     Methods in ``open_methods`` (health probes) need no token. The streaming health
     ``Watch`` would hold a worker thread per caller for as long as it likes, so it is
-    refused to callers without a token.
+    refused to callers without a token. ``on_refused(method, code)`` hears of each refusal
+    (the node's metrics).
     """
 
-    def __init__(self, check: TokenCheck, open_methods: Iterable[str] = ()) -> None:
+    def __init__(self, check: TokenCheck, open_methods: Iterable[str] = (),
+                 on_refused: Callable[[str, grpc.StatusCode], None] | None = None) -> None:
         self.check = check
         self.open = {HEALTH_CHECK_METHOD, *open_methods}
+        self.on_refused = on_refused
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -173,6 +176,8 @@ class TokenInterceptor(grpc.ServerInterceptor):
         try:
             self.check.check(token if isinstance(token, str) else None)
         except Rejected as e:
+            if self.on_refused is not None:
+                self.on_refused(details.method, e.code)
             return _refusal(handler, e.code, str(e))
         return handler
 

@@ -4,7 +4,9 @@
   site-packages, loaded offline): :func:`load_minilm`;
 * :class:`SentenceEncoder` -- a BERT-style encoder plus sentence-transformers' mean
   pooling (the embedding the client receives; it normalises it itself);
-* :class:`CausalLM` -- a causal LM returning the logits of every position.
+* :class:`CausalLM` -- a causal LM returning the logits of every position;
+* :func:`load_model_folder` -- any local Hugging Face folder, wrapped in one of the two
+  (no hub, no code from the folder), and :func:`load_tokenizer`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,73 @@ def load_minilm(path: str | Path | None = None) -> tuple[nn.Module, object]:
     model = AutoModel.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
+
+
+class ModelFolderError(ValueError):
+    """A model folder that cannot be loaded, or that would need code from the hub or the folder."""
+
+
+def _offline() -> None:
+    """Nothing is fetched from a hub: every load below reads local files only."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def load_tokenizer(folder: str | Path) -> object:
+    """The tokenizer saved in ``folder`` (``tokenizer.json`` or vocabulary files), offline."""
+    _offline()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelFolderError(f"no tokenizer could be loaded from {folder} ({type(e).__name__}: {e}); save one "
+                               "there with tokenizer.save_pretrained(folder)") from None
+
+
+def load_model_folder(folder: str | Path) -> tuple[nn.Module, object, bool]:
+    """(wrapped model, tokenizer, causal) of a Hugging Face model folder (config.json, weights,
+    tokenizer), from local files only and without remote code.
+
+    A causal LM (an architecture ending in ``ForCausalLM`` or ``LMHeadModel``, or
+    ``is_decoder``) is wrapped in :class:`CausalLM` (the logits of every position); any other
+    model is loaded as its base ``AutoModel`` (a ``...ForMaskedLM`` checkpoint loses its head)
+    and wrapped in :class:`SentenceEncoder` (mean pooling)."""
+    _offline()
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ModelFolderError(f"{folder} is not a model folder: it has no config.json (a Hugging Face "
+                               "save_pretrained folder: config.json, the weights and the tokenizer)")
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelFolderError(f"cannot read {folder / 'config.json'}: {type(e).__name__}: {e}") from None
+    if getattr(config, "auto_map", None):
+        raise ModelFolderError(f"{folder / 'config.json'} names custom model code (auto_map); only the "
+                               "architectures built into transformers are loaded (no remote or folder code)")
+    architectures = list(getattr(config, "architectures", None) or [])
+    causal = bool(getattr(config, "is_decoder", False)) or any(
+        a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    loader = AutoModelForCausalLM if causal else AutoModel
+    try:
+        model = loader.from_pretrained(str(folder), local_files_only=True).float().eval()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelFolderError(f"cannot load the model in {folder} ({', '.join(architectures) or config.model_type}): "
+                               f"{type(e).__name__}: {e}") from None
+    tokenizer = load_tokenizer(folder)
+    return (CausalLM(model) if causal else SentenceEncoder(model)), tokenizer, causal
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence a loaded Hugging Face model's position table holds (None: unbounded)."""
+    config = getattr(model, "config", None) or getattr(getattr(model, "encoder", None) or getattr(model, "lm", None),
+                                                      "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 class SentenceEncoder(nn.Module):

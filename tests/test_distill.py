@@ -344,8 +344,12 @@ def test_named_model_is_distilled_once_and_cached(tiny_dir: Path, tmp_path: Path
     assert folder == tmp_path / "cache" / "minilm-power" and cache.is_distilled(folder)
     assert len(said) == 2 and "not cached" in said[0] and "distilled in" in said[1]
     assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name]
-    assert cache.resolve_model("minilm-power", say=said.append) == folder and len(said) == 2  # cached
+    assert cache.resolve_model("minilm-power", say=said.append, **kwargs) == folder and len(said) == 2  # cached
     assert cache.resolve_model(str(tiny_dir)) == tiny_dir
+    # distilled with other settings (as after a change of the defaults): distilled again, never served
+    assert cache.stale_settings(folder, {**kwargs, "steps": 3}) == ["steps=2 (now 3)"]
+    assert cache.ensure_distilled("minilm-power", progress=False, say=said.append, **{**kwargs, "steps": 3}) == folder
+    assert "other settings (steps=2 (now 3))" in said[2] and not cache.stale_settings(folder, {**kwargs, "steps": 3})
     with pytest.raises(ValueError):
         cache.ensure_distilled("no-such-model")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import sys
@@ -59,6 +60,25 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+SETTINGS: tuple[str, ...] = ("steps", "batch_size", "max_length", "lr", "eps")
+"""Training settings a cached model must share with the run that would distil it now."""
+
+
+def stale_settings(folder: Path, distill_kwargs: dict[str, object] | None = None) -> list[str]:
+    """The settings of :data:`SETTINGS` with which the model in ``folder`` (its
+    ``secure_recipe.json``) was distilled and that differ from those a distillation would use
+    now (``distill_kwargs`` over :data:`secure.distill.train.DISTILL_DEFAULTS`), as
+    ``"key=cached (now ...)"``."""
+    from secure.distill.train import DISTILL_DEFAULTS
+
+    try:
+        recipe = json.loads((folder / RECIPE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return ["an unreadable recipe"]
+    now = {k: (distill_kwargs or {}).get(k, DISTILL_DEFAULTS[k]) for k in SETTINGS}
+    return [f"{k}={recipe[k]} (now {now[k]})" for k in SETTINGS if k in recipe and recipe[k] != now[k]]
+
+
 def _say(msg: str) -> None:
     print(f"[secure.distill] {msg}", file=sys.stderr, flush=True)
 
@@ -73,11 +93,15 @@ def ensure_distilled(name: str = "minilm-power", *, progress: bool = True,
     if name not in DISTILLED_NAMES:
         raise ValueError(f"unknown distilled model {name!r}; known: {', '.join(DISTILLED_NAMES)}")
     folder = cached_model_dir(name)
-    if is_distilled(folder):
+    # a folder distilled with other settings (older defaults) is replaced, never served as this name
+    if is_distilled(folder) and not stale_settings(folder, distill_kwargs):
         return folder
     with _locked(folder.with_name(f".{name}.lock")):
-        if is_distilled(folder):  # another process finished it while we waited
-            return folder
+        if is_distilled(folder) and not stale_settings(folder, distill_kwargs):
+            return folder  # another process finished it while we waited
+        if is_distilled(folder):
+            say(f"the cached {name} was distilled with other settings "
+                f"({', '.join(stale_settings(folder, distill_kwargs))}): distilling it again")
         from secure.distill.train import distill_power_softmax
 
         model_dir = distill_kwargs.pop("model_dir", None)
@@ -119,4 +143,4 @@ def tokenizer_dir(name_or_path: str | os.PathLike[str]) -> Path | None:
 
 
 __all__ = ["DISTILLED_NAMES", "cache_root", "cached_model_dir", "ensure_distilled", "is_distilled",
-           "resolve_model", "tokenizer_dir"]
+           "resolve_model", "stale_settings", "tokenizer_dir"]
