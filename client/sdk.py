@@ -81,6 +81,7 @@ class SecureClient:
         self.fp = FixedPoint(cfg.frac_bits)
         self._channels = [self._channel(i) for i in range(3)]
         self.stubs = [pb2_grpc.PartyStub(c) for c in self._channels]
+        self._retired: list[grpc.Channel] = []
         self._infos: list[Any] | None = None
         self._tokenizer: Any = None
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
@@ -97,8 +98,17 @@ class SecureClient:
         return ((TOKEN_METADATA_KEY, self.tokens[party]),)
 
     def close(self) -> None:
-        for c in self._channels:
+        for c in [*self._channels, *self._retired]:
             c.close()
+
+    def _renew_channels(self) -> None:
+        """New channels (new connections) to all three parties after a query failed: a
+        connection broken silently (a cut cable, a restarted party) would otherwise swallow
+        the next query until TCP gives up on it. The old channels close with the client, so
+        a concurrent query on them is not cut short."""
+        self._retired.extend(self._channels)
+        self._channels = [self._channel(i) for i in range(3)]
+        self.stubs = [pb2_grpc.PartyStub(c) for c in self._channels]
 
     def __enter__(self) -> SecureClient:
         return self
@@ -221,6 +231,7 @@ class SecureClient:
             failures.sort(key=lambda f: (f[1].code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED), f[0]))
             i, e = failures[0]
             detail = "; ".join(f"party {j}: {err.code().name}: {err.details()}" for j, err in failures)
+            self._renew_channels()
             raise QueryFailed(f"query {query_id} failed: {detail}", e.code())
         outputs = []
         for index in range(len(results[0]["outputs"])):

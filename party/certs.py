@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -112,16 +113,21 @@ def load_certificates(path: Path, what: str = "certificate") -> list[x509.Certif
     return certs
 
 
+def _private_key(path: Path, what: str) -> Any:
+    """An unencrypted PEM private key; ConfigError naming ``what`` and the file otherwise."""
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{what} {path} is not an unencrypted PEM private key: {e}") from None
+
+
 def load_ca(cert_path: Path, key_path: Path) -> tuple[CaKey, x509.Certificate]:
     """An existing CA to sign party certificates with: its certificate must be a CA's, its key
     (PEM, unencrypted) the certificate's."""
     cert = load_certificates(cert_path, "CA certificate")[0]
-    try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except OSError as e:
-        raise ConfigError(f"cannot read the CA key {key_path}: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"the CA key {key_path} is not an unencrypted PEM private key: {e}") from None
+    key = _private_key(key_path, "the CA key")
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
         raise ConfigError(f"the CA key {key_path} is a {type(key).__name__}; an EC, RSA or Ed25519 key is needed")
     if not _same_key(key, cert):
@@ -146,12 +152,7 @@ def check_party_certificate(cert_path: Path, key_path: Path, ca_path: Path, part
                           f"{', '.join(map(str, common)) or '(none)'}, DNS names {', '.join(dns) or '(none)'} "
                           f"(peers and clients dial party {party_id} as {name!r}; is it another party's "
                           "certificate?)")
-    try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except OSError as e:
-        raise ConfigError(f"cannot read party {party_id}'s key {key_path}: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"party {party_id}'s key {key_path} is not an unencrypted PEM private key: {e}") from None
+    key = _private_key(key_path, f"party {party_id}'s key")
     if not _same_key(key, leaf):
         raise ConfigError(f"party {party_id}'s key {key_path} is not the key of its certificate {cert_path} "
                           "(a key of another party or of an earlier certificate?)")

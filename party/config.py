@@ -83,11 +83,11 @@ class PartyEntry:
 
     @property
     def peer_address(self) -> str:
-        return f"{self.host}:{self.peer_port}"
+        return f"{_dialable(self.host)}:{self.peer_port}"
 
     @property
     def client_address(self) -> str:
-        return f"{self.host}:{self.client_port}"
+        return f"{_dialable(self.host)}:{self.client_port}"
 
 
 class _ConfigFile:
@@ -337,6 +337,11 @@ def _flag(raw: dict[str, Any], key: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{key} must be true or false, got {value!r}")
     return value
+
+
+def _dialable(host: str) -> str:
+    """``host`` as gRPC dials it with a port after it: a bare IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

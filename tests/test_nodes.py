@@ -195,8 +195,10 @@ def test_killed_party_fails_query_then_recovers(nodes: LocalNodes, plain: Plaint
     victim, survivors = 1, (0, 2)
     qid = f"fault-{uuid.uuid4().hex[:12]}"
     outcome: dict[str, Any] = {}
-    with local_client(nodes) as client:
+    client = local_client(nodes)
+    try:
         inputs = client.encode_text(FAULT_TEXT)
+        before = list(client._channels)
 
         def run() -> None:
             try:
@@ -213,6 +215,9 @@ def test_killed_party_fails_query_then_recovers(nodes: LocalNodes, plain: Plaint
         nodes.kill(victim)
         worker.join(DEADLINE_S + 30)
         assert not worker.is_alive(), "the client did not return after a party died"
+    except BaseException:
+        client.close()
+        raise
 
     error = outcome.get("error")
     assert isinstance(error, QueryFailed), f"expected QueryFailed, got {outcome}"
@@ -225,9 +230,11 @@ def test_killed_party_fails_query_then_recovers(nodes: LocalNodes, plain: Plaint
         _wait_for(lambda i=i: f"query {qid} failed" in nodes.log_path(i).read_text(), DEADLINE_S + 10,
                   f"party {i}'s log to report the failed query")
 
+    # the failed query renewed the client's connections: the same client answers once the party is back
+    assert not set(map(id, client._channels)) & set(map(id, before))
     nodes.start(victim)
     nodes.wait_ready()
-    with local_client(nodes) as client:
+    with client:
         assert _running(client) == [0, 0, 0]
         result = client.embed(RECOVERY_TEXT)
     assert plain.cosine(RECOVERY_TEXT, result.embedding) >= 0.999

@@ -161,3 +161,49 @@ def test_frames_of_a_finished_query_are_dropped() -> None:
         box.deliver(f)
     with pytest.raises(PeerTimeoutError):
         box.take("q", 0, 0, 0.05, me=1)
+
+
+class _Channel:
+    """A peer channel whose Link streams record the frames they carry; ``hold`` keeps each
+    stream open after its last frame, as a connection that broke silently (a cut cable) stays
+    open on the sender's side until TCP gives up on it."""
+
+    def __init__(self, peer: int, streams: list, hold: threading.Event) -> None:
+        self.peer, self.streams, self.hold = peer, streams, hold
+
+    def stream_unary(self, method: str, request_serializer: object, response_deserializer: object) -> object:
+        def link(frames: object) -> bytes:
+            got: list = []
+            self.streams.append((self.peer, got))
+            for f in frames:  # type: ignore[attr-defined]
+                got.append(pb2.PeerFrame.FromString(f))
+            self.hold.wait(10)
+            return b""
+        return link
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_abort_renews_the_links_so_the_next_query_never_rides_a_dead_connection() -> None:
+    """After a failed query (the abort) each link's stream ends after the abort frame and the
+    next message goes on a new stream, even while the old one has not failed yet: frames sent
+    into a connection that broke silently are lost with it, and would fail the next query at
+    its deadline although the cable is back (found by tests/test_multihost.py)."""
+    streams: list = []
+    hold = threading.Event()
+    peers = PeerLinks(0, lambda peer: _Channel(peer, streams, hold), pb2.PeerFrame, pb2.TensorSpec)
+    try:
+        peers.send(1, "q1", 0, [torch.tensor([1])])
+        peers.send(2, "q1", 0, [torch.tensor([2])])
+        peers.abort("q1", "no message #3 from party 1 within 3.0 s")
+        peers.send(1, "q2", 0, [torch.tensor([3])])
+        end = time.monotonic() + 5
+        while sum(len(got) for _, got in streams) < 5 and time.monotonic() < end:
+            time.sleep(0.01)
+        carried = sorted((peer, [(f.query_id, f.seq, bool(f.abort_reason)) for f in got]) for peer, got in streams)
+        assert carried == [(1, [("q1", 0, False), ("q1", 0, True)]), (1, [("q2", 0, False)]),
+                           (2, [("q1", 0, False), ("q1", 0, True)])], carried
+    finally:
+        hold.set()
+        peers.close()

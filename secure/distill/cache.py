@@ -2,7 +2,7 @@
 
 ``"minilm-power"`` names all-MiniLM-L6-v2 distilled into Power-Softmax with the defaults of
 :func:`secure.distill.train.distill_power_softmax`. The first :func:`resolve_model` of the
-name distils it (a progress bar; about 15 minutes on 2 free CPU cores) into
+name distils it (a progress bar; about 21 minutes on 2 free CPU cores) into
 ``~/.cache/secure-inference/minilm-power/`` (``SECURE_INFERENCE_CACHE`` moves the root);
 later calls, from any process, load that folder. A lock file serialises concurrent first
 uses; the student is written to a temporary folder and renamed into place, so a half-written
@@ -30,7 +30,7 @@ from secure.distill.report import RECIPE_FILE
 DISTILLED_NAMES: tuple[str, ...] = ("minilm-power",)
 """Model names :func:`resolve_model` distils on first use."""
 
-EXPECTED_MINUTES: str = "about 15 minutes on 2 free CPU cores, longer beside other jobs"
+EXPECTED_MINUTES: str = "about 21 minutes on 2 free CPU cores, longer beside other jobs (53 measured)"
 """What the first use costs (measured: see the module doc of :mod:`secure.distill.train`)."""
 
 

@@ -16,24 +16,23 @@
   largest denominators on the held-out sets are recorded, and the student is evaluated
   with the secure form itself on floats (:class:`secure.approx.float_backend.FloatOps`).
 
-Measured on all-MiniLM-L6-v2 with the defaults (p = 4, eps 0.01, 2000 steps x batch 16,
-lr 2e-4; 2-core CPU: about 0.4 s a step alone, 1553 s training and 1588 s in all when
-shared with other jobs), sentence-embedding cosine against the original, texts padded to
-their buckets (``python -m secure.evaluate.distilled``; secure form = the rewritten
-graph on floats, PUMA GeLU and LayerNorm included): held-out general English (256
-WordNet texts) mean 0.9872 / min 0.9201 (one 123-token passage; every other text >=
-0.959), docstrings (64) 0.9847 / 0.9491, 50 everyday sentences 0.9825 / 0.9132
-("Thanks!"; every other >= 0.959); no NaN or inf. upper 500 (5x the largest calibration
-denominator, 48), 18 iterations, lower 0.0066 <= eps; the largest held-out denominator
-is 67.8 (general English: 1.4x the calibration's, 0.14 of upper). Before training:
-mean 0.10. Fewer steps or fewer passages: 1500 steps with passages as one item in eight
-0.9854 / 0.875 (the same passage), 200 steps 0.963 / 0.82. Long inputs are the weak spot:
-that passage's sentences alone reach 0.98-0.99 each, and the cosine falls as they are
-joined. A student distilled on docstrings alone (eps 1e-6, 1000 steps) reached 0.98258 /
-0.9457 on docstrings but 0.964 / 0.82 on everyday sentences, and its secure form gave
-NaN on 9 of 50 (issue 11). Rows summing to L (``normalize`` off)
-give cosine -0.03; a lower learning rate wins (docstring runs: 800 steps at lr 3e-4
-0.9787, 1000 at 4e-4 0.9773, 200 at 1e-3 0.905).
+Measured on all-MiniLM-L6-v2 with the defaults (p = 4, eps 0.01, 3000 steps x batch 16,
+lr 2e-4; 2-core CPU: about 0.4 s a step alone, 3104 s training and 3157 s in all beside
+other jobs), sentence-embedding cosine against the original, texts padded to their buckets
+(``python -m secure.evaluate.distilled``; secure form = the rewritten graph on floats, PUMA
+GeLU and LayerNorm included): held-out general English (256 WordNet texts) mean 0.9888 /
+min 0.9418, docstrings (64) 0.9872 / 0.9564, 50 everyday sentences 0.9849 / 0.9124
+("Thanks!"); no NaN or inf. upper 500 (5x the largest calibration denominator, 49.5),
+18 iterations, lower 0.0066 <= eps; the largest held-out denominator is 73.4 (general
+English: 0.147 of upper). Loss 1.263 -> 0.0138. Before training: mean 0.10. Fewer steps:
+2000 steps 0.9872 / 0.9201 (one 123-token passage; every other text >= 0.959), 1500 steps
+with passages as one item in eight 0.9854 / 0.875 (the same passage), 200 steps 0.963 /
+0.82. Long inputs are the weak spot: that passage's sentences alone reach 0.98-0.99 each,
+and the cosine falls as they are joined. A student distilled on docstrings alone (eps
+1e-6, 1000 steps) reached 0.98258 / 0.9457 on docstrings but 0.964 / 0.82 on everyday
+sentences, and its secure form gave NaN on 9 of 50 (issue 11). Rows summing to L
+(``normalize`` off) give cosine -0.03; a lower learning rate wins (docstring runs: 800
+steps at lr 3e-4 0.9787, 1000 at 4e-4 0.9773, 200 at 1e-3 0.905).
 
 Imports ``secure.approx`` (through the other ``secure.distill`` modules) and
 :mod:`secure.graph.buckets` of the project; the command line is :mod:`secure.distill.__main__`.
@@ -69,7 +68,7 @@ from secure.distill.report import RECIPE_FILE, DistillReport
 from secure.graph.buckets import BUCKETS, bucket_for
 
 DISTILL_DEFAULTS: dict[str, Any] = {
-    "steps": 2000,
+    "steps": 3000,
     "batch_size": 16,
     "max_length": 128,
     "lr": 2e-4,

@@ -46,6 +46,7 @@ from secure.evaluate.he_ranges import range_misses
 from secure.graph.capture import capture
 from secure.graph.ir import Graph
 from secure.graph.passes import rewrite
+from secure.he.plain_cache import PlainCache
 from secure.models import SentenceEncoder, load_minilm
 from secure.mpc.engine import LocalCluster
 from secure.runtime.execute import deal_inputs, deal_weights, run_float, run_mpc
@@ -108,9 +109,11 @@ def mpc_agreement(model_dir: str, texts: Sequence[str], seq: int = 128, progress
     return [graphs.compare(t, seq) for t in tqdm(texts, desc="three parties", disable=not progress)]
 
 
-def he_agreement(model: HeModel, texts: Sequence[str], progress: bool = True) -> list[Agreement]:
+def he_agreement(model: HeModel, texts: Sequence[str], progress: bool = True,
+                 plain_cache: PlainCache | None = None) -> list[Agreement]:
     """Every text under CKKS (client and server in process) against the float forms of the
-    HE-compiled graph; texts longer than the model's length are refused (ValueError)."""
+    HE-compiled graph; texts longer than the model's length are refused (ValueError).
+    ``plain_cache``: the server's encoded weights, shared by the queries as a node shares them."""
     _, tokenizer = load_minilm(model.name)
     out = []
     for text in tqdm(texts, desc="CKKS", disable=not progress):
@@ -122,7 +125,7 @@ def he_agreement(model: HeModel, texts: Sequence[str], progress: bool = True) ->
         inputs = model.client_inputs(enc["input_ids"], enc["attention_mask"])
         (ref,), _ = run_float(model.graph, model.weights, inputs)
         t0 = time.perf_counter()
-        run = run_he(model.graph, model.weights, inputs)
+        run = run_he(model.graph, model.weights, inputs, plain_cache=plain_cache)
         out.append(_compare("he", text, int(enc["attention_mask"].sum()), ref, run.outputs[0],
                             time.perf_counter() - t0))
     return out
@@ -166,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mpc", type=int, default=30, help="texts on three parties (0: none)")
     ap.add_argument("--he", type=int, default=5, help="texts under CKKS, at most 16 tokens each (0: none)")
     ap.add_argument("--seq", type=int, default=128, help="longest padded length on three parties")
+    ap.add_argument("--cache-mib", type=int, default=4096, help="HE server's plaintext cache budget (0: none)")
     ap.add_argument("--json", type=Path, default=None, help="write per-text figures here")
     ap.add_argument("--check", action="store_true", help=f"exit 1 unless every cosine >= {AGREEMENT}")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -183,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         coverage = he_coverage(he_model, short)
         print(f"HE calibration: {coverage['within_ranges']} of {coverage['texts']} held-out texts of at most "
               f"{HE_SEQ} tokens keep every calibrated range; misses per node: {coverage['misses_per_node']}")
-        rows += he_agreement(he_model, short[:args.he], not args.quiet)
+        rows += he_agreement(he_model, short[:args.he], not args.quiet, PlainCache(args.cache_mib << 20))
     report = {b: summary([r for r in rows if r.backend == b]) for b in ("mpc", "he")}
     for backend, s in report.items():
         if s["texts"]:

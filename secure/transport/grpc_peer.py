@@ -12,7 +12,9 @@ send never waits for the network. The receiving server files completed messages 
 in sequence order, with a deadline, woken by the arrival of exactly the message it waits
 for. A party that fails a query sends an abort frame so its peers fail the same query at
 once; a party that dies makes its peers fail the query at the deadline. A broken link is
-re-opened on the next send, so a restarted peer is reachable again for the next query.
+re-opened on the next send, so a restarted peer is reachable again for the next query;
+after an abort the links are renewed too, so that a connection broken silently (a cut
+cable) cannot lose the next query's frames once the cable is back.
 """
 
 from __future__ import annotations
@@ -224,6 +226,14 @@ class _OutgoingLink:
             if self._queue is not None:
                 self._queue.put(_CLOSE)
 
+    def renew(self) -> None:
+        """End the current stream once what is queued on it has gone; the next send opens a
+        new one, on a new connection (a new channel)."""
+        with self._lock:
+            if self._queue is not None:
+                self._queue.put(_CLOSE)
+                self._queue = None
+
 
 class PeerLinks:
     """This party's outgoing links to its two peers.
@@ -257,9 +267,20 @@ class PeerLinks:
         self.links[to].send(self.encode(query_id, seq, tensors))
 
     def abort(self, query_id: str, reason: str) -> None:
+        """Tell both peers that the query failed here; then renew both links.
+
+        A query fails when a peer was silent past the deadline or told us it failed; either
+        way a connection may have broken without a reset (a cut cable). TCP retransmits into
+        it until it is given up (seconds later, by the TCP user timeout or gRPC's keepalive),
+        and whatever the next queries send on it meanwhile is lost with it, failing them at
+        their deadline although the cable is back. So the current streams end after this
+        abort frame and the next message opens a new connection (one TLS handshake when the
+        old one was fine; what concurrent queries queued still goes out on the old stream,
+        and receivers take messages by number)."""
         frame = self.frame(query_id=query_id, sender=self.me, abort_reason=reason[:500]).SerializeToString()
         for link in self.links.values():
             link.send([frame])
+            link.renew()
 
     def close(self) -> None:
         for link in self.links.values():
