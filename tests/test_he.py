@@ -416,3 +416,19 @@ def test_range_misses_name_the_nodes_a_query_leaves(small_model):
     (missed,) = range_misses(m.graph, m.weights, [loud])
     ln = [n.name for n in m.graph.nodes if n.op == "secure.layer_norm"][0]
     assert ln in missed
+
+
+def test_products_with_all_zero_plaintexts_give_encrypted_zeros(he):
+    """A padded query masks whole ciphertexts of attention scores to 0: SEAL refuses such a
+    product (a transparent ciphertext), so the engine encrypts zeros instead (seen at 128 tokens)."""
+    ops, enc, dec, _, engine = he
+    x = _r(16, 40, seed=5)
+    c = enc(x)
+    zero = Cipher([engine.mul_plain(ct, np.zeros(engine.slots)) for ct in c.cts], c.index)
+    assert dec(zero).abs().max() < 1e-4
+    assert all(engine.level(z) == engine.level(ct) - 1 for z, ct in zip(zero.cts, c.cts))
+    half = np.zeros(engine.slots)
+    half[:8] = 2.0
+    mixed = engine.mul_plain_sum([(c.cts[0], np.zeros(engine.slots)), (c.cts[0], half)])
+    assert dec(Cipher([mixed], c.index)).abs().max() > 0.1  # the non-zero term still counts
+    assert (dec(ops.matmul(c, Plain(torch.zeros(40, 8)))).abs().max()) < 1e-4

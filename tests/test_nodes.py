@@ -582,7 +582,9 @@ def test_silent_authenticated_streams_hold_slots_until_the_receive_deadline(node
         ended = idle.outcomes(timeout_s=DEADLINE_S + 10)
         assert len(ended) == 8 and all(c != grpc.StatusCode.OK for c, _ in ended), ended
         assert max(t for _, t in ended) <= DEADLINE_S + 5, ended
-        assert "did not send the query's header and inputs within" in nodes.log_path(0).read_text()
+        # the node logs the cut-off just after the client sees it
+        _wait_for(lambda: "did not send the query's header and inputs within" in nodes.log_path(0).read_text(), 5,
+                  "party 0's log to name the receive deadline")
     finally:
         idle.close()
     with local_client(nodes) as client:

@@ -261,7 +261,11 @@ class SealEngine:
     def mul_plain_sum(self, terms: Sequence[tuple[Any, np.ndarray | float]],
                       keys: Sequence[Hashable | None] | None = None) -> Any:
         """sum_i a_i * v_i with one rescale (all a_i at one level). ``keys[i]`` (not None)
-        names v_i for :attr:`plain_cache`: the same key must always mean the same values."""
+        names v_i for :attr:`plain_cache`: the same key must always mean the same values.
+
+        Terms whose v_i is all zero are skipped (SEAL refuses a product that comes out as a
+        transparent ciphertext, e.g. a padded block of masked attention scores); when every
+        term is zero the result is a fresh encryption of zeros at the product's level."""
         level = self.level(terms[0][0])
         if level <= self.floor:
             raise OutOfLevelsError(f"plaintext product at level {level} (floor {self.floor})")
@@ -271,6 +275,8 @@ class SealEngine:
         for t, (a, v) in enumerate(terms):
             if self.level(a) != level:
                 raise ValueError("mul_plain_sum terms must share one level")
+            if not (np.any(v) if isinstance(v, np.ndarray) else v != 0.0):
+                continue
             key = None if keys is None or self.plain_cache is None else keys[t]
             with self.stats.timed("encode"):
                 if key is None:
@@ -285,7 +291,17 @@ class SealEngine:
                     acc = prod
                 else:
                     self.ev.add_inplace(acc, prod)
+        if acc is None:
+            return self.zeros(level - 1)
         return self._rescale(acc, level)
+
+    def zeros(self, level: int) -> Any:
+        """A fresh encryption (public key) of zeros at ``level`` and its standard scale."""
+        with self.stats.timed("encrypt"):
+            pt = self.ctx.encode(0.0, level, self.ctx.scales[level])
+            out = self._new()
+            self.encryptor.encrypt(pt, out)
+        return out
 
     def rotate(self, a: Any, step: int) -> Any:
         if self.keys.galois is None:
