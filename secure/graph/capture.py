@@ -48,16 +48,20 @@ def prepare_model(model: nn.Module) -> nn.Module:
 
 def capture(model: nn.Module, example_inputs: dict[str, torch.Tensor],
             secret_inputs: Iterable[str] = ("input_ids",),
-            meta: dict[str, Any] | None = None) -> tuple[Graph, dict[str, torch.Tensor]]:
+            meta: dict[str, Any] | None = None, state_inputs: Iterable[str] = ()
+            ) -> tuple[Graph, dict[str, torch.Tensor]]:
     """Export ``model(**example_inputs)`` and translate it to a Graph.
 
-    Returns the graph and the weights by name (plain tensors, for the owner to share).
+    ``secret_inputs`` come from the client; ``state_inputs`` are secret values the parties
+    hold themselves (a generation session's key/value cache). Returns the graph and the
+    weights by name (plain tensors, for the owner to share).
     """
     prepare_model(model)
+    held = set(state_inputs)
     secret = set(secret_inputs)
-    unknown = secret - set(example_inputs)
+    unknown = (secret | held) - set(example_inputs)
     if unknown:
-        raise CaptureError(f"secret_inputs {sorted(unknown)} are not among the model inputs "
+        raise CaptureError(f"secret or state inputs {sorted(unknown)} are not among the model inputs "
                            f"{sorted(example_inputs)}")
     try:
         with torch.no_grad():
@@ -66,11 +70,11 @@ def capture(model: nn.Module, example_inputs: dict[str, torch.Tensor],
     except Exception as e:  # torch.export raises many types; name the cause
         raise CaptureError(f"torch.export failed on {type(model).__name__}: "
                            f"{type(e).__name__}: {e}") from e
-    return _translate(ep, example_inputs, secret, meta or {})
+    return _translate(ep, example_inputs, secret, meta or {}, held)
 
 
 def _translate(ep: ExportedProgram, example_inputs: dict[str, torch.Tensor], secret: set[str],
-               meta: dict[str, Any]) -> tuple[Graph, dict[str, torch.Tensor]]:
+               meta: dict[str, Any], held: set[str] = frozenset()) -> tuple[Graph, dict[str, torch.Tensor]]:
     state = ep.state_dict
     names: dict[str, str] = {}  # fx placeholder name -> IR name
     inputs: list[GraphInput] = []
@@ -92,12 +96,12 @@ def _translate(ep: ExportedProgram, example_inputs: dict[str, torch.Tensor], sec
             names[ph] = ph
             if ph not in example_inputs:
                 raise CaptureError(f"exported input {ph!r} is not among the example inputs")
-            inputs.append(GraphInput(ph, "client" if ph in secret else "public",
-                                     _spec_of(example_inputs[ph])))
+            kind = "state" if ph in held else "client" if ph in secret else "public"
+            inputs.append(GraphInput(ph, kind, _spec_of(example_inputs[ph])))
         else:
             raise CaptureError(f"unsupported graph input kind {spec.kind} for {ph!r}")
 
-    secret_values = {i.name for i in inputs if i.kind == "client"} | set(weights)
+    secret_values = {i.name for i in inputs if i.kind != "public"} | set(weights)
     nodes: list[Node] = []
     for fx_node in ep.graph.nodes:
         if fx_node.op != "call_function":

@@ -31,6 +31,9 @@ import torch
 
 from secure.graph.registry import DTYPE_NAMES, DTYPES, KINDS, OPS, Kind, OpSpec
 
+SECRET_INPUT_KINDS = frozenset({"client", "state"})
+"""Input kinds whose values are secret (shares on the parties)."""
+
 MAX_ARGUMENT_DEPTH = 16
 """How deeply node arguments may nest (captured graphs use two levels: lists of refs)."""
 
@@ -57,7 +60,9 @@ class Spec:
 
 @dataclass
 class GraphInput:
-    """A runtime input: ``kind`` is "client" (secret, from the client) or "public"."""
+    """A runtime input: ``kind`` is "client" (secret, from the client), "public", or "state"
+    (secret, held by the parties between the steps of one generation session: the key and
+    value cache; no client ever sends it)."""
 
     name: str
     kind: str
@@ -109,7 +114,7 @@ class Graph:
 
     def secret_names(self) -> set[str]:
         """Names of every secret value (client inputs, weights, secret node outputs)."""
-        names = {i.name for i in self.inputs if i.kind == "client"} | set(self.weights)
+        names = {i.name for i in self.inputs if i.kind in SECRET_INPUT_KINDS} | set(self.weights)
         return names | {n.name for n in self.nodes if n.secret}
 
     def node(self, name: str) -> Node:
@@ -206,7 +211,7 @@ def _tensor_to_b64(t: torch.Tensor) -> str:
 
 _GRAPH_KEYS = {"inputs", "weights", "constants", "nodes", "outputs"}
 _NODE_KEYS = {"name", "op", "args", "kwargs", "spec", "secret", "origin"}
-_INPUT_KINDS = {"client", "public"}
+_INPUT_KINDS = {"client", "public", "state"}
 
 
 def _expect(value: Any, kind: type, what: str) -> Any:

@@ -37,7 +37,7 @@ def run_float(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, 
               observe: Iterable[str] = ()) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """The graph's secure forms evaluated on float64 tensors."""
     values = {k: v.to(torch.float64) for k, v in weights.items()}
-    prepared = {i.name: client_input(graph, i.name, inputs[i.name]) if i.kind == "client"
+    prepared = {i.name: client_input(graph, i.name, inputs[i.name]) if i.kind != "public"
                 else inputs[i.name] for i in graph.inputs}
     return Interpreter(graph, FloatOps()).run(values, prepared, observe)
 

@@ -58,8 +58,9 @@ class InputPart:
 
 
 def input_specs(graph: Graph) -> list[InputSpec]:
-    """The graph's inputs as a client sees them."""
-    return [InputSpec(i.name, i.kind, embedding_vocab(graph, i.name) or 0) for i in graph.inputs]
+    """The graph's inputs as a client sees them (not the parties' own ``state`` inputs)."""
+    return [InputSpec(i.name, i.kind, embedding_vocab(graph, i.name) or 0) for i in graph.inputs
+            if i.kind != "state"]
 
 
 def client_parts(specs: list[InputSpec], inputs: Mapping[str, torch.Tensor], fp: FixedPoint
@@ -95,9 +96,9 @@ def upload_bytes(parts: list[InputPart]) -> int:
 def check_part_key(graph: Graph, name: str, kind: str, part: int) -> None:
     """Refuse a part that no input of ``graph`` takes (a party calls this as each part
     starts arriving, before reading its data)."""
-    known = [i.name for i in graph.inputs]
+    known = [i.name for i in graph.inputs if i.kind != "state"]
     if name not in known:
-        raise InputError(f"unknown input {name!r}; the model takes {sorted(known)}")
+        raise InputError(f"unknown input {name!r}; the model takes {sorted(known)} from the client")
     if kind not in KINDS or part not in (0, 1):
         raise InputError(f"bad input kind/part {kind!r}/{part}")
 
@@ -106,11 +107,14 @@ def party_inputs(graph: Graph, received: Mapping[tuple[str, str, int], torch.Ten
                  frac_bits: int, device: torch.device | str = "cpu") -> dict[str, Any]:
     """The interpreter's inputs on party ``party_id`` from the parts it received, keyed by
     (name, kind, part): public tensors, and :class:`AShare` pairs for secret inputs (the
-    one-hot of token ids at scale 0, other inputs at ``frac_bits``)."""
+    one-hot of token ids at scale 0, other inputs at ``frac_bits``). The parties' own
+    ``state`` inputs are not among them: the caller adds those."""
     for key in received:
         check_part_key(graph, *key)
     ready: dict[str, Any] = {}
     for spec in graph.inputs:
+        if spec.kind == "state":
+            continue
         shape = tuple(spec.spec.shape)
         if spec.kind == "public":
             ready[spec.name] = _public(spec.name, shape, spec.spec.dtype, received.get((spec.name, "public", 0)))
