@@ -28,7 +28,6 @@ from secure.approx.interface import SecureOps
 from secure.graph.causal import (
     ATTENTION_MASK,
     INPUT_IDS,
-    POSITION_IDS,
     CausalGraphs,
     GenerationLimitError,
     capacity_for,
@@ -41,6 +40,7 @@ from secure.graph.ir import Graph
 from secure.mpc import shares as sh
 from secure.mpc.backend import MpcOps
 from secure.mpc.engine import LocalCluster
+from secure.profile.profiler import Span, span
 from secure.runtime.inputs import client_parts, input_specs, party_inputs
 from secure.runtime.interpreter import Interpreter, Trace, client_input, no_trace
 
@@ -137,13 +137,15 @@ def greedy(logits: torch.Tensor) -> int:
 @dataclass
 class StepCost:
     """One step of a generation: ``kind`` "prefill" or "decode", the capacity it ran on
-    (0 for the prefill), its wall time and the rounds and bytes (per party, largest)."""
+    (0 for the prefill), its wall time and the rounds and bytes (per party, largest);
+    with tracing, party 0's span per secret node (start counted from the step's start)."""
 
     kind: str
     capacity: int
     seconds: float
     rounds: int = 0
     bytes_sent: int = 0
+    spans: list[Span] = field(default_factory=list)
 
 
 @dataclass
@@ -204,10 +206,16 @@ def generate_mpc(cluster: LocalCluster, model: CausalGraphs, weight_shares: list
     sessions: list[GenerationSession | None] = [None, None, None]
     fp = cluster.fp
 
+    def node_span(party: Any) -> Any:
+        return lambda node: span(party, node.origin or node.op)
+
     def step_program(party: Any, weights: dict[str, sh.AShare], parts: list, graph: Graph, first: bool) -> Any:
         received = {p.key: p.tensor for p in parts}
+        if party.profiler is not None:
+            party.profiler.spans.clear()
         if first:
-            sessions[party.id] = GenerationSession(model.prefill, model.decode, MpcOps(party), weights)
+            sessions[party.id] = GenerationSession(model.prefill, model.decode, MpcOps(party), weights,
+                                                   node_span(party) if trace else no_trace)
         session = sessions[party.id]
         assert session is not None
         if not first:
@@ -225,8 +233,10 @@ def generate_mpc(cluster: LocalCluster, model: CausalGraphs, weight_shares: list
         rounds0, bytes0 = cluster.rounds, cluster.bytes_sent()
         t0 = time.perf_counter()
         results = cluster.run(step_program, [(weight_shares[i], per_party[i], graph, first) for i in range(3)])
+        profiler = cluster.parties[0].profiler
+        spans = [x.since(t0) for x in profiler.spans if x.depth == 0] if trace and profiler is not None else []
         cost = StepCost("prefill" if first else "decode", capacity, time.perf_counter() - t0,
-                        cluster.rounds - rounds0, max(b - a for a, b in zip(bytes0, cluster.bytes_sent())))
+                        cluster.rounds - rounds0, max(b - a for a, b in zip(bytes0, cluster.bytes_sent())), spans)
         opened = fp.decode(sh.reconstruct(results).cpu(), results[0].frac_bits)
         return opened, cost
 
