@@ -28,6 +28,8 @@ from secure.models import SentenceEncoder, compare_embeddings, load_minilm
 from secure.runtime.breakdown import breakdown_table
 
 DEFAULT_TEXT = "A client asks a question of a model it may not see; the owner must not see the question."
+MODELS = ("minilm",)
+"""The catalogue the demo deals (``party.deal``'s ``--model`` values); it queries the first."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     print(f"[1/4] dealing all-MiniLM-L6-v2 ({args.recipe}) into {args.workdir / 'deal'} "
           "(first run only: about a minute)")
-    nodes = LocalNodes(args.workdir, recipe=args.recipe, tls=not args.insecure)
+    nodes = LocalNodes(args.workdir, recipe=args.recipe, tls=not args.insecure, models=MODELS)
     nodes.prepare()
     print(f"[2/4] starting three party nodes on 127.0.0.1 ({'plaintext' if args.insecure else 'mutual TLS'}); "
           f"logs in {args.workdir}/party*.log")

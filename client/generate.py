@@ -259,7 +259,8 @@ def generate(client: SecureClient, model: str, prompt: str | Sequence[int], max_
 
 def model_tokenizer(client: SecureClient, model: str, folder: str | None = None) -> Any:
     """The tokenizer of ``model``: ``folder``, else the shipped LM's own for its name, else
-    ``tokenizer/<model>/`` or ``tokenizer/`` beside the cluster file."""
+    ``tokenizers/<model>/`` beside the cluster file (a deal of several models), or
+    ``tokenizer/`` there for the cluster's default model."""
     from secure.lm import SHIPPED_LM_NAME, shipped_lm_path
     from secure.models import load_tokenizer
 
@@ -268,7 +269,9 @@ def model_tokenizer(client: SecureClient, model: str, folder: str | None = None)
     if model == SHIPPED_LM_NAME:
         return load_tokenizer(shipped_lm_path())
     if client.cfg.path is not None:
-        for candidate in (client.cfg.path.parent / "tokenizer" / model, client.cfg.path.parent / "tokenizer"):
+        beside = client.cfg.path.parent
+        candidates = [beside / "tokenizers" / model] + ([beside / "tokenizer"] if model == client.cfg.model else [])
+        for candidate in candidates:
             if (candidate / "tokenizer_config.json").is_file() or (candidate / "tokenizer.json").is_file():
                 return load_tokenizer(candidate)
     raise ValueError(f"no tokenizer known for model {model!r}: give --tokenizer (the dealt model's folder)")

@@ -8,10 +8,16 @@ Each party receives only its own pair of shares (for token ids: the PRG-compress
 one-hot, so party 0 receives two 16-byte seeds) and returns its pair of the output
 shares; no party ever sees the text, the token ids or the answer.
 
+A cluster serves a catalogue of models (``catalogue()``); every call may name one
+(``embed(text, model="minilm")``), else it goes to the client's model (the configuration's
+``model`` unless the client was made with another). The client pads to the chosen model's
+lengths and shares the inputs it lists.
+
 Before any share leaves, the client checks whom it talks to: it dials party N expecting
 the certificate name ``partyN`` (so a node at the wrong address fails the TLS handshake),
 then asks every node to describe itself and refuses unless each reports the party id it
-was dialled as, the configured model and the share-file digest the configuration pins.
+was dialled as, the configured model and the share-file digest the configuration pins,
+and all three report the same catalogue (model names, kinds and graph digests).
 Each party gets its own token, in the call metadata. Without ``tls`` in the configuration
 the client refuses to connect unless it is made with ``insecure=True``.
 """
@@ -71,7 +77,9 @@ class SecureClient:
     """Talks to the three parties of a cluster."""
 
     def __init__(self, cfg: ClusterConfig, tokens: list[str], timeout_s: float | None = None,
-                 insecure: bool = False, tokenizer_dir: str | Path | None = None) -> None:
+                 insecure: bool = False, tokenizer_dir: str | Path | None = None, model: str | None = None) -> None:
+        """``model``: the catalogue's model a call goes to when it names none (default: the
+        configuration's ``model``); ``tokenizer_dir``: that model's tokenizer folder."""
         if isinstance(tokens, str) or len(tokens) != 3:
             raise ValueError("a client needs one token per party (three), see party.config.load_client_tokens")
         cfg.require_tls(insecure)
@@ -83,8 +91,9 @@ class SecureClient:
         self.stubs = [pb2_grpc.PartyStub(c) for c in self._channels]
         self._retired: list[grpc.Channel] = []
         self._infos: list[Any] | None = None
-        self._tokenizer: Any = None
+        self._tokenizers: dict[str, Any] = {}
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+        self.model = model or cfg.model
 
     def _channel(self, party: int) -> grpc.Channel:
         target = self.cfg.party(party).client_address
@@ -132,7 +141,8 @@ class SecureClient:
 
     def verify_parties(self) -> list[Any]:
         """Each node's description, after checking that it is the party it was dialled as,
-        serves the configured model and holds the share file the configuration pins."""
+        serves the configured model, holds the share file the configuration pins, and that
+        the three report the same catalogue (names, kinds, graph digests)."""
         if self._infos is None:
             infos = []
             for i, stub in enumerate(self.stubs):
@@ -143,52 +153,82 @@ class SecureClient:
                                       e.code()) from None
                 _check_identity(self.cfg, i, info)
                 infos.append(info)
+            _check_same_catalogue(infos)
             self._infos = infos
         return self._infos
 
+    def catalogue(self) -> list[Any]:
+        """The models the cluster serves (``ModelEntry``: model, kind, seq_lens, capacities,
+        inputs, recipe, graph_sha256, ...), as the verified parties report them; a node that
+        predates catalogues is read as a catalogue of its one model."""
+        info = self.describe()
+        if info.catalogue:
+            return list(info.catalogue)
+        return [pb2.ModelEntry(model=info.model, kind="encoder", seq_lens=info.seq_lens, inputs=info.inputs,
+                               recipe=info.recipe)]
+
+    def model_entry(self, model: str | None = None) -> Any:
+        """The catalogue's entry of ``model`` (default: the client's model); ``QueryFailed``
+        with NOT_FOUND when the cluster does not serve it."""
+        name = model or self.model
+        entries = self.catalogue()
+        for entry in entries:
+            if entry.model == name:
+                return entry
+        raise QueryFailed(f"unknown model {name!r}; the cluster serves {', '.join(repr(e.model) for e in entries)}",
+                          grpc.StatusCode.NOT_FOUND)
+
     # ---- high level: sentence embeddings ------------------------------------------------
-    def tokenizer(self) -> Any:
-        """The model's tokenizer: ``tokenizer_dir``, else the ``tokenizer/`` folder beside the
-        cluster file (``secure-cluster`` puts a dealt model folder's there), else the bundled
-        MiniLM's for ``minilm`` and its distilled ``minilm-power``."""
-        if self._tokenizer is None:
+    def tokenizer(self, model: str | None = None) -> Any:
+        """``model``'s tokenizer (default: the client's model). The client's model: its
+        ``tokenizer_dir`` if given. Any model: ``tokenizers/NAME/`` beside the cluster file,
+        then (the configuration's model) ``tokenizer/`` there (``secure-cluster`` copies a
+        deal's tokenizers there), then the bundled MiniLM's for ``minilm`` and its distilled
+        ``minilm-power``."""
+        name = model or self.model
+        if name not in self._tokenizers:
             from secure.models import load_tokenizer, minilm_path
 
-            folder = self.tokenizer_dir
-            beside = self.cfg.path.parent / "tokenizer" if self.cfg.path is not None else None
-            if folder is None and beside is not None and beside.is_dir():
-                folder = beside
+            here = self.cfg.path.parent if self.cfg.path is not None else None
+            beside = [] if here is None else [here / "tokenizers" / name,
+                                              *([here / "tokenizer"] if name == self.cfg.model else [])]
+            folder = next((c for c in beside if c.is_dir()), None)
+            if name == self.model and self.tokenizer_dir is not None:
+                folder = self.tokenizer_dir
             if folder is not None:
-                self._tokenizer = load_tokenizer(folder)
-            elif self.cfg.model in ("minilm", "minilm-power"):  # the distilled model keeps MiniLM's tokenizer
-                self._tokenizer = load_tokenizer(minilm_path())
+                self._tokenizers[name] = load_tokenizer(folder)
+            elif name in ("minilm", "minilm-power"):  # the distilled model keeps MiniLM's tokenizer
+                self._tokenizers[name] = load_tokenizer(minilm_path())
             else:
-                raise ValueError(f"no tokenizer known for model {self.cfg.model!r}: give the dealt model's tokenizer "
-                                 "folder (the deal's tokenizer/; secure-cluster copies it beside each client's "
-                                 "cluster.json)")
-        return self._tokenizer
+                raise ValueError(f"no tokenizer known for model {name!r}: give the dealt model's tokenizer folder "
+                                 "(the deal's tokenizer/ or tokenizers/NAME/; secure-cluster copies them beside "
+                                 "each client's cluster.json)")
+        return self._tokenizers[name]
 
-    def encode_text(self, text: str) -> dict[str, torch.Tensor]:
-        """Tokenize and pad to the smallest dealt length that holds the text (truncating to the
-        longest)."""
-        lengths = sorted(self.describe().seq_lens)
-        tok = self.tokenizer()
+    def encode_text(self, text: str, model: str | None = None) -> dict[str, torch.Tensor]:
+        """Tokenize for ``model`` (default: the client's) and pad to the smallest of its dealt
+        lengths that holds the text (truncating to the longest)."""
+        entry = self.model_entry(model)
+        _require_encoder(entry)
+        lengths = sorted(entry.seq_lens)
+        tok = self.tokenizer(entry.model)
         n = len(tok(text, truncation=True, max_length=lengths[-1])["input_ids"])
         seq = bucket_for(n, lengths)
         enc = tok([text], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def embed(self, text: str, trace: bool = False, progress: Callable[[int, int], None] | None = None
-              ) -> QueryResult:
-        """The sentence embedding of ``text`` (mean pooled, not normalised)."""
-        return self.query(self.encode_text(text), trace=trace, progress=progress)
+    def embed(self, text: str, trace: bool = False, progress: Callable[[int, int], None] | None = None,
+              model: str | None = None) -> QueryResult:
+        """The sentence embedding of ``text`` (mean pooled, not normalised) by ``model``
+        (default: the client's)."""
+        return self.query(self.encode_text(text, model), trace=trace, progress=progress, model=model)
 
     # ---- low level: any inputs ---------------------------------------------------------
-    def _parts_for(self, inputs: dict[str, torch.Tensor], seq_len: int, query_id: str, trace: bool
+    def _parts_for(self, inputs: dict[str, torch.Tensor], seq_len: int, query_id: str, trace: bool, entry: Any
                    ) -> tuple[list[list[Any]], list[int]]:
         """Each party's stream: the header, then its parts of the inputs in chunks."""
-        specs = [InputSpec(i.name, i.kind, int(i.vocab_size)) for i in self.describe().inputs]
-        header = pb2.QueryPart(header=pb2.QueryHeader(query_id=query_id, model=self.cfg.model, seq_len=seq_len,
+        specs = [InputSpec(i.name, i.kind, int(i.vocab_size)) for i in entry.inputs]
+        header = pb2.QueryPart(header=pb2.QueryHeader(query_id=query_id, model=entry.model, seq_len=seq_len,
                                                       want_trace=trace))
         per_party = client_parts(specs, inputs, self.fp)
         streams = [[header, *(pb2.QueryPart(input=pb2.InputChunk(name=p.name, kind=p.kind, part=p.part, chunk=chunk))
@@ -197,12 +237,16 @@ class SecureClient:
         return streams, [upload_bytes(parts) for parts in per_party]
 
     def query(self, inputs: dict[str, torch.Tensor], trace: bool = False,
-              progress: Callable[[int, int], None] | None = None, query_id: str | None = None) -> QueryResult:
-        """Share ``inputs`` to the three parties, run, and reconstruct the outputs."""
+              progress: Callable[[int, int], None] | None = None, query_id: str | None = None,
+              model: str | None = None) -> QueryResult:
+        """Share ``inputs`` to the three parties, run ``model`` (an encoder of the catalogue;
+        default: the client's model), and reconstruct the outputs."""
+        entry = self.model_entry(model)
+        _require_encoder(entry)
         seq_len = int(inputs["input_ids"].shape[-1]) if "input_ids" in inputs else int(
             next(iter(inputs.values())).shape[-1])
         query_id = query_id or uuid.uuid4().hex
-        parts, upload = self._parts_for(inputs, seq_len, query_id, trace)
+        parts, upload = self._parts_for(inputs, seq_len, query_id, trace, entry)
         results: list[Any] = [None, None, None]
         errors: queue.Queue = queue.Queue()
         calls = [self.stubs[i].Query(iter(parts[i]), metadata=self.metadata(i), timeout=self.timeout_s)
@@ -273,6 +317,28 @@ def token_mismatches(cfg: ClusterConfig, tokens: list[str]) -> list[int]:
     (a token file of another cluster, or of a client the cluster file does not know)."""
     return [i for i, token in enumerate(tokens)
             if cfg.party(i).client_token_sha256 and token_digest(token) not in cfg.party(i).client_token_sha256]
+
+
+def _require_encoder(entry: Any) -> None:
+    """Refuse to ``Query`` a causal LM (as the nodes would, FAILED_PRECONDITION)."""
+    if entry.kind == "causal":
+        raise QueryFailed(f"model {entry.model!r} is a causal LM: use Generate", grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def _catalogue_digests(info: Any) -> list[tuple[str, str, str]]:
+    return sorted((m.model, m.kind, m.graph_sha256) for m in info.catalogue)
+
+
+def _check_same_catalogue(infos: list[Any]) -> None:
+    """Refuse parties that report different catalogues: they hold different deals (or a
+    node lies about its graphs), and a query would fail or mislead."""
+    first = _catalogue_digests(infos[0])
+    for party, info in enumerate(infos[1:], 1):
+        other = _catalogue_digests(info)
+        if other != first:
+            differ = sorted({m for m, *_ in set(first) ^ set(other)})
+            raise QueryFailed(f"party {party} reports another catalogue than party 0 (models {differ} differ in "
+                              "name, kind or graph digest): the parties hold different deals; refusing to send shares")
 
 
 def _check_identity(cfg: ClusterConfig, party: int, info: Any) -> None:

@@ -14,7 +14,8 @@ its client port is PORT + 1. Written under OUT:
   (0600; the certificate names ``partyN`` and the host, see ``party.certs``),
   ``cluster.json``, and once dealt ``shares.pt`` (0600) and ``manifest.json``;
 * ``client/`` (0700; ``client2/``... with ``--clients N``) -- ``ca.pem``, ``cluster.json``,
-  ``tokens.json`` (0600: one token per party) and, for a dealt model folder, ``tokenizer/``.
+  ``tokens.json`` (0600: one token per party) and, for a dealt model folder, ``tokenizer/``
+  (another model of the deal: ``tokenizers/NAME/``).
 
 ``cluster.json`` is the same file in every folder (``party.config.ClusterConfig``; relative
 paths, so each host resolves its own entry: ``shares.pt``, ``partyN.pem``, ``partyN.key``).
@@ -56,7 +57,8 @@ SHARES_FILE = "shares.pt"
 TOKEN_FILE = "tokens.json"
 CA_FILE = "ca.pem"
 DEALER_KEY_FILE = "dealer.pub"
-TOKENIZER_DIR = "tokenizer"
+TOKENIZER_DIR = "tokenizer"  # the deal's default model's tokenizer, when a client needs one
+TOKENIZERS_DIR = "tokenizers"  # every other model's: tokenizers/NAME/
 DEFAULT_DAYS = 365
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -338,6 +340,15 @@ def _copy_checked(src: Path, dst: Path, listed: dict[str, Any], manifest: Path) 
         raise ClusterInitError(f"cannot copy the share file {src} to {dst}: {e}") from None
 
 
+def copy_tokenizers(deal: Path, dest: Path) -> None:
+    """Put a deal's tokenizers (``tokenizer/``, ``tokenizers/NAME/``) into ``dest``, in place of
+    any earlier deal's (a client looks for them beside its cluster.json)."""
+    for name in (TOKENIZER_DIR, TOKENIZERS_DIR):
+        shutil.rmtree(dest / name, ignore_errors=True)  # never a tokenizer of an earlier deal
+        if (deal / name).is_dir():
+            shutil.copytree(deal / name, dest / name)
+
+
 def pin_deal(deal: Path, out: Path) -> str:
     """Put a deal into a cluster folder: each party's share file into its folder (checked
     against the dealer's manifest, whose signature is checked first when the cluster has a
@@ -372,14 +383,14 @@ def pin_deal(deal: Path, out: Path) -> str:
         lines.append(f"party {i}: {folder / SHARES_FILE}  {size / 1e6:.1f} MB  sha256 {digest}")
     raw["model"], raw["frac_bits"] = manifest["model"], int(manifest["frac_bits"])
     for client in client_folders(out):
-        shutil.rmtree(client / TOKENIZER_DIR, ignore_errors=True)  # never a tokenizer of an earlier deal
-        if (deal / TOKENIZER_DIR).is_dir():
-            shutil.copytree(deal / TOKENIZER_DIR, client / TOKENIZER_DIR)
+        copy_tokenizers(deal, client)
     write_cluster_files(out, raw)
     addresses = [PartyAddress(str(p["host"]).strip("[]"), int(p["peer_port"]), int(p["client_port"]))
                  for p in raw["parties"]]
     lines.insert(0, f"pinned {manifest['model']} (deal {manifest['deal_id']}, {manifest.get('recipe')} recipe, "
                     f"lengths {manifest.get('seq_lens')}) in every cluster.json under {out}:")
+    if len(manifest.get("models", [])) > 1:  # a catalogue: the default model first
+        lines.insert(1, "the deal's catalogue: " + ", ".join(f"{m['model']} ({m['kind']})" for m in manifest["models"]))
     lines.append("copy each folder to its host and run its command there, from the folder that holds the copy:")
     return "\n".join(lines + host_lines(out, addresses, client_folders(out)))
 

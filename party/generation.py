@@ -37,6 +37,7 @@ import grpc
 import torch
 
 from party.serving import ReceiveDeadline, Rejected
+from party.uploads import InputCollector
 from secure.approx.argmax import argmax
 from secure.graph.causal import (
     ATTENTION_MASK,
@@ -53,58 +54,15 @@ from secure.mpc.ring import FixedPoint
 from secure.mpc.shares import AShare
 from secure.profile.profiler import Profiler, span
 from secure.runtime.generate import REVEALS, GenerationSession
-from secure.runtime.inputs import InputError, check_part_key, party_inputs
+from secure.runtime.inputs import InputError, party_inputs
 from secure.runtime.interpreter import no_trace
-from secure.transport.wire import TensorAssembler, WireError, tensor_chunks
+from secure.transport.wire import tensor_chunks
 
 log = logging.getLogger("party.generation")
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_SESSION_S = 1800.0
 """The longest a session may live, whatever deadline its call carries."""
-
-
-class InputCollector:
-    """Assembles a client's ``InputChunk`` messages into tensors keyed by (name, kind, part),
-    checking each part against the graph before reading its data and the total size."""
-
-    def __init__(self, graph: Graph, max_bytes: int, allowed: set[str] | None = None) -> None:
-        self.graph = graph
-        self.max_bytes = max_bytes
-        self.allowed = allowed
-        self.total = 0
-        self.received: dict[tuple[str, str, int], torch.Tensor] = {}
-        self._assemblers: dict[tuple[str, str, int], TensorAssembler] = {}
-
-    def add(self, chunk: Any) -> None:
-        """One ``InputChunk``; raises :class:`Rejected` (INVALID_ARGUMENT / RESOURCE_EXHAUSTED)."""
-        if self.allowed is not None and chunk.name not in self.allowed:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"input {chunk.name!r} is not taken here; this step "
-                           f"takes {sorted(self.allowed)} (positions and masks are the parties' own)")
-        try:
-            check_part_key(self.graph, chunk.name, chunk.kind, chunk.part)
-        except InputError as e:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        self.total += len(chunk.chunk.data)
-        if self.total > self.max_bytes:
-            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request exceeds {self.max_bytes} bytes")
-        key = (chunk.name, chunk.kind, chunk.part)
-        if key in self.received:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"input {chunk.name!r} part {chunk.part} sent twice")
-        assembler = self._assemblers.setdefault(key, TensorAssembler(self.max_bytes))
-        try:
-            tensor = assembler.add(chunk.chunk)
-        except WireError as e:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"input {chunk.name!r}: {e}") from None
-        if tensor is not None:
-            self.received[key] = tensor
-            del self._assemblers[key]
-
-    def complete(self) -> dict[tuple[str, str, int], torch.Tensor]:
-        """Everything received, or INVALID_ARGUMENT naming what is still incomplete."""
-        if self._assemblers:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"incomplete inputs: {sorted(self._assemblers)}")
-        return self.received
 
 
 @dataclass
@@ -135,17 +93,17 @@ class GenerationService:
     ``claim(session_id)`` registers the id among the node's running queries (raising
     :class:`Rejected` ALREADY_EXISTS when it is taken) and ``release(session_id)`` frees it
     and the peer mailbox; ``abort_local(session_id, reason)`` fails this party's waits for
-    the session's peer messages; ``models()`` maps names to dealt models (a causal one has
-    ``kind == "causal"``).
+    the session's peer messages; ``served(name, "causal")`` is the dealt causal model of that
+    name (raising :class:`Rejected` NOT_FOUND or FAILED_PRECONDITION otherwise).
     """
 
-    def __init__(self, party_id: int, fp: FixedPoint, device: torch.device, models: Callable[[], Mapping[str, Any]],
+    def __init__(self, party_id: int, fp: FixedPoint, device: torch.device, served: Callable[[str, str], Any],
                  transport_for: Callable[[str], Any], claim: Callable[[str], None], release: Callable[[str], None],
                  abort_local: Callable[[str, str], None], receive_timeout_s: float, max_request_bytes: int) -> None:
         self.party_id = party_id
         self.fp = fp
         self.device = device
-        self.models = models
+        self.served = served
         self.transport_for = transport_for
         self.claim = claim
         self.release = release
@@ -210,14 +168,7 @@ class GenerationService:
         return start
 
     def _causal_model(self, name: str) -> ServedCausal:
-        models = self.models()
-        model = models.get(name)
-        if model is None:
-            raise Rejected(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; this cluster serves "
-                                                      f"{sorted(models)}")
-        if model.kind != "causal":
-            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, f"model {name!r} is an {model.kind}, not a causal "
-                                                                "LM: use Query for it")
+        model = self.served(name, "causal")
         return ServedCausal(name, model.graphs, model.decode_graphs, model.weights, model.info)
 
     def _run(self, start: Any, model: ServedCausal, requests: Iterator[Any], context: grpc.ServicerContext,

@@ -7,6 +7,8 @@ Used by the main job and the tests::
         with SecureClient(nodes.config, nodes.tokens) as client:
             print(client.embed("hello").embedding)
 
+    LocalNodes(workdir, models=("minilm", "tiny-llama"))   # a catalogue: --model values of party.deal
+
 (The party side never imports the client: readiness is probed with the nodes' own
 ``Health``.)
 """
@@ -20,13 +22,24 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 
 from party.certs import make_cluster_certs
+from party.cluster_init import copy_tokenizers
 from party.config import ClusterConfig, party_name, token_digest
-from party.deal import DEFAULT_SEQ_LENS, deal_minilm
+from party.deal import (
+    DEFAULT_CAPACITIES,
+    DEFAULT_PROMPT_BUCKETS,
+    DEFAULT_SEQ_LENS,
+    deal_minilm,
+    deal_sources,
+    default_name,
+    model_source,
+    parse_model_spec,
+)
 from party.integrity import MANIFEST_NAME, read_manifest
 from party.private_files import write_private
 from protos import load as load_protos
@@ -50,30 +63,68 @@ def free_ports(n: int) -> list[int]:
 
 
 class LocalNodes:
-    """Three party processes on 127.0.0.1 serving a dealt all-MiniLM-L6-v2."""
+    """Three party processes on 127.0.0.1 serving a dealt all-MiniLM-L6-v2, or the
+    catalogue ``models`` names (``party.deal``'s ``--model`` values, ``[NAME=]SOURCE``; the
+    first is the cluster's default model): encoders at ``seq_lens``, causal LMs at
+    ``prompt_buckets`` and ``capacities``, all with ``recipe``."""
 
     def __init__(self, workdir: Path, recipe: str = "ours", seq_lens: tuple[int, ...] = DEFAULT_SEQ_LENS,
-                 tls: bool = True, deadline_s: float = 30.0, progress: bool = True) -> None:
+                 tls: bool = True, deadline_s: float = 30.0, progress: bool = True,
+                 models: Sequence[str] = ("minilm",), prompt_buckets: tuple[int, ...] = DEFAULT_PROMPT_BUCKETS,
+                 capacities: tuple[int, ...] = DEFAULT_CAPACITIES, receive_timeout_s: float | None = None) -> None:
         self.dir = workdir
         self.recipe = recipe
         self.seq_lens = seq_lens
+        self.models = [parse_model_spec(m) for m in models]
+        self.prompt_buckets = prompt_buckets
+        self.capacities = capacities
         self.tls = tls
         self.deadline_s = deadline_s
+        self.receive_timeout_s = receive_timeout_s if receive_timeout_s is not None else deadline_s
         self.progress = progress
         self.procs: list[subprocess.Popen | None] = [None, None, None]
         self.tokens: list[str] = []
         self.config_path = self.dir / "cluster.json"
 
     # ---- set-up ------------------------------------------------------------------------
+    @property
+    def model_names(self) -> list[str]:
+        """The dealt models' names, the default first."""
+        return [name or default_name(source) for name, source in self.models]
+
+    def _dealt(self, deal_dir: Path) -> bool:
+        """Whether ``deal_dir`` holds a deal of these models, recipe and lengths (model.json)."""
+        info_path = deal_dir / "model.json"
+        if not info_path.exists() or not (deal_dir / MANIFEST_NAME).exists():
+            return False
+        info = json.loads(info_path.read_text())
+        models = info.get("models") or [{**info, "kind": "encoder", "capacities": []}]  # a format-1 deal
+        if [m.get("model") for m in models] != self.model_names:
+            return False
+        for m in models:
+            causal = m.get("kind") == "causal"
+            wanted = (list(self.prompt_buckets if causal else self.seq_lens), list(self.capacities) if causal else [])
+            if (m.get("seq_lens"), m.get("capacities")) != wanted or m.get("recipe") != self.recipe:
+                return False
+        return True
+
+    def deal(self, deal_dir: Path) -> None:
+        """Deal the models into ``deal_dir`` (MiniLM alone: ``party.deal.deal_minilm``)."""
+        if self.models == [(None, "minilm")]:
+            deal_minilm(deal_dir, RECIPES[self.recipe], self.seq_lens, progress=self.progress)
+            return
+        sources = [model_source(source, self.recipe, name, self.seq_lens, self.prompt_buckets)
+                   for name, source in self.models]
+        deal_sources(sources, deal_dir, self.seq_lens, self.prompt_buckets, self.capacities, progress=self.progress)
+
     def prepare(self) -> ClusterConfig:
-        """Certificates, dealt shares (reused when the same recipe and lengths are there), config."""
+        """Certificates, dealt shares (reused when the same models, recipe and lengths are
+        there), the deal's tokenizers beside the config (where a client looks), config."""
         self.dir.mkdir(parents=True, exist_ok=True)
         deal_dir = self.dir / "deal"
-        info_path = deal_dir / "model.json"
-        wanted = {"recipe": self.recipe, "seq_lens": list(self.seq_lens)}
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        if {k: info.get(k) for k in wanted} != wanted or not (deal_dir / MANIFEST_NAME).exists():
-            deal_minilm(deal_dir, RECIPES[self.recipe], self.seq_lens, progress=self.progress)
+        if not self._dealt(deal_dir):
+            self.deal(deal_dir)
+        copy_tokenizers(deal_dir, self.dir)
         pins = {p["id"]: p for p in read_manifest(deal_dir / MANIFEST_NAME)["parties"]}
         ca = None
         leaves: list[tuple[Path | None, Path | None]] = [(None, None)] * 3
@@ -84,7 +135,8 @@ class LocalNodes:
         write_private(self.token_path, json.dumps({party_name(i): t for i, t in enumerate(self.tokens)}).encode())
         ports = free_ports(6)
         raw = {
-            "model": "minilm", "frac_bits": 18, "deadline_s": self.deadline_s,
+            "model": self.model_names[0], "frac_bits": 18, "deadline_s": self.deadline_s,
+            "receive_timeout_s": self.receive_timeout_s,
             "parties": [{"id": i, "host": "127.0.0.1", "peer_port": ports[2 * i], "client_port": ports[2 * i + 1],
                          "shares": str(deal_dir / pins[i]["path"]), "shares_sha256": pins[i]["sha256"],
                          "client_token_sha256": [token_digest(self.tokens[i])],

@@ -2,6 +2,12 @@
 
     python -m party --config cluster.json --party 0
 
+The node serves a catalogue: every model of its dealt share file (``party.catalogue``),
+chosen by name per query. ``Query`` runs an encoder-kind model (``QueryHeader.model``);
+``Describe`` lists the catalogue (``ModelInfo.catalogue``: kind, lengths, capacities,
+inputs, recipe, graph digest) and describes the default model (the configuration's
+``model``; if the file lacks it, its first encoder) in its top-level fields.
+
 Two ports: the peer port (``Peer.Link``, mutually authenticated TLS between parties; each
 party's certificate names it and a frame's sender must match it) and the client port
 (``Party.Query``, ``Describe``, ``Health`` and the standard ``grpc.health.v1``: TLS plus
@@ -42,9 +48,11 @@ from typing import Any
 import grpc
 import torch
 
+from party.catalogue import ServedModel, default_model, load_party_file
 from party.certs import check_party_certificate
 from party.config import ClusterConfig, ConfigError, party_name
-from party.integrity import check_client_token_digests, check_party_header, verify_party_file
+from party.generation import GenerationService
+from party.integrity import check_client_token_digests
 from party.logs import configure_logging
 from party.metrics import NodeMetrics, QueryRecord
 from party.serving import (
@@ -61,19 +69,18 @@ from party.serving import (
     run_in_worker,
     server_credentials,
 )
+from party.uploads import InputCollector
 from protos import load as load_protos
-from secure.graph.ir import Graph, GraphValidationError
+from secure.graph.ir import Graph
 from secure.mpc.backend import MpcOps
-from secure.mpc.embedding import SeededComponent
 from secure.mpc.party import Party
 from secure.mpc.ring import FixedPoint
-from secure.mpc.shares import AShare
 from secure.profile.profiler import Profiler, span
-from secure.runtime.inputs import InputError, check_part_key, input_specs, party_inputs
+from secure.runtime.inputs import InputError, party_inputs
 from secure.runtime.interpreter import Interpreter
 from secure.transport.base import payload_bytes
 from secure.transport.grpc_peer import GrpcTransport, Mailbox, PeerLinks
-from secure.transport.wire import TensorAssembler, WireError, tensor_chunks
+from secure.transport.wire import WireError, tensor_chunks
 
 pb2, pb2_grpc = load_protos()
 log = logging.getLogger("party")
@@ -83,47 +90,6 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send
 QUERY_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 QueryRejected = Rejected  # a query refused before it starts, with its gRPC status
 HEALTH_METHOD = "/secureinference.Party/Health"
-
-
-def load_party_file(cfg: ClusterConfig, party_id: int, device: torch.device
-                    ) -> tuple[dict[str, Any], dict[int, Graph], dict[str, AShare]]:
-    """Read party ``party_id``'s dealt file: (header, graphs by padded length, weight shares).
-
-    Nothing of it is unpickled before its content matches the pin in the configuration
-    (``party.integrity.verify_party_file``: a digest, or a dealer-signed manifest); the file
-    is opened once, so what is hashed is what is loaded. Then its party id and deal id are
-    checked against the entry and the manifest.
-    """
-    entry = cfg.party(party_id)
-    path = entry.shares
-    if path is None:
-        raise ConfigError(f"party {party_id} has no 'shares' file in the configuration")
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise ConfigError(f"cannot read party {party_id}'s share file {path}: {e}") from None
-    with f:
-        verify_party_file(entry, cfg, f)
-        data = torch.load(f, weights_only=True)
-    if data.get("format") != 1:
-        raise ConfigError(f"{path}: unknown party file format {data.get('format')!r}")
-    check_party_header(data, entry, cfg)
-    try:  # a graph is data: ops outside the registry are refused, naming node, op and file
-        graphs = {int(k): Graph.from_json(v, source=str(path)) for k, v in data["graphs"].items()}
-    except GraphValidationError as e:
-        raise ConfigError(str(e)) from None
-    weights = {}
-    for name, spec in data["weights"].items():
-        shape = tuple(spec["shape"])
-        parts = []
-        for comp in (spec["first"], spec["second"]):
-            if "seed" in comp:
-                parts.append(SeededComponent(bytes(comp["seed"].tolist())).expand(shape, device))
-            else:
-                parts.append(comp["dense"].to(device))
-        weights[name] = AShare(parts[0], parts[1], party_id, data["frac_bits"])
-    header = {k: data[k] for k in ("model", "recipe", "frac_bits")}
-    return header, graphs, weights
 
 
 class PartyNode:
@@ -151,20 +117,46 @@ class PartyNode:
         if self.entry.shares is None:
             raise ConfigError(f"party {party_id} has no 'shares' file in the configuration")
         t0 = time.perf_counter()
-        self.header, self.graphs, self.weights = load_party_file(cfg, party_id, self.device)
+        self.header, self.models = load_party_file(cfg, party_id, self.device)
         if self.header["frac_bits"] != cfg.frac_bits:
             raise ConfigError(f"shares were dealt with frac_bits={self.header['frac_bits']}, "
                               f"the configuration says {cfg.frac_bits}")
-        log.info("party %d loaded model %r (%d weights, lengths %s) in %.1f s", party_id, self.header["model"],
-                 len(self.weights), sorted(self.graphs), time.perf_counter() - t0)
+        self.default: ServedModel = default_model(self.models, cfg.model)
+        log.info("party %d loaded %d model(s) in %.1f s; default %r", party_id, len(self.models),
+                 time.perf_counter() - t0, self.default.name)
+        for model in self.models.values():
+            log.info("party %d serves %s", party_id, model.summary())
         self.mailbox = Mailbox(max_message_bytes=cfg.max_request_bytes)
         self.links = PeerLinks(party_id, self._peer_channel, pb2.PeerFrame, pb2.TensorSpec)
         self._running: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self._servers: list[grpc.Server] = []
+        self.generation = GenerationService(
+            party_id, self.fp, self.device, self.served,
+            transport_for=lambda sid: _CountedTransport(self.id, sid, self.links, self.mailbox, cfg.deadline_s),
+            claim=self._claim, release=self._release, abort_local=self.mailbox.abort,
+            receive_timeout_s=cfg.receive_timeout_s, max_request_bytes=cfg.max_request_bytes)
         self.metrics = NodeMetrics("party", self.entry.name, max_concurrent_queries, lambda: self.admission.active,
                                    peers=lambda: {party_name(p): self.peer_reachable(p) for p in range(3)
                                                   if p != self.id})
+
+    @property
+    def graphs(self) -> dict[int, Graph]:
+        """The default model's graphs by padded length (what a node of one model exposed)."""
+        return self.default.graphs
+
+    def served(self, name: str, kind: str = "encoder") -> ServedModel:
+        """The catalogue's model ``name``, which must be of ``kind`` (``Query``: an encoder;
+        ``Generate``: a causal LM); ``Rejected`` with NOT_FOUND or FAILED_PRECONDITION."""
+        model = self.models.get(name)
+        if model is None:
+            raise QueryRejected(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; this cluster serves "
+                                f"{', '.join(repr(m) for m in self.models)}")
+        if model.kind != kind:
+            use = "use Generate" if model.kind == "causal" else "use Query"
+            raise QueryRejected(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"model {name!r} is {'a causal LM' if model.kind == 'causal' else 'an encoder'}: {use}")
+        return model
 
     # ---- networking --------------------------------------------------------------------
     def _peer_channel(self, peer: int) -> grpc.Channel:
@@ -235,12 +227,30 @@ class PartyNode:
             s.wait_for_termination()
 
     # ---- queries -----------------------------------------------------------------------
+    def _claim(self, query_id: str) -> None:
+        """Register a query or generation session id (the tag of its peer messages)."""
+        with self._lock:
+            if query_id in self._running:
+                raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"query or session {query_id} is already running")
+            if self.mailbox.finished(query_id):  # its peer frames would be dropped: a hang
+                raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"id {query_id} was already used; every query and "
+                               "session needs a fresh id")
+            self._running[query_id] = threading.current_thread()
+
+    def _release(self, query_id: str) -> None:
+        """Free what a finished query or session held: its peer messages and its id's slot."""
+        self.mailbox.forget(query_id)
+        self.mailbox.sweep(idle_s=10 * self.cfg.deadline_s)
+        with self._lock:
+            self._running.pop(query_id, None)
+
     def running(self) -> int:
         with self._lock:
             return len(self._running)
 
-    def receive_query(self, parts: Iterator[Any]) -> tuple[Any, Graph, dict[str, Any]]:
-        """Read and validate a query's header and inputs from the client stream."""
+    def receive_query(self, parts: Iterator[Any]) -> tuple[Any, ServedModel, Graph, dict[str, Any]]:
+        """Read and validate a query's header and inputs from the client stream: (header, the
+        model it names, its graph for the header's length, this party's inputs)."""
         try:
             first = next(parts)
         except StopIteration:
@@ -250,51 +260,27 @@ class PartyNode:
         h = first.header
         if not QUERY_ID.match(h.query_id):
             raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, "query id must be 1-64 characters of [A-Za-z0-9_.:-]")
-        if h.model != self.header["model"]:
-            raise QueryRejected(grpc.StatusCode.NOT_FOUND, f"unknown model {h.model!r}; this cluster serves "
-                                f"{self.header['model']!r}")
-        graph = self.graphs.get(int(h.seq_len))
+        model = self.served(h.model)
+        graph = model.graphs.get(int(h.seq_len))
         if graph is None:
-            raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"sequence length {h.seq_len} was not dealt; "
-                                f"available: {sorted(self.graphs)}")
-        assemblers: dict[tuple[str, str, int], TensorAssembler] = {}
-        received: dict[tuple[str, str, int], torch.Tensor] = {}
-        total = 0
+            raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"sequence length {h.seq_len} was not dealt for "
+                                f"{model.name!r}; available: {model.buckets}")
+        collector = InputCollector(graph, self.cfg.max_request_bytes)
         for part in parts:
             if not part.HasField("input"):
                 raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, "only one header per query")
-            c = part.input
-            try:
-                check_part_key(graph, c.name, c.kind, c.part)
-            except InputError as e:
-                raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-            total += len(c.chunk.data)
-            if total > self.cfg.max_request_bytes:
-                raise QueryRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request exceeds "
-                                    f"{self.cfg.max_request_bytes} bytes")
-            key = (c.name, c.kind, c.part)
-            if key in received:
-                raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"input {c.name!r} part {c.part} sent twice")
-            asm = assemblers.setdefault(key, TensorAssembler(self.cfg.max_request_bytes))
-            try:
-                t = asm.add(c.chunk)
-            except WireError as e:
-                raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"input {c.name!r}: {e}") from None
-            if t is not None:
-                received[key] = t
-                del assemblers[key]
-        if assemblers:
-            raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, f"incomplete inputs: {sorted(assemblers)}")
+            collector.add(part.input)
+        received = collector.complete()
         try:
-            return h, graph, party_inputs(graph, received, self.id, self.fp.frac_bits, self.device)
+            return h, model, graph, party_inputs(graph, received, self.id, self.fp.frac_bits, self.device)
         except InputError as e:
             raise QueryRejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
 
-    def run_query(self, query_id: str, graph: Graph, inputs: dict[str, Any], emit: Callable[[Any], None],
-                  want_trace: bool, record: QueryRecord | None = None) -> None:
-        """Run one query in lockstep with the peers, emitting its progress, output and summary
-        events; a failure is sent to the peers as an abort and raised. ``record`` gets its
-        traffic (bytes to and from the peers, rounds) and its success."""
+    def run_query(self, query_id: str, model: ServedModel, graph: Graph, inputs: dict[str, Any],
+                  emit: Callable[[Any], None], want_trace: bool, record: QueryRecord | None = None) -> None:
+        """Run one query of ``model`` (its ``graph``) in lockstep with the peers, emitting its
+        progress, output and summary events; a failure is sent to the peers as an abort and
+        raised. ``record`` gets its traffic (bytes to and from the peers, rounds) and its success."""
         transport = _CountedTransport(self.id, query_id, self.links, self.mailbox, self.cfg.deadline_s)
         profiler = Profiler()
         party = Party(transport, self.fp, self.device, profiler)
@@ -310,7 +296,7 @@ class PartyNode:
                     emit(pb2.QueryEvent(progress=pb2.Progress(done=done[0], total=total, stage="compute")))
                 return span(party, node.origin or node.op)
 
-            (out,), _ = Interpreter(graph, MpcOps(party), trace).run(self.weights, inputs)
+            (out,), _ = Interpreter(graph, MpcOps(party), trace).run(model.weights, inputs)
             outputs = [out]
             for index, share in enumerate(outputs):
                 for p, comp in enumerate((share.a, share.b)):
@@ -335,10 +321,7 @@ class PartyNode:
         finally:
             if record is not None:
                 record.add_traffic(party.bytes_sent, transport.bytes_received, party.rounds)
-            self.mailbox.forget(query_id)
-            self.mailbox.sweep(idle_s=10 * self.cfg.deadline_s)
-            with self._lock:
-                self._running.pop(query_id, None)
+            self._release(query_id)
 
 
 class _CountedTransport(GrpcTransport):
@@ -400,7 +383,7 @@ class _PartyServicer(pb2_grpc.PartyServicer):
         except Rejected as e:
             abort_with(context, e)
         try:
-            header, graph, inputs = self._receive(request_iterator, context)
+            header, model, graph, inputs = self._receive(request_iterator, context)
         except Rejected as e:
             node.admission.release()
             abort_with(context, e)
@@ -410,10 +393,11 @@ class _PartyServicer(pb2_grpc.PartyServicer):
         query_id = header.query_id
         record.query_id = query_id
         record.running()
-        log.info("query %s accepted: length %d", query_id, header.seq_len)
+        log.info("query %s accepted: model %s, length %d", query_id, model.name, header.seq_len)
         # a client that gives up (or fails on another party) cancels the query here too
         context.add_callback(lambda: node.mailbox.abort(query_id, "the client cancelled the query"))
-        events = run_in_worker(lambda emit: node.run_query(query_id, graph, inputs, emit, header.want_trace, record),
+        events = run_in_worker(lambda emit: node.run_query(query_id, model, graph, inputs, emit, header.want_trace,
+                                                           record),
                                f"query-{query_id}", on_exit=node.admission.release)
         try:
             yield from events
@@ -421,29 +405,42 @@ class _PartyServicer(pb2_grpc.PartyServicer):
             code = grpc.StatusCode.DEADLINE_EXCEEDED if "within" in str(e) else grpc.StatusCode.ABORTED
             context.abort(code, f"query {query_id} failed on party {node.id}: {type(e).__name__}: {e}")
 
-    def _receive(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> tuple[Any, Graph, Any]:
-        """The query's header and inputs, within the receive deadline; registers its id."""
+    def _receive(self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+                 ) -> tuple[Any, ServedModel, Graph, Any]:
+        """The query's header, model, graph and inputs, within the receive deadline; registers its id."""
         node = self.node
         with ReceiveDeadline(context, node.cfg.receive_timeout_s) as deadline, \
                 deadline.waiting("the query's header and inputs"):
-            header, graph, inputs = node.receive_query(iter(request_iterator))
-        with node._lock:
-            if header.query_id in node._running:
-                raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"query {header.query_id} is already running")
-            if node.mailbox.finished(header.query_id):  # its peer frames would be dropped: a hang
-                raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"query id {header.query_id} was already "
-                               "used; every query needs a fresh id")
-            node._running[header.query_id] = threading.current_thread()
-        return header, graph, inputs
+            header, model, graph, inputs = node.receive_query(iter(request_iterator))
+        node._claim(header.query_id)
+        return header, model, graph, inputs
+
+    # ---- generation: Generate(stream GenerateRequest) -> stream GenerateEvent -------------
+    def Generate(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
+        """One generation session (``party.generation``); it holds a query slot while it lives."""
+        node = self.node
+        try:
+            node.admission.acquire()
+        except Rejected as e:
+            abort_with(context, e)
+        try:
+            yield from node.generation.serve(request_iterator, context, pb2)
+        except Rejected as e:
+            abort_with(context, e)
+        except grpc.RpcError:  # the client went away
+            return
+        finally:
+            node.admission.release()
 
     def Describe(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        """The catalogue, and the default model in the top-level fields (older clients read those)."""
         node = self.node
-        graph = next(iter(node.graphs.values()))
-        inputs = [pb2.InputInfo(name=i.name, kind=i.kind, vocab_size=i.vocab_size) for i in input_specs(graph)]
-        return pb2.ModelInfo(model=node.header["model"], seq_lens=sorted(node.graphs), inputs=inputs,
-                             frac_bits=node.cfg.frac_bits, recipe=node.header["recipe"]["name"],
+        default = node.default
+        return pb2.ModelInfo(model=default.name, seq_lens=default.buckets, inputs=_input_infos(default),
+                             frac_bits=node.cfg.frac_bits, recipe=default.recipe.get("name", ""),
                              party_id=node.id, shares_sha256=node.entry.shares_sha256 or "",
-                             running_queries=node.running())
+                             running_queries=node.running(), sessions=len(node.generation.active()),
+                             catalogue=[_model_entry(m) for m in node.models.values()])
 
     def Health(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         """Liveness and readiness (both peers reachable); open to anyone, so it names no model and
@@ -452,6 +449,22 @@ class _PartyServicer(pb2_grpc.PartyServicer):
         detail = (f"party {self.node.id} serving" if not unreachable
                   else f"party {self.node.id}: peers {unreachable} unreachable")
         return pb2.HealthReply(live=True, ready=not unreachable, detail=detail)
+
+
+def _input_infos(model: ServedModel) -> list[Any]:
+    return [pb2.InputInfo(name=i.name, kind=i.kind, vocab_size=i.vocab_size) for i in model.inputs]
+
+
+def _model_entry(model: ServedModel) -> Any:
+    """One model of ``Describe``'s catalogue (a causal LM's vocabulary, positions and
+    end-of-text token from its info; -1: no end-of-text token)."""
+    info = model.info
+    eos = info.get("eos_token_id")
+    return pb2.ModelEntry(model=model.name, kind=model.kind, seq_lens=model.buckets, capacities=model.capacities,
+                          inputs=_input_infos(model), recipe=model.recipe.get("name", ""),
+                          graph_sha256=model.graph_sha256, vocab_size=int(info.get("vocab_size") or 0),
+                          max_positions=int(info.get("max_positions") or 0),
+                          eos_token_id=-1 if eos is None else int(eos))
 
 
 def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:

@@ -403,10 +403,11 @@ def test_a_pinned_file_whose_graph_runs_code_is_refused_at_start_up(deal: Path, 
 
     path = deal / "party1" / "shares.pt"
     data = torch.load(path, weights_only=True)
-    graph = json.loads(data["graphs"][SEQ])
+    graphs = data["models"]["tiny"]["graphs"]  # share-file format 2 (party.catalogue)
+    graph = json.loads(graphs[str(SEQ)])
     victim = next(n for n in graph["nodes"] if not n["secret"])
     victim["op"], victim["args"] = "__init__.__globals__.get", ["__builtins__"]
-    data["graphs"][SEQ] = json.dumps(graph)
+    graphs[str(SEQ)] = json.dumps(graph)
     torch.save(data, path)
     raw = _raw(deal, certs[0])
     raw["parties"][1]["shares_sha256"] = file_sha256(path)[0]
