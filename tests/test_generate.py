@@ -152,6 +152,17 @@ def test_argmax_reveal_gives_the_greedy_tokens(cluster: LocalCluster) -> None:
     assert all(t == int(r.argmax()) for t, r, c in zip(out.tokens, reference, clear) if c)
 
 
+def test_tied_embeddings_are_one_secret() -> None:
+    """LLaMA's tied input and output embeddings are one weight, dealt once, used by the
+    secure embedding and by the LM head on shares."""
+    _, graphs = compiled("llama-gqa")
+    names = [k for k in graphs.weights if "embed_tokens" in k or "lm_head" in k]
+    assert names == ["lm.model.embed_tokens.weight"]
+    graph = graphs.prefill[8]
+    readers = [n.op for n in graph.nodes if any(r == names[0] for r in n.refs())]
+    assert "secure.embedding" in readers and "aten.linear.default" in readers
+
+
 def test_graphs_share_weights_and_hold_state_inputs() -> None:
     _, graphs = compiled("qwen2")
     decode = graphs.decode[16]

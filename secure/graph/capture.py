@@ -85,9 +85,13 @@ def _translate(ep: ExportedProgram, example_inputs: dict[str, torch.Tensor], sec
         ph = spec.arg.name
         if spec.kind == InputKind.PARAMETER:
             value = state[spec.target]
+            tied = next((n for n, v in weight_values.items() if _same_tensor(v, value)), None)
+            if tied is not None:  # tied weights (input and output embeddings): one secret, dealt once
+                names[ph] = tied
+                continue
             names[ph] = spec.target
             weights[spec.target] = _spec_of(value)
-            weight_values[spec.target] = value.detach().clone()
+            weight_values[spec.target] = value
         elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             value = state[spec.target] if spec.target in state else ep.constants[spec.target]
             names[ph] = spec.target
@@ -125,7 +129,12 @@ def _translate(ep: ExportedProgram, example_inputs: dict[str, torch.Tensor], sec
             raise CaptureError(f"the model mutates state ({spec.kind}); capture needs a pure forward")
         outputs.append(names.get(spec.arg.name, spec.arg.name))
     graph = Graph(inputs, weights, constants, nodes, outputs, dict(meta))
-    return graph, weight_values
+    return graph, {k: v.detach().clone() for k, v in weight_values.items()}
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two parameters are one tensor (tied weights share their storage)."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
 
 
 def _op_name(target: Any) -> str:
