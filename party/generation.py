@@ -99,7 +99,8 @@ class GenerationService:
 
     def __init__(self, party_id: int, fp: FixedPoint, device: torch.device, served: Callable[[str, str], Any],
                  transport_for: Callable[[str], Any], claim: Callable[[str], None], release: Callable[[str], None],
-                 abort_local: Callable[[str, str], None], receive_timeout_s: float, max_request_bytes: int) -> None:
+                 abort_local: Callable[[str, str], None], receive_timeout_s: float, max_request_bytes: int,
+                 on_step: Callable[[str, float, int, int], None] | None = None) -> None:
         self.party_id = party_id
         self.fp = fp
         self.device = device
@@ -108,6 +109,7 @@ class GenerationService:
         self.claim = claim
         self.release = release
         self.abort_local = abort_local
+        self.on_step = on_step  # (kind, seconds, bytes sent, rounds) of every step run (the node's metrics)
         self.receive_timeout_s = receive_timeout_s
         self.max_request_bytes = max_request_bytes
         self._lock = threading.Lock()
@@ -288,6 +290,9 @@ class GenerationService:
         spans = []
         if party.profiler is not None:
             spans = [s.since(t0).to_proto(pb2.Span) for s in party.profiler.spans if s.depth == 0]
+        kind = "prefill" if step == 0 else "decode"
+        if self.on_step is not None:
+            self.on_step(kind, seconds, party.bytes_sent - bytes0, party.rounds - rounds0)
         yield pb2.GenerateEvent(step=pb2.StepResult(
-            step=step, kind="prefill" if step == 0 else "decode", capacity=capacity, seconds=seconds,
+            step=step, kind=kind, capacity=capacity, seconds=seconds,
             bytes_sent=party.bytes_sent - bytes0, rounds=party.rounds - rounds0, spans=spans))

@@ -93,6 +93,23 @@ class NodeMetrics:
         self._server: ThreadingWSGIServer | None = None
         self._thread: threading.Thread | None = None
 
+    def track_generation(self, sessions: Callable[[], int]) -> None:
+        """Generation metrics (MPC party node): live sessions (``sessions()`` when scraped) and
+        the steps they run, by kind (prefill, decode)."""
+        Gauge(f"{PREFIX}_generation_sessions", "Generation sessions holding a key/value cache",
+              registry=self.registry).set_function(sessions)
+        self.steps = Counter(f"{PREFIX}_generation_steps", "Generation steps run, by kind (prefill, decode)",
+                             ["kind"], registry=self.registry)
+        self.step_seconds = Counter(f"{PREFIX}_generation_step_seconds", "Seconds spent in generation steps, by "
+                                    "kind", ["kind"], registry=self.registry)
+
+    def generation_step(self, kind: str, seconds: float, bytes_sent: int, rounds: int) -> None:
+        """One generation step ran (its traffic counts with the queries')."""
+        self.steps.labels(kind).inc()
+        self.step_seconds.labels(kind).inc(seconds)
+        self.sent.inc(bytes_sent)
+        self.rounds.inc(rounds)
+
     # ---- recording -------------------------------------------------------------------------
     def query(self) -> QueryRecord:
         """A query stream opened now: record it with the returned object."""

@@ -131,14 +131,16 @@ class PartyNode:
         self._running: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self._servers: list[grpc.Server] = []
+        self.metrics = NodeMetrics("party", self.entry.name, max_concurrent_queries, lambda: self.admission.active,
+                                   peers=lambda: {party_name(p): self.peer_reachable(p) for p in range(3)
+                                                  if p != self.id})
         self.generation = GenerationService(
             party_id, self.fp, self.device, self.served,
             transport_for=lambda sid: _CountedTransport(self.id, sid, self.links, self.mailbox, cfg.deadline_s),
             claim=self._claim, release=self._release, abort_local=self.mailbox.abort,
-            receive_timeout_s=cfg.receive_timeout_s, max_request_bytes=cfg.max_request_bytes)
-        self.metrics = NodeMetrics("party", self.entry.name, max_concurrent_queries, lambda: self.admission.active,
-                                   peers=lambda: {party_name(p): self.peer_reachable(p) for p in range(3)
-                                                  if p != self.id})
+            receive_timeout_s=cfg.receive_timeout_s, max_request_bytes=cfg.max_request_bytes,
+            on_step=self.metrics.generation_step)
+        self.metrics.track_generation(lambda: len(self.generation.active()))
 
     @property
     def graphs(self) -> dict[int, Graph]:

@@ -301,3 +301,26 @@ def test_query_outcome_classification(running: bool, ok: bool, code: grpc.Status
     get = metrics.registry.get_sample_value
     assert get(P + "queries_total", {"outcome": outcome, "code": status}) == 1
     assert get(P + "query_duration_seconds_count", {"outcome": outcome}) == (1 if running else None)
+
+
+def test_generation_metrics_count_sessions_and_steps() -> None:
+    """A party node's generation metrics: live sessions when scraped, steps and their seconds
+    by kind, their traffic with the queries'."""
+    live = [2]
+    metrics = NodeMetrics("party", "party0", 8, lambda: 0)
+    metrics.track_generation(lambda: live[0])
+    metrics.generation_step("prefill", 0.5, 1000, 40)
+    metrics.generation_step("decode", 0.25, 100, 30)
+    metrics.generation_step("decode", 0.25, 100, 30)
+    port = metrics.serve("127.0.0.1", 0)
+    try:
+        scrape = Scrape(port)
+        assert scrape.value("generation_sessions") == 2
+        assert scrape.value("generation_steps_total", kind="decode") == 2
+        assert scrape.value("generation_steps_total", kind="prefill") == 1
+        assert scrape.value("generation_step_seconds_total", kind="decode") == 0.5
+        assert scrape.value("query_sent_bytes_total") == 1200 and scrape.value("query_rounds_total") == 100
+        live[0] = 0
+        assert Scrape(port).value("generation_sessions") == 0
+    finally:
+        metrics.stop()
