@@ -182,13 +182,15 @@ def test_limits_are_refused_with_reasons() -> None:
         prefill_inputs(torch.tensor([], dtype=torch.long), 8)
     with pytest.raises(GenerationLimitError, match="positions"):
         check_budget(info, 5, 8, 70)
-    with pytest.raises(GenerationLimitError, match="capacity"):
-        check_budget(info, 5, 16, 10)
+    with pytest.raises(GenerationLimitError, match="need 25 cache slots"):
+        check_budget(info, 5, 16, 11)
     with pytest.raises(GenerationLimitError, match="at least 1"):
         check_budget(info, 5, 8, 0)
     with pytest.raises(GenerationLimitError, match="capacity"):
         capacity_for([16, 24], 25)
-    check_budget(info, 5, 8, 17)  # 8 + 16 slots = the largest capacity
+    check_budget(info, 5, 16, 10)  # the 9th and last decode step reads 16 + 8 = 24 slots: the largest capacity
+    full = generate_float(compiled("llama-gqa")[1], _prompt(128), 10, bucket=16)
+    assert [s.capacity for s in full.steps[1:]] == [16] + [24] * 8
 
 
 def test_public_inputs_of_a_step() -> None:

@@ -218,7 +218,7 @@ def test_bad_requests_get_a_status(nodes: LocalNodes, case: str, code: grpc.Stat
         "unknown model": [_start(session, model="gpt-9000")],
         "bucket not dealt": [_start(session, bucket=32)],
         "budget beyond positions": [_start(session, budget=200), *_prompt_parts(party, VOCAB, session=session)],
-        "budget beyond the cache": [_start(session, bucket=16, budget=10),
+        "budget beyond the cache": [_start(session, bucket=16, budget=11),
                                     *_prompt_parts(party, VOCAB, bucket=16, session=session)],
         "one-hot of the wrong width": [_start(session), *_prompt_parts(party, VOCAB, session=session,
                                                                        width=VOCAB + 5)],

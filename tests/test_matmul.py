@@ -255,3 +255,13 @@ def test_ring_matmul_cuda_matches_cpu() -> None:  # pragma: no cover - needs a G
             assert_exact(limb_matmul(a.cuda(), b.cuda(), limb_bits).cpu(), torch.matmul(a, b))
     with pytest.raises(ValueError, match="devices"):
         ring_matmul(rand64(2, 2).cuda(), rand64(2, 2))
+
+
+@given(st.integers(1, 6), st.integers(1, 40), st.integers(1, 30), st.sampled_from([(), (2,), (1, 3)]))
+def test_ring_matmul_with_a_transposed_weight_is_exact(rows: int, inner: int, outer: int, batch: tuple) -> None:
+    """A linear layer's ``x @ W^T`` (W contiguous) takes the transposed CPU path: the same
+    wrapped int64 result as the plain product, one row (a decode step) or many."""
+    gen = torch.Generator().manual_seed(rows * 1000 + inner * 10 + outer)
+    a = torch.randint(-2**62, 2**62, (*batch, rows, inner), generator=gen)
+    weight = torch.randint(-2**62, 2**62, (outer, inner), generator=gen)
+    assert torch.equal(ring_matmul(a, weight.t()), torch.matmul(a, weight.t().contiguous()))

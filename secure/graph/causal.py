@@ -163,8 +163,9 @@ def check_budget(graphs_info: dict[str, Any], prompt_len: int, bucket: int, new_
     if last_position > graphs_info["max_positions"]:
         raise GenerationLimitError(f"{prompt_len} prompt tokens + {new_tokens} new tokens exceed the model's "
                                    f"{graphs_info['max_positions']} positions")
-    # the last generated token is never fed back: new_tokens - 1 decode steps
-    filled = bucket + new_tokens - 1
+    # the last generated token is never fed back: new_tokens - 1 decode steps, the last of
+    # which reads the bucket's slots plus the new_tokens - 2 tokens fed before it
+    filled = bucket + new_tokens - 2
     capacities = graphs_info["capacities"]
     if new_tokens > 1 and filled > max(capacities):
         raise GenerationLimitError(f"a prompt bucket of {bucket} and {new_tokens} new tokens need {filled} cache "

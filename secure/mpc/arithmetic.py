@@ -87,7 +87,12 @@ def local_product(party: Party, x: AShare, y: AShare, matmul: bool = False) -> t
     """z_i of x*y (or x@y): this party's part of a 3-out-of-3 sharing, masked by a zero share."""
     _owned(party, "multiply", x, y)
     if matmul:
-        z = ring_matmul(x.a, y.a + y.b) + ring_matmul(x.b, y.a)
+        # x_a y_a + x_a y_b + x_b y_a, with the smaller operand's pair summed: a linear layer's
+        # activations, not its weight (a decode step's one row against a whole matrix)
+        if x.a.numel() <= y.a.numel():
+            z = ring_matmul(x.a + x.b, y.a) + ring_matmul(x.a, y.b)
+        else:
+            z = ring_matmul(x.a, y.a + y.b) + ring_matmul(x.b, y.a)
     else:
         z = x.a * (y.a + y.b) + x.b * y.a
     return z + party.keys.zero_share(z.shape, z.device)
