@@ -13,7 +13,7 @@ process on this machine, no network):
   weights (std 0.02; the embedding std 1, so the layer's input has the scale of a middle
   layer's hidden states) and a 256-token vocabulary, so the embedding and the head are a
   small part of its figures. Captured with ``capture_causal`` (prompt bucket ``seq``,
-  cache capacity ``seq + 1``), rewritten with ``OURS`` (PUMA's SiLU and softmax structure),
+  cache capacity ``seq``), rewritten with ``OURS`` (PUMA's SiLU and softmax structure),
   dealt, and run with ``generate_mpc``: the prefill of a ``seq``-token prompt, then one
   decode step. The next token is forced to the plaintext model's greedy choice, so both
   steps' logits are checked against the plaintext model.
@@ -184,7 +184,7 @@ def measure_layer(shape: Shape, seq: int, cluster: LocalCluster) -> dict[str, An
     token, reference = plaintext_logits(lm, prompt)
     log(f"built the one-layer model ({params / 1e6:.0f} M layer parameters) in {time.perf_counter() - t0:.0f} s")
     t0 = time.perf_counter()
-    graphs = capture_causal(lm, [seq], [seq + 1])
+    graphs = capture_causal(lm, [seq], [seq])
     del lm
     gc.collect()
     graphs.prefill = {k: rewrite(g, OURS) for k, g in graphs.prefill.items()}
