@@ -43,6 +43,16 @@ def _llama() -> torch.nn.Module:
         tie_word_embeddings=True, attn_implementation="sdpa")).eval()
 
 
+def _llama_eager() -> torch.nn.Module:
+    """Eager attention: repeat_kv's expand + clone(memory_format) and an additive finfo.min mask."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(4)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=64, attn_implementation="eager")).eval()
+
+
 def _qwen2() -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -60,7 +70,7 @@ def _gpt2() -> torch.nn.Module:
                                       bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")).eval()
 
 
-MODELS = {"llama-gqa": _llama, "qwen2": _qwen2, "gpt2": _gpt2}
+MODELS = {"llama-gqa": _llama, "llama-eager": _llama_eager, "qwen2": _qwen2, "gpt2": _gpt2}
 _COMPILED: dict[str, tuple[torch.nn.Module, CausalGraphs]] = {}
 
 
@@ -150,6 +160,15 @@ def test_argmax_reveal_gives_the_greedy_tokens(cluster: LocalCluster) -> None:
     top2 = reference.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 0.1
     assert all(t == int(r.argmax()) for t, r, c in zip(out.tokens, reference, clear) if c)
+
+
+def test_an_additive_mask_becomes_the_softmax_bias() -> None:
+    """Eager attention adds a public finfo.min mask to the secret scores; the rewrite folds it
+    into the secure softmax (masked at or below its floor), so no share holds finfo.min."""
+    _, graphs = compiled("llama-eager")
+    for graph in (graphs.prefill[8], graphs.decode[16]):
+        softmaxes = [n for n in graph.nodes if n.op == "secure.softmax"]
+        assert len(softmaxes) == 2 and all(n.kwargs.get("bias") is not None for n in softmaxes)
 
 
 def test_tied_embeddings_are_one_secret() -> None:

@@ -136,7 +136,31 @@ def _softmax_kwargs(recipe: SoftmaxRecipe, causal: bool, n: Node) -> dict:
 
 
 def rewrite_softmax(graph: Graph, recipe: SoftmaxRecipe) -> Graph:
-    """aten.softmax / aten._softmax over the last dim of a secret -> secure.softmax."""
+    """aten.softmax / aten._softmax over the last dim of a secret -> secure.softmax.
+
+    An additive attention mask (eager attention: ``softmax(scores + bias)``, the bias public,
+    ``finfo.min`` where masked) becomes the softmax's ``bias``: masked where it is at or below
+    ``MASK_BIAS_FLOOR``, added where finite (ALiBi-style biases), so that no ring value ever
+    holds ``finfo.min``."""
+    producers = {n.name: n for n in graph.nodes}
+    readers: dict[str, int] = {}
+    for n in graph.nodes:
+        for r in n.refs():
+            readers[r] = readers.get(r, 0) + 1
+    secret = graph.secret_names()
+    folded: set[str] = set()
+
+    def additive_bias(x: object) -> tuple[object, Ref] | None:
+        add = producers.get(x.name) if isinstance(x, Ref) else None
+        if add is None or add.op != "aten.add.Tensor" or add.kwargs.get("alpha", 1) != 1 or readers.get(add.name) != 1:
+            return None
+        a, b = add.args[0], add.args[1]
+        for s_arg, p_arg in ((a, b), (b, a)):
+            if isinstance(s_arg, Ref) and s_arg.name in secret and isinstance(p_arg, Ref) and p_arg.name not in secret:
+                folded.add(add.name)
+                return s_arg, p_arg
+        return None
+
     def fn(n: Node) -> list[Node] | None:
         if n.secret and n.op in ("aten._softmax.default", "aten.softmax.int"):
             dim = n.args[1]
@@ -144,10 +168,16 @@ def rewrite_softmax(graph: Graph, recipe: SoftmaxRecipe) -> Graph:
             if dim not in (-1, rank - 1):
                 raise UnsupportedOpError(f"softmax over dim {dim} (node {n.name}, in {n.origin or '?'}): "
                                          "secure softmax works over the last dimension only")
-            return _replace(n, "secure.softmax", [n.args[0], None], _softmax_kwargs(recipe, False, n))
+            kwargs = _softmax_kwargs(recipe, False, n)
+            x = n.args[0]
+            biased = additive_bias(x)
+            if biased is not None:
+                x, kwargs["bias"] = biased
+            return _replace(n, "secure.softmax", [x, None], kwargs)
         return None
 
-    return _map_nodes(graph, fn)
+    out = _map_nodes(graph, fn)
+    return eliminate_dead_nodes(out) if folded else out
 
 
 def decompose_attention(graph: Graph, recipe: SoftmaxRecipe) -> Graph:

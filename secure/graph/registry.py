@@ -84,6 +84,8 @@ _ATEN: tuple[torch._ops.OpOverload, ...] = (
     # public masks and positions (attention masks, rotary tables)
     aten.__and__.Tensor, aten.arange.default, aten.clamp.default, aten.cos.default, aten.sin.default,
     aten.gather.default, aten.ge.Scalar, aten.le.Tensor, aten.index.Tensor, aten.new_ones.default,
+    aten.zeros.default, aten.where.ScalarOther, aten.where.self, aten.full.default, aten.lt.Scalar,
+    aten.gt.Scalar, aten.eq.Scalar, aten.masked_fill.Scalar, aten.bitwise_not.default,
 )
 
 
@@ -109,7 +111,7 @@ _SECURE: tuple[OpSpec, ...] = (
                                        _kw("eps", "number", required=True), _kw("newton_iterations", "int"),
                                        _kw("variance_range", "numbers?"))),
     OpSpec("secure.embedding", None, (_x("table"), _x("ids"), _kw("shape", "ints?"))),
-    OpSpec("secure.softmax", None, (_x(), Param("mask", "ref?"), _kw("causal", "bool"),
+    OpSpec("secure.softmax", None, (_x(), Param("mask", "ref?"), _kw("bias", "ref?"), _kw("causal", "bool"),
                                     _kw("kind", "str", required=True), _kw("t", "int"), _kw("exp_order", "int"),
                                     _kw("p", "int"), _kw("eps", "number"), _kw("upper", "number"),
                                     _kw("iterations", "int"), _kw("normalize", "bool"))),

@@ -303,6 +303,13 @@ class Interpreter:
             q, k = shape[-2], shape[-1]
             tril = torch.ones(q, k, dtype=torch.bool).tril(diagonal=k - q)
             keep = tril if keep is None else keep & tril
+        if kw.get("bias") is not None:  # an additive mask: finfo.min where masked, finite biases added
+            bias = torch.as_tensor(_resolve(kw["bias"], env)).to(torch.float64)
+            allowed = bias > MASK_BIAS_FLOOR
+            keep = allowed if keep is None else keep & allowed
+            finite = bias.masked_fill(~allowed, 0.0)
+            if bool(finite.any()):
+                x = self.ops.add_public(x, finite)
         if kw["kind"] == "power":
             return power_softmax(self.ops, x, p=kw["p"], eps=kw["eps"],
                                  mask=None if keep is None else keep.to(torch.float64),
