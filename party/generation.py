@@ -188,6 +188,8 @@ class GenerationService:
         trace = (lambda node: span(party, node.origin or node.op)) if start.want_trace else no_trace
         session = GenerationSession(model.graphs, model.decode_graphs, MpcOps(party), model.weights, trace)
         t_session = time.perf_counter()
+        log.info("session %s accepted: model %r, prompt bucket %d, budget %d tokens, reveal %s", start.session_id,
+                 model.name, bucket, start.max_new_tokens, start.reveal)
         try:
             received = self._step_inputs(requests, graph, start.session_id, 0, None)
             ready = self._prefill_inputs(graph, received, model, bucket, int(start.max_new_tokens))
