@@ -17,6 +17,7 @@ Secure ops introduced here (their arguments follow the aten op they replace):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -273,6 +274,50 @@ def _client_source(graph: Graph, ref: Ref, client: set[str]) -> str | None:
     return name
 
 
+MASK_INPUT = "attention_mask"
+
+
+def positions_from_mask(graph: Graph) -> Graph:
+    """Public structure derived from the secret token ids, derived from the public mask instead.
+
+    RoBERTa, XLM-R and CamemBERT number their positions from ``input_ids != pad`` (a cumsum);
+    on shares that would be an embedding indexed by a computed secret. The client pads with
+    the pad token exactly where ``attention_mask`` is 0, so ``ids != pad`` equals
+    ``attention_mask != 0``: the comparison is rewritten to read the public mask, and every
+    node computed from it alone becomes public (plaintext). A graph with such a comparison
+    but no public ``attention_mask`` input is refused, naming the node."""
+    client = {i.name for i in graph.inputs if i.kind == "client"}
+    has_mask = any(i.name == MASK_INPUT and i.kind == "public" for i in graph.inputs)
+
+    def fn(n: Node) -> list[Node] | None:
+        if n.op != "aten.ne.Scalar" or not isinstance(n.args[0], Ref):
+            return None
+        if _client_source(graph, n.args[0], client) is None:
+            return None
+        if not has_mask:
+            raise UnsupportedOpError(f"node {n.name} (in {n.origin or 'top level'}) compares the secret token ids "
+                                     f"with {n.args[1]!r} to derive structure, and the graph has no public "
+                                     f"{MASK_INPUT!r} input to derive it from")
+        return [Node(n.name, n.op, [Ref(MASK_INPUT), 0], {}, n.spec, False, n.origin)]
+
+    out = _map_nodes(graph, fn)
+    return graph if all(a is b for a, b in zip(out.nodes, graph.nodes)) else _reflow_secrecy(out)
+
+
+def _reflow_secrecy(graph: Graph) -> Graph:
+    """A copy with every node's ``secret`` flag recomputed from the inputs and weights forward."""
+    secret = {i.name for i in graph.inputs if i.kind != "public"} | set(graph.weights)
+    nodes = []
+    for n in graph.nodes:
+        flag = any(r in secret for r in n.refs())
+        nodes.append(n if n.secret == flag else dataclasses.replace(n, secret=flag))
+        if flag:
+            secret.add(n.name)
+    out = copy.copy(graph)
+    out.nodes = nodes
+    return out
+
+
 def rewrite_embedding(graph: Graph) -> Graph:
     """aten.embedding(table, ids) with the client's ids (possibly reshaped) ->
     secure.embedding(table, ids, shape): a product with the client's one-hot.
@@ -345,7 +390,8 @@ def check_supported(graph: Graph) -> Graph:
 
 def rewrite(graph: Graph, recipe: Recipe) -> Graph:
     """All passes in order; the result records the recipe in ``meta``."""
-    g = rewrite_embedding(graph)
+    g = positions_from_mask(graph)
+    g = rewrite_embedding(g)
     g = decompose_attention(g, recipe.softmax)
     g = rewrite_softmax(g, recipe.softmax)
     g = rewrite_gelu(g, recipe.gelu)

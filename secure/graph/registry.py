@@ -86,6 +86,10 @@ _ATEN: tuple[torch._ops.OpOverload, ...] = (
     aten.gather.default, aten.ge.Scalar, aten.le.Tensor, aten.index.Tensor, aten.new_ones.default,
     aten.zeros.default, aten.where.ScalarOther, aten.where.self, aten.full.default, aten.lt.Scalar,
     aten.gt.Scalar, aten.eq.Scalar, aten.masked_fill.Scalar, aten.bitwise_not.default,
+    # RoBERTa-family position ids, computed from the public mask (secure.graph.passes.positions_from_mask)
+    aten.ne.Scalar, aten.cumsum.default, aten.type_as.default,
+    # sliding-window masks (Mistral)
+    aten.gt.Tensor, aten.lt.Tensor, aten.ge.Tensor, aten.__or__.Tensor,
 )
 
 
