@@ -1,7 +1,9 @@
 """Core-operation benchmark of the in-process three-party engine.
 
 For each operation: wall time of the secure run, the plaintext torch time of the same
-operation in the same run (ratio secure/plain), bytes sent by each party and rounds.
+operation in the same run (ratio secure/plain), bytes sent by each party and rounds. The
+activations (PUMA's and the even GeLU and SiLU) also report comparisons per element and
+bytes per element over the three parties, on the same input.
 Prints a table and writes JSON (default benchmarks/results/core_ops.json).
 
     python benchmarks/core_ops.py            # the shapes of the issue (about 1-2 minutes)
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from secure.approx.gelu import puma_gelu
+from secure.approx.gelu import even_gelu, even_silu, puma_gelu, puma_silu
 from secure.approx.norms import layer_norm
 from secure.approx.softmax import puma_softmax
 from secure.mpc import arithmetic as ar
@@ -40,6 +42,10 @@ class Result:
     bytes_per_party: list[int]
     rounds: int
     max_abs_error: float
+    comparisons_per_element: float | None = None
+    """Public thresholds compared per input element (activations only)."""
+    bytes_per_element: float | None = None
+    """Bytes sent by the three parties together per input element (activations only)."""
 
     @property
     def slowdown(self) -> float:
@@ -93,6 +99,42 @@ class Bench:
         return res
 
 
+class ComparisonCount:
+    """MpcOps that count, on party 0, the elements compared in ``less_than_public`` (one per
+    threshold and element) and the runs (one ``ops`` call per run); the other parties run
+    plain MpcOps."""
+
+    def __init__(self) -> None:
+        self.compared = 0
+        self.runs = 0
+
+    def ops(self, party) -> MpcOps:
+        if party.id != 0:
+            return MpcOps(party)
+        self.runs += 1
+        counter = self
+
+        class Counting(MpcOps):
+            def less_than_public(self, x, thresholds):
+                counter.compared += len(thresholds) * x.a.numel()
+                return super().less_than_public(x, thresholds)
+
+        return Counting(party)
+
+
+def measure_activation(b: Bench, op: str, form: Callable, x: torch.Tensor,
+                       exact: Callable[[torch.Tensor], torch.Tensor]) -> Result:
+    """One activation form on shares of x, with comparisons and bytes per element."""
+    count = ComparisonCount()
+    res = b.measure(op, "x".join(map(str, x.shape)), lambda p, a: form(count.ops(p), a), [b.share(x)],
+                    lambda: exact(x))
+    res.comparisons_per_element = count.compared / count.runs / x.numel()
+    res.bytes_per_element = sum(res.bytes_per_party) / x.numel()
+    print(f"{'':<28} {res.comparisons_per_element:g} comparisons and "
+          f"{res.bytes_per_element:.0f} bytes (three parties) per element", flush=True)
+    return res
+
+
 def run(quick: bool, device: str) -> list[Result]:
     torch.manual_seed(0)  # benchmark inputs only; share randomness comes from the CSPRNG
     b = Bench(device)
@@ -120,8 +162,10 @@ def run(quick: bool, device: str) -> list[Result]:
               [b.share(u), b.share(v)], lambda: (fu < fv).double(), opened_frac_bits=0)
 
     g = torch.randn(rows, cols, dtype=torch.float64) * 3
-    b.measure("PUMA GeLU", f"{rows}x{cols}", lambda p, a: puma_gelu(MpcOps(p), a),
-              [b.share(g)], lambda: torch.nn.functional.gelu(g))
+    gelu, silu = torch.nn.functional.gelu, torch.nn.functional.silu
+    for op, form, exact in (("PUMA GeLU", puma_gelu, gelu), ("even GeLU (ours)", even_gelu, gelu),
+                            ("PUMA SiLU", puma_silu, silu), ("even SiLU (ours)", even_silu, silu)):
+        measure_activation(b, op, form, g, exact)
 
     heads, seq = (2, 32) if quick else (12, 128)
     s = torch.randn(heads, seq, seq, dtype=torch.float64) * 3

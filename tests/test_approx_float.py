@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from secure.approx.exp import clipped_exp
 from secure.approx.float_backend import FloatOps
-from secure.approx.gelu import PUMA_GELU_BREAKS, SILU_BREAKS, puma_gelu, puma_silu
+from secure.approx.gelu import PUMA_GELU_BREAKS, SILU_BREAKS, even_gelu, even_silu, puma_gelu, puma_silu
 from secure.approx.norms import layer_norm, rms_norm
 from secure.approx.reciprocal import (
     SPU_RSQRT_SEED,
@@ -505,6 +505,8 @@ def _cases() -> dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...], di
     return {
         "puma_gelu": (puma_gelu, (z,), {}),
         "puma_silu": (puma_silu, (z,), {}),
+        "even_gelu": (even_gelu, (z,), {}),
+        "even_silu": (even_silu, (z,), {}),
         "clipped_exp": (clipped_exp, (-z.abs(),), {}),
         "clipped_exp_o2": (clipped_exp, (-z.abs(),), {"t": 6, "order": 2}),
         "reciprocal": (reciprocal, (z.abs() + 0.1,), {}),
@@ -553,6 +555,13 @@ def test_call_structure_gelu_silu() -> None:
         # powers: mul, mul_many, mul; the tail: one sum_of_products (one reshare under MPC)
         assert rec.products <= 4 and rec.calls["mul_many"] == 1 and rec.calls["sum_of_products"] == 1
         assert rec.calls["dot_public"] == 2
+        assert rec.calls["max"] == rec.calls["frexp"] == rec.calls["less_than"] == 0
+    for form in (even_gelu, even_silu):  # tests/test_gelu.py pins their rounds and bytes
+        rec = _record(form, z)
+        assert rec.calls["less_than_public"] == 1 and rec.thresholds == [2]
+        # x * bit (scaled), z = xs^2, q = z (z + alpha); the tail: one sum_of_products
+        assert rec.products == 4 and rec.calls["mul"] == 3 and rec.calls["sum_of_products"] == 1
+        assert rec.calls["dot_public"] == 2 and rec.calls["mul_many"] == 0
         assert rec.calls["max"] == rec.calls["frexp"] == rec.calls["less_than"] == 0
 
 

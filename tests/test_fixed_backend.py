@@ -12,6 +12,8 @@ form                measured max (floor/prob)  tolerance
 ==================  =========================  =========
 puma_gelu           2 / 2                      4
 puma_silu           2 / 2                      4
+even_gelu           8 / 7  (10 runs)           16
+even_silu           12 / 12 (10 runs)          24
 clipped_exp t8 o1   459 / 426  (~1.8 * 2^t)    768
 clipped_exp t6 o3   212 / 154  (~3.3 * 2^t)    384
 reciprocal          5 / 5                      10
@@ -47,7 +49,7 @@ from hypothesis import strategies as st
 
 from secure.approx.exp import clipped_exp
 from secure.approx.float_backend import FloatOps
-from secure.approx.gelu import puma_gelu, puma_silu
+from secure.approx.gelu import even_gelu, even_silu, puma_gelu, puma_silu
 from secure.approx.interface import SecureOps
 from secure.approx.norms import layer_norm, rms_norm
 from secure.approx.reciprocal import reciprocal, rsqrt
@@ -120,6 +122,10 @@ CASES: dict[str, Case] = {
                       _abs(0.0205), 4, False),
     "puma_silu": Case(puma_silu, (torch.linspace(-10, 10, 2001, dtype=F64),), Fn.silu,
                       _abs(0.073), 4, False),
+    "even_gelu": Case(even_gelu, (torch.linspace(-8, 8, 4001, dtype=F64),), Fn.gelu,
+                      _abs(2.6e-3), 16, False),
+    "even_silu": Case(even_silu, (torch.linspace(-10, 10, 2001, dtype=F64),), Fn.silu,
+                      _abs(0.0145), 24, False),
     "clipped_exp_t8_o1": Case(lambda o, a: clipped_exp(o, a, t=8, order=1),
                               (torch.linspace(-16, 0, 3001, dtype=F64),), torch.exp,
                               _abs(2.5e-3), 768, False),
@@ -180,6 +186,8 @@ def test_form_agrees_with_mpc_float_and_exact(runner, name: str) -> None:
     [
         ("puma_gelu", 1e-3),  # test_forms_mpc: fixed point adds under 1e-3 (measured 9.4e-4)
         ("puma_silu", 2e-3),  # measured 1.34e-3
+        ("even_gelu", 5e-5),  # tests/test_gelu.py: measured 2.2e-5
+        ("even_silu", 5e-5),  # measured 3.1e-5
         ("clipped_exp_t8_o1", 2.0 ** (8 + 1 - FRAC)),  # documented ~2^(t+1-f) = 2e-3; 1.04e-3
         ("clipped_exp_t6_o3", 2.0 ** (6 + 2 - FRAC)),  # 2 * 2^(t+1-f): floor is biased, 5.6e-4
         ("puma_softmax", 4e-4),  # measured 2.0e-4 (floor), 1.3e-4 (probabilistic)

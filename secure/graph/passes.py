@@ -7,7 +7,9 @@ the module it sits in when a secret node is left that no backend can run.
 
 Secure ops introduced here (their arguments follow the aten op they replace):
 
-* ``secure.gelu(x)``, ``secure.silu(x)`` -- PUMA piecewise polynomials;
+* ``secure.gelu(x, form=...)``, ``secure.silu(x, form=...)`` -- PUMA's piecewise polynomials
+  (``form="puma"``, also what a node without ``form`` runs) or the even forms (``"even"``:
+  two comparisons, ``secure.approx.gelu.even_activation``);
 * ``secure.softmax(x, mask, causal=..., kind=..., ...)`` -- PUMA or Power-Softmax over
   the last dim; ``mask`` is a public boolean (True = attend) or None;
 * ``secure.layer_norm(x, gamma, beta, eps=...)``, ``secure.rsqrt(x)``;
@@ -54,6 +56,11 @@ class SoftmaxRecipe:
             raise ValueError(f"softmax kind must be 'puma' or 'power', got {self.kind!r}")
 
 
+ACTIVATION_FORMS: tuple[str, ...] = ("puma", "even")
+"""GeLU / SiLU forms a recipe may name: PUMA's piecewise polynomials (three comparisons) or
+the even forms (two; ``secure.approx.gelu.even_gelu`` / ``even_silu``)."""
+
+
 @dataclass(frozen=True)
 class Recipe:
     """The set of secure forms a model is rewritten with."""
@@ -62,21 +69,31 @@ class Recipe:
     gelu: str = "puma"
     softmax: SoftmaxRecipe = field(default_factory=SoftmaxRecipe)
     layer_norm_newton: int = 0
+    silu: str = "puma"
+
+    def __post_init__(self) -> None:
+        for what, form in (("GeLU", self.gelu), ("SiLU", self.silu)):
+            if form not in ACTIVATION_FORMS:
+                raise ValueError(f"unknown {what} form {form!r}; known: {', '.join(ACTIVATION_FORMS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict) -> Recipe:
+        """A recipe as ``to_dict`` wrote it; keys an older recipe lacks take PUMA's forms."""
         return Recipe(d["name"], d.get("gelu", "puma"), SoftmaxRecipe(**d.get("softmax", {})),
-                      d.get("layer_norm_newton", 0))
+                      d.get("layer_norm_newton", 0), d.get("silu", "puma"))
 
 
 PUMA = Recipe("puma", softmax=SoftmaxRecipe("puma", t=8, exp_order=1))
 """PUMA's published forms: GeLU sec. 4.2, softmax with t = 8 and the (1 + x/2^t) base."""
 
-OURS = Recipe("ours", softmax=SoftmaxRecipe("puma", t=6, exp_order=3))
-"""PUMA's structure with a third-order exp base at t = 6: as many rounds, 90x less error."""
+OURS = Recipe("ours", gelu="even", softmax=SoftmaxRecipe("puma", t=6, exp_order=3), silu="even")
+"""The even GeLU and SiLU (two comparisons instead of three, 28% fewer bytes, as many rounds;
+GeLU error 2.6e-3 instead of 0.020) and PUMA's softmax with a third-order exp base at t = 6
+(as many rounds, 90x less error). MiniLM, 50 sentences, against the exact model: mean cosine
+0.999965, minimum 0.999934, on floats and on three parties alike."""
 
 RECIPES: dict[str, Recipe] = {"puma": PUMA, "ours": OURS}
 
@@ -105,8 +122,8 @@ def _replace(n: Node, op: str, args: list, kwargs: dict | None = None) -> list[N
 
 
 def rewrite_gelu(graph: Graph, form: str = "puma") -> Graph:
-    """aten.gelu (exact or tanh) on a secret -> secure.gelu (PUMA's piecewise form)."""
-    if form != "puma":
+    """aten.gelu (exact or tanh) on a secret -> secure.gelu with ``form`` ("puma" or "even")."""
+    if form not in ACTIVATION_FORMS:
         raise ValueError(f"unknown GeLU form {form!r}")
 
     def fn(n: Node) -> list[Node] | None:
@@ -117,11 +134,14 @@ def rewrite_gelu(graph: Graph, form: str = "puma") -> Graph:
     return _map_nodes(graph, fn)
 
 
-def rewrite_silu(graph: Graph) -> Graph:
-    """aten.silu on a secret -> secure.silu."""
+def rewrite_silu(graph: Graph, form: str = "puma") -> Graph:
+    """aten.silu on a secret -> secure.silu with ``form`` ("puma" or "even")."""
+    if form not in ACTIVATION_FORMS:
+        raise ValueError(f"unknown SiLU form {form!r}")
+
     def fn(n: Node) -> list[Node] | None:
         if n.secret and n.op == "aten.silu.default":
-            return _replace(n, "secure.silu", [n.args[0]])
+            return _replace(n, "secure.silu", [n.args[0]], {"form": form})
         return None
 
     return _map_nodes(graph, fn)
@@ -395,7 +415,7 @@ def rewrite(graph: Graph, recipe: Recipe) -> Graph:
     g = decompose_attention(g, recipe.softmax)
     g = rewrite_softmax(g, recipe.softmax)
     g = rewrite_gelu(g, recipe.gelu)
-    g = rewrite_silu(g)
+    g = rewrite_silu(g, recipe.silu)
     g = rewrite_layer_norm(g, recipe.layer_norm_newton)
     g = rewrite_rsqrt(g)
     g = check_supported(g)

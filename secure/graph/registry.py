@@ -109,7 +109,7 @@ def _kw(name: str, kind: Kind, required: bool = False) -> Param:
 
 _SECURE: tuple[OpSpec, ...] = (
     OpSpec("secure.gelu", None, (_x(), _kw("form", "str"), _kw("bound", "number"), _kw("degree", "int"))),
-    OpSpec("secure.silu", None, (_x(),)),
+    OpSpec("secure.silu", None, (_x(), _kw("form", "str"))),
     OpSpec("secure.rsqrt", None, (_x(),)),
     OpSpec("secure.layer_norm", None, (_x(), Param("gamma", "ref?"), Param("beta", "ref?"),
                                        _kw("eps", "number", required=True), _kw("newton_iterations", "int"),

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from secure.approx.gelu import poly_gelu, puma_gelu, puma_silu
+from secure.approx.gelu import even_gelu, even_silu, poly_gelu, puma_gelu, puma_silu
 from secure.approx.interface import SecureOps
 from secure.approx.norms import layer_norm
 from secure.approx.reciprocal import reciprocal, rsqrt
@@ -204,13 +204,23 @@ class Interpreter:
     # ---- secret handlers: the secure forms -------------------------------------------
     @_secret_op("secure.gelu")
     def _gelu(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
-        if node.kwargs.get("form") == "poly":
+        form = node.kwargs.get("form", "puma")  # graphs dealt before forms existed: PUMA's
+        if form == "poly":
             return poly_gelu(self.ops, val[0], node.kwargs["bound"], node.kwargs["degree"])
-        return puma_gelu(self.ops, val[0])
+        if form == "even":
+            return even_gelu(self.ops, val[0])
+        if form == "puma":
+            return puma_gelu(self.ops, val[0])
+        raise InterpreterError(f"node {node.name}: unknown GeLU form {form!r} (puma, even or poly)")
 
     @_secret_op("secure.silu")
     def _silu(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
-        return puma_silu(self.ops, val[0])
+        form = node.kwargs.get("form", "puma")  # graphs dealt before forms existed: PUMA's
+        if form == "even":
+            return even_silu(self.ops, val[0])
+        if form == "puma":
+            return puma_silu(self.ops, val[0])
+        raise InterpreterError(f"node {node.name}: unknown SiLU form {form!r} (puma or even)")
 
     @_secret_op("secure.rsqrt")
     def _rsqrt(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
