@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 import time
@@ -162,9 +163,10 @@ def in_process_generation(model_name: str, bucket: int, new_tokens: int, recipe:
                    for c in sorted({s.capacity for s in decode})}
     return {
         "mode": "in-process generation", "model": model.name, "model_note": model.note, "recipe": recipe,
+        "recipe_forms": RECIPES[recipe].to_dict(), "code": gen.code_version(),
         "prompt_bucket": bucket, "capacities": capacities, "new_tokens": new_tokens,
         "prompt": model.decode(prompt.tolist()), "continuation": model.decode(out.tokens), "tokens": out.tokens,
-        "wall_seconds": wall,
+        "wall_seconds": wall, "load_average_1_5_15_min": os.getloadavg(),
         "prefill": {**_totals(prefill), "parts": steps[0]["parts"]},
         "decode_per_token": ({"steps": len(decode), **_totals(decode),
                               "parts": mean_parts([x["parts"] for x in steps[1:]])} if decode else None),

@@ -53,7 +53,7 @@ from secure.mpc.party import Party
 from secure.mpc.ring import FixedPoint
 from secure.mpc.shares import AShare
 from secure.profile.profiler import Profiler, span
-from secure.runtime.generate import REVEALS, GenerationSession
+from secure.runtime.generate import ARGMAX_SPAN, REVEALS, GenerationSession
 from secure.runtime.inputs import InputError, party_inputs
 from secure.runtime.interpreter import no_trace
 from secure.transport.wire import tensor_chunks
@@ -284,7 +284,8 @@ class GenerationService:
         logits = compute()
         out = logits.map(lambda t: t.reshape(-1, t.shape[-1])[-1])
         if start.reveal == "argmax":
-            out = argmax(MpcOps(party), out)
+            with span(party, ARGMAX_SPAN):
+                out = argmax(MpcOps(party), out)
         seconds = time.perf_counter() - t0
         for p, comp in enumerate((out.a, out.b)):
             for chunk in tensor_chunks(comp, pb2.TensorChunk):

@@ -219,3 +219,24 @@ def test_public_inputs_of_a_step() -> None:
     first = prefill_inputs(torch.tensor([7, 8, 9]), 8)
     assert first["input_ids"].tolist()[0] == [0] * 5 + [7, 8, 9]
     assert first["position_ids"].tolist()[0] == [0] * 5 + [0, 1, 2]
+
+
+def test_the_unrewritten_reference_runs_gqa_graphs() -> None:
+    """repeat_kv's clone names its memory format; the plain-torch reference reads it back
+    from an allow-list (a graph naming another value is refused)."""
+    from secure.graph.capture import capture
+    from secure.models import CausalLM
+    from secure.runtime.execute import run_reference
+    from secure.runtime.interpreter import InterpreterError
+
+    lm, _ = compiled("llama-gqa")
+    inputs = {"input_ids": _prompt(128, n=8).reshape(1, -1), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    graph, weights = capture(CausalLM(lm), inputs)
+    assert any(n.kwargs.get("memory_format") == "torch.contiguous_format" for n in graph.nodes)
+    (logits,), _ = run_reference(graph, weights, inputs)
+    with torch.no_grad():
+        assert float((logits - lm(**inputs).logits.double()).abs().max()) < 1e-5
+    clone = next(n for n in graph.nodes if n.kwargs.get("memory_format"))
+    clone.kwargs["memory_format"] = "os.system"
+    with pytest.raises(InterpreterError, match="memory_format='os.system' is not one of"):
+        run_reference(graph, weights, inputs)

@@ -44,6 +44,9 @@ from secure.profile.profiler import Span, span
 from secure.runtime.inputs import client_parts, input_specs, party_inputs
 from secure.runtime.interpreter import Interpreter, Trace, client_input, no_trace
 
+ARGMAX_SPAN = "reveal.argmax"
+"""The span of the greedy argmax on shares (``reveal="argmax"``) in a traced step."""
+
 REVEALS = ("logits", "argmax")
 """What the parties open to the client per step: the logits, or only the greedy token id."""
 
@@ -224,7 +227,8 @@ def generate_mpc(cluster: LocalCluster, model: CausalGraphs, weight_shares: list
         logits = session.prefill(ready) if first else session.decode(ready)
         last = logits.map(lambda t: t.reshape(-1, t.shape[-1])[-1])
         if reveal == "argmax":
-            return argmax(MpcOps(party), last)
+            with span(party, ARGMAX_SPAN):
+                return argmax(MpcOps(party), last)
         return last
 
     def run_step(graph: Graph, inputs: dict[str, torch.Tensor], first: bool, capacity: int) -> Any:

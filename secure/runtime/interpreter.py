@@ -25,6 +25,7 @@ from secure.approx.interface import SecureOps
 from secure.approx.norms import layer_norm
 from secure.approx.reciprocal import reciprocal, rsqrt
 from secure.approx.softmax import MASK_BIAS_FLOOR, power_softmax, puma_softmax
+from secure.approx.tanh import tanh
 from secure.graph.ir import Graph, Node, Ref
 from secure.graph.registry import OPS
 
@@ -106,7 +107,8 @@ class Interpreter:
         if spec is None or spec.fn is None:
             why = "a secure form runs on secret values only" if spec else "not in the op registry"
             raise InterpreterError(f"node {node.name} ({node.op}) in {node.origin or 'top level'}: {why}")
-        return spec.fn(*_resolve(node.args, env), **_resolve(node.kwargs, env))
+        kwargs = {k: _torch_enum(k, v) for k, v in _resolve(node.kwargs, env).items()}
+        return spec.fn(*_resolve(node.args, env), **kwargs)
 
     # ---- secret nodes: the backend ---------------------------------------------------
     def _is_secret(self, a: Any) -> bool:
@@ -221,6 +223,10 @@ class Interpreter:
         if form == "puma":
             return puma_silu(self.ops, val[0])
         raise InterpreterError(f"node {node.name}: unknown SiLU form {form!r} (puma or even)")
+
+    @_secret_op("secure.tanh")
+    def _tanh(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        return tanh(self.ops, val[0])
 
     @_secret_op("secure.rsqrt")
     def _rsqrt(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
@@ -339,6 +345,24 @@ def _resolve(v: Any, env: dict[str, Any]) -> Any:
     if isinstance(v, dict):
         return {k: _resolve(x, env) for k, x in v.items()}
     return v
+
+
+_TORCH_ENUMS: dict[str, dict[str, Any]] = {
+    "memory_format": {str(f): f for f in (torch.contiguous_format, torch.preserve_format, torch.channels_last,
+                                          torch.channels_last_3d)},
+    "layout": {str(torch.strided): torch.strided},
+}
+"""The torch enum values a captured graph names by their string (capture stores them as
+strings), read back from this allow-list only."""
+
+
+def _torch_enum(key: str, value: Any) -> Any:
+    table = _TORCH_ENUMS.get(key)
+    if table is None or not isinstance(value, str):
+        return value
+    if value not in table:
+        raise InterpreterError(f"{key}={value!r} is not one of {sorted(table)}")
+    return table[value]
 
 
 def _as_float(v: Any) -> torch.Tensor:
