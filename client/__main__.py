@@ -1,5 +1,6 @@
 """One secure query from the command line; prints the sentence embedding (L2-normalised,
-as sentence-transformers gives it) as JSON, or for a causal LM of a format-1 deal (dealt
+as sentence-transformers gives it) as JSON, for a classifier its label and the label
+probabilities (softmax at the client), or for a causal LM of a format-1 deal (dealt
 as logits of every position, served by ``Query``) the token it predicts next.
 
     echo "sentence" | python -m client --config cluster.json --token-file TOKENS.json    # MPC
@@ -81,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with client:
         try:
-            inputs = client.encode_text(args.text)
-            result = client.query(inputs)
+            answer = None
+            if client.model_entry().kind == "classifier":
+                answer = client.classify(args.text)
+                result = answer.result
+            else:
+                inputs = client.encode_text(args.text)
+                result = client.query(inputs)
         except QueryFailed as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -91,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         stats = {"seconds": round(result.seconds, 3), "rounds": result.rounds,
                  "bytes_sent_per_party": result.bytes_sent}
+        if answer is not None:
+            probabilities = {k: round(v, 6) for k, v in answer.as_dict().items()}
+            print(json.dumps({"label": answer.label, "probabilities": probabilities, **stats}))
+            return 0
         if result.outputs[0].dim() == 3:  # a causal LM of a format-1 deal (logits of every position): next token
             last = int(inputs["attention_mask"][0].sum()) - 1
             token = int(result.outputs[0][0, last].argmax())

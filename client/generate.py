@@ -77,7 +77,8 @@ def model_entry(client: SecureClient, model: str) -> Any:
     for entry in info.catalogue:
         if entry.model == model:
             if entry.kind != "causal":
-                raise GenerationFailed(f"model {model!r} is an {entry.kind}, not a causal LM")
+                what = "a classifier" if entry.kind == "classifier" else f"an {entry.kind}"
+                raise GenerationFailed(f"model {model!r} is {what}, not a causal LM")
             return entry
     raise GenerationFailed(f"the cluster serves no model {model!r}; its catalogue: {names}",
                            grpc.StatusCode.NOT_FOUND)

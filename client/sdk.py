@@ -3,6 +3,10 @@
     client = SecureClient(ClusterConfig.load("cluster.json"), load_client_tokens("tokens.json"))
     result = client.embed("How private is this question?")
     result.embedding        # the sentence embedding, reconstructed by the client only
+    client.classify("A hand tool for boring holes.", model="minilm-topics").label   # a classifier
+
+A classifier's logits come back like an embedding (``query``/``embed``); ``classify``
+applies softmax to them at the client and names the labels the catalogue lists.
 
 Each party receives only its own pair of shares (for token ids: the PRG-compressed
 one-hot, so party 0 receives two 16-byte seeds) and returns its pair of the output
@@ -17,7 +21,7 @@ Before any share leaves, the client checks whom it talks to: it dials party N ex
 the certificate name ``partyN`` (so a node at the wrong address fails the TLS handshake),
 then asks every node to describe itself and refuses unless each reports the party id it
 was dialled as, the configured model and the share-file digest the configuration pins,
-and all three report the same catalogue (model names, kinds and graph digests).
+and all three report the same catalogue (model names, kinds, graph digests and labels).
 Each party gets its own token, in the call metadata. Without ``tls`` in the configuration
 the client refuses to connect unless it is made with ``insecure=True``.
 """
@@ -56,6 +60,26 @@ class QueryFailed(RuntimeError):
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.code = code
+
+
+@dataclass
+class Classification:
+    """A classifier's answer: the label names, the logits the client reconstructed, their
+    softmax (computed here, at the client) and the query's figures (``result``)."""
+
+    labels: list[str]
+    logits: torch.Tensor
+    probabilities: torch.Tensor
+    result: QueryResult
+
+    @property
+    def label(self) -> str:
+        """The most probable label."""
+        return self.labels[int(self.probabilities.argmax())]
+
+    def as_dict(self) -> dict[str, float]:
+        """``{label: probability}`` in the classifier's order."""
+        return {name: float(p) for name, p in zip(self.labels, self.probabilities.tolist())}
 
 
 @dataclass
@@ -183,8 +207,8 @@ class SecureClient:
         """``model``'s tokenizer (default: the client's model). The client's model: its
         ``tokenizer_dir`` if given. Any model: ``tokenizers/NAME/`` beside the cluster file,
         then (the configuration's model) ``tokenizer/`` there (``secure-cluster`` copies a
-        deal's tokenizers there), then the bundled MiniLM's for ``minilm`` and its distilled
-        ``minilm-power``."""
+        deal's tokenizers there), then the bundled MiniLM's for ``minilm``, its distilled
+        ``minilm-power`` and the ``minilm-topics`` classifier."""
         name = model or self.model
         if name not in self._tokenizers:
             from secure.models import load_tokenizer, minilm_path
@@ -197,7 +221,7 @@ class SecureClient:
                 folder = self.tokenizer_dir
             if folder is not None:
                 self._tokenizers[name] = load_tokenizer(folder)
-            elif name in ("minilm", "minilm-power"):  # the distilled model keeps MiniLM's tokenizer
+            elif name in ("minilm", "minilm-power", "minilm-topics"):  # all three keep MiniLM's tokenizer
                 self._tokenizers[name] = load_tokenizer(minilm_path())
             else:
                 raise ValueError(f"no tokenizer known for model {name!r}: give the dealt model's tokenizer folder "
@@ -223,6 +247,20 @@ class SecureClient:
         (default: the client's)."""
         return self.query(self.encode_text(text, model), trace=trace, progress=progress, model=model)
 
+    def classify(self, text: str, model: str | None = None, trace: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> Classification:
+        """The label probabilities of ``text`` by the classifier ``model`` (default: the
+        client's): the parties return shares of the logits only; the softmax is the client's."""
+        entry = self.model_entry(model)
+        if entry.kind != "classifier":
+            raise QueryFailed(f"model {entry.model!r} is {'a causal LM' if entry.kind == 'causal' else 'an encoder'}, "
+                              "not a classifier", grpc.StatusCode.FAILED_PRECONDITION)
+        result = self.query(self.encode_text(text, entry.model), trace=trace, progress=progress, model=entry.model)
+        logits = result.outputs[0].reshape(-1).double()
+        if logits.numel() != len(entry.labels):
+            raise QueryFailed(f"model {entry.model!r} answered {logits.numel()} logits for {len(entry.labels)} labels")
+        return Classification(list(entry.labels), logits, torch.softmax(logits, dim=-1), result)
+
     # ---- low level: any inputs ---------------------------------------------------------
     def _parts_for(self, inputs: dict[str, torch.Tensor], seq_len: int, query_id: str, trace: bool, entry: Any
                    ) -> tuple[list[list[Any]], list[int]]:
@@ -239,7 +277,7 @@ class SecureClient:
     def query(self, inputs: dict[str, torch.Tensor], trace: bool = False,
               progress: Callable[[int, int], None] | None = None, query_id: str | None = None,
               model: str | None = None) -> QueryResult:
-        """Share ``inputs`` to the three parties, run ``model`` (an encoder of the catalogue;
+        """Share ``inputs`` to the three parties, run ``model`` (an encoder or a classifier of the catalogue;
         default: the client's model), and reconstruct the outputs."""
         entry = self.model_entry(model)
         _require_encoder(entry)
@@ -325,8 +363,8 @@ def _require_encoder(entry: Any) -> None:
         raise QueryFailed(f"model {entry.model!r} is a causal LM: use Generate", grpc.StatusCode.FAILED_PRECONDITION)
 
 
-def _catalogue_digests(info: Any) -> list[tuple[str, str, str]]:
-    return sorted((m.model, m.kind, m.graph_sha256) for m in info.catalogue)
+def _catalogue_digests(info: Any) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    return sorted((m.model, m.kind, m.graph_sha256, tuple(m.labels)) for m in info.catalogue)
 
 
 def _check_same_catalogue(infos: list[Any]) -> None:
@@ -338,7 +376,8 @@ def _check_same_catalogue(infos: list[Any]) -> None:
         if other != first:
             differ = sorted({m for m, *_ in set(first) ^ set(other)})
             raise QueryFailed(f"party {party} reports another catalogue than party 0 (models {differ} differ in "
-                              "name, kind or graph digest): the parties hold different deals; refusing to send shares")
+                              "name, kind, graph digest or labels): the parties hold different deals; refusing to "
+                              "send shares")
 
 
 def _check_identity(cfg: ClusterConfig, party: int, info: Any) -> None:

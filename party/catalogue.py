@@ -6,12 +6,13 @@ format 2 (several models)::
 
     {"format": 2, "party": 0, "deal_id": "<32 hex>", "frac_bits": 18,
      "model": "<the deal's first model: its default>",
-     "models": {name: {"kind": "encoder" | "causal",
+     "models": {name: {"kind": "encoder" | "classifier" | "causal",
                        "recipe": Recipe.to_dict(),
                        "graphs": {"16": graph JSON, ...},          # encoder: by padded length;
                                                                    # causal: prefill, by prompt bucket
                        "decode_graphs": {"32": graph JSON, ...},   # causal: by cache capacity; else {}
-                       "info": CausalGraphs.info() or {},          # causal only
+                       "info": CausalGraphs.info() or {},          # causal; a classifier:
+                                                                   # {"labels": [name per logit]}
                        "weights": {weight name: share spec}}}}     # this party's pair of each weight
 
 format 1 (one model, still read, as a catalogue of one encoder-kind model served by
@@ -49,9 +50,12 @@ from secure.runtime.inputs import InputSpec, input_specs
 
 FORMAT = 2
 """The share-file format the dealer writes; :func:`load_party_file` also reads format 1."""
-KINDS = ("encoder", "causal")
-"""``encoder``: one graph per padded length, served by ``Query``; ``causal``: prefill and
-decode graphs of a causal LM, served by ``Generate``."""
+KINDS = ("encoder", "classifier", "causal")
+"""``encoder``: one graph per padded length, served by ``Query``; ``classifier``: the same,
+its output one logit per label (``info["labels"]``); ``causal``: prefill and decode graphs
+of a causal LM, served by ``Generate``."""
+QUERY_KINDS = ("encoder", "classifier")
+"""The kinds ``Query`` serves."""
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 """What a dealt model may be called (the name a client's query header carries)."""
 CAUSAL_INFO_KEYS = ("vocab_size", "max_positions", "eos_token_id", "prompt_buckets", "capacities")
@@ -88,11 +92,18 @@ class ServedModel:
         """What a client sends for the first graph (every graph of a model takes the same names)."""
         return input_specs(self.graphs[self.buckets[0]])
 
+    @property
+    def labels(self) -> list[str]:
+        """A classifier's label names, one per logit (empty for the other kinds)."""
+        return list(self.info.get("labels") or [])
+
     def summary(self) -> str:
         """One line for the node's start-up log."""
         text = f"{self.name} ({self.kind}, {self.recipe.get('name')}, {len(self.weights)} weights, "
         if self.kind == "causal":
             return text + f"prompt buckets {self.buckets}, capacities {self.capacities})"
+        if self.kind == "classifier":
+            return text + f"lengths {self.buckets}, {len(self.labels)} labels)"
         return text + f"lengths {self.buckets})"
 
 
@@ -185,6 +196,10 @@ def _served_model(name: Any, spec: Any, party_id: int, frac_bits: int, device: t
         raise ConfigError(f"{where}: a graph is not JSON text")
     if kind == "causal":
         _check_causal_info(info, graph_texts, decode_texts, where)
+    labels = info.get("labels")
+    if kind == "classifier" and not (isinstance(labels, list) and labels
+                                     and all(isinstance(v, str) and v for v in labels)):
+        raise ConfigError(f"{where}: a classifier's info needs its label names (a list of strings), got {labels!r}")
     try:  # a graph is data: ops outside the registry are refused, naming node, op and file
         graphs = {k: Graph.from_json(v, source=where) for k, v in graph_texts.items()}
         decode = {k: Graph.from_json(v, source=f"{where}, decode") for k, v in decode_texts.items()}
@@ -222,4 +237,5 @@ def _weight_shares(specs: dict[str, Any], party_id: int, frac_bits: int, device:
     return weights
 
 
-__all__ = ["FORMAT", "KINDS", "MODEL_NAME", "ServedModel", "default_model", "graph_digest", "load_party_file"]
+__all__ = ["FORMAT", "KINDS", "MODEL_NAME", "QUERY_KINDS", "ServedModel", "default_model", "graph_digest",
+           "load_party_file"]

@@ -5,15 +5,20 @@
     python -m party.deal --model path/to/hf-folder --out deal/ [--name NAME] [--seq-lens 16,32]
     python -m party.deal --model minilm-power --out deal/        # distilled Power-Softmax (recipe power)
     python -m party.deal --model minilm --model tiny-llama --out deal/   # a catalogue: several models
-    python -m party.deal --model enc=path/to/bert --model lm=path/to/llama --prompt-buckets 16 --capacities 32,64
+    python -m party.deal --model minilm-topics --out deal/       # the shipped topic classifier
+    python -m party.deal --model enc=path/to/bert --model lm=path/to/llama --prompt-buckets 16 --capacities 31,63
 
 ``--model`` (repeatable; ``NAME=SOURCE`` deals SOURCE under NAME) is ``minilm`` (the shipped
 all-MiniLM-L6-v2), ``minilm-power`` (its distilled Power-Softmax form,
 ``secure.distill.cache``), ``tiny-llama`` (the shipped small LLaMA-style LM,
-``secure.lm.shipped_lm_path()``) or a local Hugging Face folder (config.json, weights and
-tokenizer; loaded offline, no code from the folder). An encoder is served as its
+``secure.lm.shipped_lm_path()``), ``minilm-topics`` (MiniLM plus a linear head: the WordNet
+topic classifier of ``secure.classify``) or a local Hugging Face folder (config.json,
+weights and tokenizer; loaded offline, no code from the folder). An encoder is served as its
 mean-pooled sentence embedding (``secure.models.SentenceEncoder``, kind ``encoder``, one
-graph per padded length of ``--seq-lens``); a causal LM for generation (kind ``causal``,
+graph per padded length of ``--seq-lens``); a classifier (``minilm-topics``, or a folder
+whose architecture is a ``...ForSequenceClassification``: ``secure.models.SequenceClassifier``)
+as its logits, kind ``classifier``, with its label names, at the same lengths; a causal LM
+for generation (kind ``causal``,
 ``secure.graph.causal``: a prefill graph per prompt bucket of ``--prompt-buckets`` and a
 decode graph per key/value cache capacity of ``--capacities``). A folder with
 ``secure_recipe.json`` (written by ``python -m secure.distill``) is dealt with its
@@ -63,13 +68,21 @@ from party.cluster_init import TOKENIZER_DIR, TOKENIZERS_DIR
 from party.config import ConfigError
 from party.integrity import load_signing_key, make_manifest, make_signing_key, pin_instructions, write_manifest
 from party.private_files import make_private_dir, open_private
+from secure.classify import MINILM_TOPICS, load_topic_classifier
 from secure.graph.buckets import BUCKETS
 from secure.graph.capture import CaptureError, capture
 from secure.graph.causal import CausalGraphs, GenerationLimitError, capture_causal
 from secure.graph.ir import Graph, GraphValidationError
 from secure.graph.passes import RECIPES, Recipe, UnsupportedOpError
 from secure.graph.passes import rewrite as rewrite_graph
-from secure.models import ModelFolderError, SentenceEncoder, load_minilm, load_model_folder, max_positions
+from secure.models import (
+    ModelFolderError,
+    SentenceEncoder,
+    SequenceClassifier,
+    load_minilm,
+    load_model_folder,
+    max_positions,
+)
 from secure.mpc.embedding import SeededComponent, seeded_deal
 from secure.mpc.ring import FixedPoint
 from secure.runtime.execute import run_float
@@ -79,8 +92,10 @@ from secure.runtime.interpreter import embedding_vocab
 DEFAULT_SEQ_LENS = BUCKETS
 DEFAULT_PROMPT_BUCKETS = (16, 32)
 """A causal LM's default prompt buckets (the prompt is left-padded to one of them)."""
-DEFAULT_CAPACITIES = (32, 64)
-"""A causal LM's default key/value cache capacities (one decode graph each)."""
+DEFAULT_CAPACITIES = (31, 63)
+"""A causal LM's default key/value cache capacities (one decode graph each): 2^k - 1, so that
+a decode step's softmax row (the capacity plus the new token) is a power of two and its max
+tree has no extra level (9 rounds a layer saved against 32 and 64)."""
 CHECK_NEW_TOKENS = 4
 """How many greedy tokens the dealer generates on floats to check a causal LM."""
 CHECK_TEXT = "The secure dealer"
@@ -89,7 +104,7 @@ MIN_FLOAT_COSINE = 0.99
 """The least cosine between the secure forms on floats and the model, on the dealer's example."""
 SHIPPED_LM = "tiny-llama"
 """``--model`` name of the shipped small causal LM (``secure.lm.shipped_lm_path()``)."""
-BUNDLED_TOKENIZERS = ("minilm", "minilm-power")
+BUNDLED_TOKENIZERS = ("minilm", "minilm-power", MINILM_TOPICS)
 """Models whose tokenizer every client has (the bundled MiniLM's): none is written for them."""
 DISTILLED_RECIPE_FILE = "secure_recipe.json"
 MakeInputs = Callable[[int], dict[str, torch.Tensor]]
@@ -114,7 +129,8 @@ def deal_weight(value: torch.Tensor, fp: FixedPoint) -> list[tuple[dict, dict]]:
 class CompiledModel:
     """A model captured and rewritten at every length, and checked; nothing written yet.
 
-    An encoder (``kind`` "encoder") has one graph per padded length; a causal LM ("causal")
+    An encoder (``kind`` "encoder") has one graph per padded length, and so has a classifier
+    ("classifier", its label names in ``info["labels"]``); a causal LM ("causal")
     a prefill graph per prompt bucket (``seq_lens``, ``graphs``), a decode graph per cache
     capacity (``decode_graphs``) and its public facts (``info``: ``CausalGraphs.info()``).
     ``float_cosine`` is the check's cosine against the model (an encoder's output, a causal
@@ -148,8 +164,10 @@ class CompiledModel:
 
     def public(self, graph_sha256: str) -> dict[str, Any]:
         """What clients may know of the model (model.json, the manifest)."""
+        labels = {"labels": list(self.info["labels"])} if self.kind == "classifier" else {}
         return {"model": self.name, "kind": self.kind, "recipe": self.recipe.name, "seq_lens": list(self.seq_lens),
-                "capacities": sorted(self.decode_graphs), "inputs": self.inputs, "graph_sha256": graph_sha256}
+                "capacities": sorted(self.decode_graphs), "inputs": self.inputs, "graph_sha256": graph_sha256,
+                **labels}
 
 
 def compile_model(model: torch.nn.Module, make_inputs: MakeInputs, model_name: str, recipe: Recipe,
@@ -350,7 +368,8 @@ class ModelSource:
     length, its dealt name and recipe, its tokenizer (written beside the deal for the client),
     and the model the secure forms are checked against (a distilled model's exact Power-Softmax).
     ``causal``: a causal LM (``model`` is its ``CausalLM`` wrapper, ``model.lm`` the Hugging
-    Face model), dealt for generation."""
+    Face model), dealt for generation. ``labels``: a classifier's label names, one per logit
+    (empty for any other model)."""
 
     model: torch.nn.Module
     make_inputs: MakeInputs
@@ -360,6 +379,12 @@ class ModelSource:
     reference: torch.nn.Module | None = None
     folder: Path | None = None
     causal: bool = False
+    labels: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """``encoder``, ``classifier`` or ``causal`` (the catalogue's kinds)."""
+        return "causal" if self.causal else "classifier" if self.labels else "encoder"
 
     @property
     def needs_tokenizer(self) -> bool:
@@ -428,29 +453,35 @@ def _shipped_lm_folder() -> Path:
 
 def default_name(model: str) -> str:
     """The name a ``--model`` SOURCE is dealt under without ``NAME=``: ``minilm``,
-    ``minilm-power``, ``tiny-llama``, or the folder's name."""
+    ``minilm-power``, ``tiny-llama``, ``minilm-topics``, or the folder's name."""
     from secure.distill.cache import DISTILLED_NAMES
 
-    return model if model in ("minilm", SHIPPED_LM, *DISTILLED_NAMES) else Path(model).resolve().name
+    shipped = ("minilm", SHIPPED_LM, MINILM_TOPICS, *DISTILLED_NAMES)
+    return model if model in shipped else Path(model).resolve().name
 
 
 def model_source(model: str, recipe: str | None = None, name: str | None = None,
                  seq_lens: tuple[int, ...] = DEFAULT_SEQ_LENS,
                  prompt_buckets: tuple[int, ...] = DEFAULT_PROMPT_BUCKETS) -> ModelSource:
     """Load what ``--model`` names: ``minilm``, ``minilm-power`` (distilled on first use, see
-    ``secure.distill.cache``), ``tiny-llama`` or a Hugging Face folder; ``DealError``/
+    ``secure.distill.cache``), ``tiny-llama``, ``minilm-topics`` or a Hugging Face folder
+    (a ``...ForSequenceClassification`` one as a classifier); ``DealError``/
     ``ModelFolderError`` when it cannot be dealt with ``recipe`` at ``seq_lens`` (an encoder)
     or ``prompt_buckets`` (a causal LM)."""
     if model == "minilm":
         encoder, tokenizer = load_minilm()
         return ModelSource(SentenceEncoder(encoder), tokenized_inputs(tokenizer), name or "minilm",
                            _recipe_for(recipe, None), tokenizer)
+    if model == MINILM_TOPICS:
+        classifier, tokenizer = load_topic_classifier()
+        return ModelSource(classifier, tokenized_inputs(tokenizer), name or MINILM_TOPICS, _recipe_for(recipe, None),
+                           tokenizer, labels=classifier.labels)
     from secure.distill.cache import DISTILLED_NAMES, resolve_model
 
     folder = _shipped_lm_folder() if model == SHIPPED_LM else resolve_model(model)  # distilled on first use
     if not folder.is_dir():
         raise DealError(f"--model {model}: not a folder, nor one of minilm, {', '.join(DISTILLED_NAMES)}, "
-                        f"{SHIPPED_LM}")
+                        f"{SHIPPED_LM}, {MINILM_TOPICS}")
     name = name or default_name(model)
     if not MODEL_NAME.match(name):
         raise DealError(f"the model name {name!r} must be 1-64 characters of [A-Za-z0-9_.:-]; pass --name NAME "
@@ -466,7 +497,8 @@ def model_source(model: str, recipe: str | None = None, name: str | None = None,
         from secure.distill.attention import load_power_softmax_model
 
         reference = SentenceEncoder(load_power_softmax_model(folder))
-    return ModelSource(wrapped, tokenized_inputs(tokenizer), name, chosen, tokenizer, reference, folder, causal)
+    labels = wrapped.labels if isinstance(wrapped, SequenceClassifier) else ()
+    return ModelSource(wrapped, tokenized_inputs(tokenizer), name, chosen, tokenizer, reference, folder, causal, labels)
 
 
 def compile_source(source: ModelSource, seq_lens: tuple[int, ...] = DEFAULT_SEQ_LENS,
@@ -480,11 +512,26 @@ def compile_source(source: ModelSource, seq_lens: tuple[int, ...] = DEFAULT_SEQ_
     else:
         compiled = compile_model(source.model, source.make_inputs, source.name, source.recipe, seq_lens, progress,
                                  source.reference)
+        if source.labels:
+            _as_classifier(compiled, source.labels)
     vocab = max((i["vocab_size"] for i in compiled.inputs), default=0)
     if vocab and len(source.tokenizer) > vocab:
         raise DealError(f"{source.name}'s tokenizer has {len(source.tokenizer)} ids but its embedding table only "
                         f"{vocab} rows: a client's token ids would fall outside it")
     return compiled
+
+
+def _as_classifier(compiled: CompiledModel, labels: Sequence[str]) -> None:
+    """Mark a compiled model as a classifier with ``labels``, after checking that its one
+    output holds one logit per label."""
+    for seq, graph in compiled.graphs.items():
+        node = next((n for n in graph.nodes if n.name == graph.outputs[0]), None)
+        shape = node.spec.shape if node is not None and node.spec is not None else None
+        if len(graph.outputs) != 1 or not shape or shape[-1] != len(labels):
+            raise DealError(f"{compiled.name} is dealt as a classifier of {len(labels)} labels, but its graph at "
+                            f"length {seq} gives {len(graph.outputs)} outputs of shape {shape}")
+    compiled.kind = "classifier"
+    compiled.info = {"labels": list(labels)}
 
 
 def deal_sources(sources: Sequence[ModelSource], out: Path, seq_lens: tuple[int, ...] = DEFAULT_SEQ_LENS,
@@ -503,7 +550,8 @@ def deal_sources(sources: Sequence[ModelSource], out: Path, seq_lens: tuple[int,
         if progress:
             lengths = (f"prompt buckets {list(prompt_buckets)}, capacities {list(capacities)}" if source.causal
                        else f"lengths {list(seq_lens)}")
-            print(f"[{n}/{len(sources)}] {source.name}: {'causal LM' if source.causal else 'encoder'}, "
+            kind = "causal LM" if source.causal else source.kind
+            print(f"[{n}/{len(sources)}] {source.name}: {kind}, "
                   f"{source.recipe.name} recipe, {lengths}: capture, rewrite, check", flush=True)
         model = compile_source(source, seq_lens, prompt_buckets, capacities, progress)
         if progress:
@@ -557,13 +605,13 @@ def main(argv: list[str] | None = None) -> int:
         return keygen_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", action="append",
-                    help=f"repeatable, [NAME=]SOURCE: minilm (default), minilm-power, {SHIPPED_LM}, or a Hugging Face "
-                         "model folder (config.json, weights, tokenizer; an encoder or a causal LM); the first is "
-                         "the deal's default")
+                    help=f"repeatable, [NAME=]SOURCE: minilm (default), minilm-power, {SHIPPED_LM}, {MINILM_TOPICS}, "
+                         "or a Hugging Face model folder (config.json, weights, tokenizer; an encoder, a sequence "
+                         "classifier or a causal LM); the first is the deal's default")
     ap.add_argument("--recipe", default=None, choices=[*sorted(RECIPES), "power"],
                     help="secure forms of every model (default: power for a distilled folder, else ours)")
     ap.add_argument("--name", help="the dealt model's name when there is one --model (default: minilm, "
-                                   "minilm-power, tiny-llama, or the folder's name)")
+                                   "minilm-power, tiny-llama, minilm-topics, or the folder's name)")
     ap.add_argument("--out", type=Path, required=True,
                     help="where to write the deal (a folder written by secure-cluster: pinned there too)")
     ap.add_argument("--seq-lens", default=",".join(map(str, DEFAULT_SEQ_LENS)), help="an encoder's padded lengths")

@@ -9,7 +9,7 @@ The dealer writes ``OUT/manifest.json`` beside the three party folders::
       "models": [                     // the deal's catalogue, its default (above) first
         {"model": "minilm", "kind": "encoder", "recipe": "ours", "seq_lens": [16, 32, 64, 128],
          "capacities": [], "graph_sha256": "<SHA-256 of its graphs, party.catalogue.graph_digest>"},
-        {"model": "tiny-llama", "kind": "causal", "seq_lens": [16, 32], "capacities": [32, 64], ...}
+        {"model": "tiny-llama", "kind": "causal", "seq_lens": [16, 32], "capacities": [31, 63], ...}
       ],
       "parties": [
         {"id": 0, "path": "party0/shares.pt", "size": 12345678, "sha256": "<64 hex digits>"},

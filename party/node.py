@@ -3,10 +3,10 @@
     python -m party --config cluster.json --party 0
 
 The node serves a catalogue: every model of its dealt share file (``party.catalogue``),
-chosen by name per query. ``Query`` runs an encoder-kind model (``QueryHeader.model``);
+chosen by name per query. ``Query`` runs an encoder or a classifier (``QueryHeader.model``);
 ``Describe`` lists the catalogue (``ModelInfo.catalogue``: kind, lengths, capacities,
-inputs, recipe, graph digest) and describes the default model (the configuration's
-``model``; if the file lacks it, its first encoder) in its top-level fields.
+inputs, recipe, graph digest, a classifier's labels) and describes the default model (the
+configuration's ``model``; if the file lacks it, its first encoder) in its top-level fields.
 
 Two ports: the peer port (``Peer.Link``, mutually authenticated TLS between parties; each
 party's certificate names it and a frame's sender must match it) and the client port
@@ -48,7 +48,7 @@ from typing import Any
 import grpc
 import torch
 
-from party.catalogue import ServedModel, default_model, load_party_file
+from party.catalogue import QUERY_KINDS, ServedModel, default_model, load_party_file
 from party.certs import check_party_certificate
 from party.config import ClusterConfig, ConfigError, party_name
 from party.generation import GenerationService
@@ -148,16 +148,17 @@ class PartyNode:
         return self.default.graphs
 
     def served(self, name: str, kind: str = "encoder") -> ServedModel:
-        """The catalogue's model ``name``, which must be of ``kind`` (``Query``: an encoder;
-        ``Generate``: a causal LM); ``Rejected`` with NOT_FOUND or FAILED_PRECONDITION."""
+        """The catalogue's model ``name``, which must be of ``kind`` (``Query``: "encoder", which
+        also serves a classifier; ``Generate``: "causal"); ``Rejected`` with NOT_FOUND or
+        FAILED_PRECONDITION."""
         model = self.models.get(name)
         if model is None:
             raise QueryRejected(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; this cluster serves "
                                 f"{', '.join(repr(m) for m in self.models)}")
-        if model.kind != kind:
+        if model.kind not in (QUERY_KINDS if kind == "encoder" else (kind,)):
             use = "use Generate" if model.kind == "causal" else "use Query"
-            raise QueryRejected(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"model {name!r} is {'a causal LM' if model.kind == 'causal' else 'an encoder'}: {use}")
+            what = {"causal": "a causal LM", "classifier": "a classifier"}.get(model.kind, "an encoder")
+            raise QueryRejected(grpc.StatusCode.FAILED_PRECONDITION, f"model {name!r} is {what}: {use}")
         return model
 
     # ---- networking --------------------------------------------------------------------
@@ -459,14 +460,14 @@ def _input_infos(model: ServedModel) -> list[Any]:
 
 def _model_entry(model: ServedModel) -> Any:
     """One model of ``Describe``'s catalogue (a causal LM's vocabulary, positions and
-    end-of-text token from its info; -1: no end-of-text token)."""
+    end-of-text token from its info, -1: no end-of-text token; a classifier's labels)."""
     info = model.info
     eos = info.get("eos_token_id")
     return pb2.ModelEntry(model=model.name, kind=model.kind, seq_lens=model.buckets, capacities=model.capacities,
                           inputs=_input_infos(model), recipe=model.recipe.get("name", ""),
                           graph_sha256=model.graph_sha256, vocab_size=int(info.get("vocab_size") or 0),
                           max_positions=int(info.get("max_positions") or 0),
-                          eos_token_id=-1 if eos is None else int(eos))
+                          eos_token_id=-1 if eos is None else int(eos), labels=model.labels)
 
 
 def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:

@@ -5,7 +5,9 @@
 * :class:`SentenceEncoder` -- a BERT-style encoder plus sentence-transformers' mean
   pooling (the embedding the client receives; it normalises it itself);
 * :class:`CausalLM` -- a causal LM returning the logits of every position;
-* :func:`load_model_folder` -- any local Hugging Face folder, wrapped in one of the two
+* :class:`SequenceClassifier` -- a ``...ForSequenceClassification`` returning its logits
+  (the client applies softmax or argmax itself) and naming its labels;
+* :func:`load_model_folder` -- any local Hugging Face folder, wrapped in one of the three
   (no hub, no code from the folder), and :func:`load_tokenizer`.
 """
 
@@ -72,11 +74,13 @@ def load_model_folder(folder: str | Path) -> tuple[nn.Module, object, bool]:
     tokenizer), from local files only and without remote code.
 
     A causal LM (an architecture ending in ``ForCausalLM`` or ``LMHeadModel``, or
-    ``is_decoder``) is wrapped in :class:`CausalLM` (the logits of every position); any other
+    ``is_decoder``) is wrapped in :class:`CausalLM` (the logits of every position); a
+    sequence classifier (an architecture ending in ``ForSequenceClassification``) in
+    :class:`SequenceClassifier` (its logits, its labels from ``id2label``); any other
     model is loaded as its base ``AutoModel`` (a ``...ForMaskedLM`` checkpoint loses its head)
     and wrapped in :class:`SentenceEncoder` (mean pooling)."""
     _offline()
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -92,20 +96,22 @@ def load_model_folder(folder: str | Path) -> tuple[nn.Module, object, bool]:
     architectures = list(getattr(config, "architectures", None) or [])
     causal = bool(getattr(config, "is_decoder", False)) or any(
         a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    loader = AutoModelForCausalLM if causal else AutoModel
+    classifier = not causal and any(a.endswith("ForSequenceClassification") for a in architectures)
+    loader = AutoModelForCausalLM if causal else AutoModelForSequenceClassification if classifier else AutoModel
     try:
         model = loader.from_pretrained(str(folder), local_files_only=True).float().eval()
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelFolderError(f"cannot load the model in {folder} ({', '.join(architectures) or config.model_type}): "
                                f"{type(e).__name__}: {e}") from None
     tokenizer = load_tokenizer(folder)
-    return (CausalLM(model) if causal else SentenceEncoder(model)), tokenizer, causal
+    wrapped = CausalLM(model) if causal else SequenceClassifier(model) if classifier else SentenceEncoder(model)
+    return wrapped, tokenizer, causal
 
 
 def max_positions(model: nn.Module) -> int | None:
     """The longest sequence a loaded Hugging Face model's position table holds (None: unbounded)."""
-    config = getattr(model, "config", None) or getattr(getattr(model, "encoder", None) or getattr(model, "lm", None),
-                                                      "config", None)
+    inner = getattr(model, "encoder", None) or getattr(model, "lm", None) or getattr(model, "model", None)
+    config = getattr(model, "config", None) or getattr(inner, "config", None)
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -148,6 +154,24 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+class SequenceClassifier(nn.Module):
+    """A Hugging Face ``...ForSequenceClassification`` (BERT, RoBERTa, ...: the pooler's tanh
+    runs as ``secure.tanh``) that returns its logits, shape (batch, labels); ``labels`` names
+    them (``config.id2label`` in order)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        config = self.model.config
+        return tuple(str(config.id2label[i]) for i in range(config.num_labels))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def tiny_gpt2(vocab_size: int = 256, layers: int = 2, hidden: int = 64, heads: int = 4,

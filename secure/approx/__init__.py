@@ -12,6 +12,7 @@ from secure.approx.reciprocal import (
     rsqrt,
 )
 from secure.approx.softmax import even_power, power_softmax, puma_softmax
+from secure.approx.tanh import tanh
 
 __all__ = [
     "bounded_reciprocal_start",
@@ -28,4 +29,5 @@ __all__ = [
     "reciprocal_bounded",
     "rms_norm",
     "rsqrt",
+    "tanh",
 ]

@@ -12,6 +12,7 @@ Secure ops introduced here (their arguments follow the aten op they replace):
   two comparisons, ``secure.approx.gelu.even_activation``);
 * ``secure.softmax(x, mask, causal=..., kind=..., ...)`` -- PUMA or Power-Softmax over
   the last dim; ``mask`` is a public boolean (True = attend) or None;
+* ``secure.tanh(x)`` -- a polynomial in |x| and the sign beyond (``secure.approx.tanh``);
 * ``secure.layer_norm(x, gamma, beta, eps=...)``, ``secure.rsqrt(x)``;
 * ``secure.embedding(table, token_ids)`` -- a lookup by the client's one-hot.
 """
@@ -148,6 +149,16 @@ def rewrite_silu(graph: Graph, form: str = "puma") -> Graph:
     def fn(n: Node) -> list[Node] | None:
         if n.secret and n.op == "aten.silu.default":
             return _replace(n, "secure.silu", [n.args[0]], {"form": form})
+        return None
+
+    return _map_nodes(graph, fn)
+
+
+def rewrite_tanh(graph: Graph) -> Graph:
+    """aten.tanh on a secret (a sequence classifier's pooler) -> secure.tanh."""
+    def fn(n: Node) -> list[Node] | None:
+        if n.secret and n.op == "aten.tanh.default":
+            return _replace(n, "secure.tanh", [n.args[0]])
         return None
 
     return _map_nodes(graph, fn)
@@ -398,7 +409,7 @@ ARITHMETIC_OPS = {
     "aten.cat.default", "aten.rsub.Scalar",
 }
 SECURE_OPS = {"secure.gelu", "secure.silu", "secure.softmax", "secure.layer_norm", "secure.rsqrt",
-              "secure.embedding"}
+              "secure.embedding", "secure.tanh"}
 SUPPORTED_SECRET_OPS = SHAPE_OPS | ARITHMETIC_OPS | SECURE_OPS
 
 
@@ -410,7 +421,7 @@ def check_supported(graph: Graph) -> Graph:
                 f"cannot run {n.op} on secret values: node {n.name!r} in module "
                 f"{n.origin or '(top level)'}; no secure form is known for it. Supported on "
                 f"secrets: linear algebra, add/sub/mul, division by public values, shape "
-                f"operations, GeLU, SiLU, softmax, attention, LayerNorm, rsqrt, embedding")
+                f"operations, GeLU, SiLU, tanh, softmax, attention, LayerNorm, rsqrt, embedding")
     return graph
 
 
@@ -424,6 +435,7 @@ def rewrite(graph: Graph, recipe: Recipe) -> Graph:
     g = rewrite_silu(g, recipe.silu)
     g = rewrite_layer_norm(g, recipe.layer_norm_newton)
     g = rewrite_rsqrt(g)
+    g = rewrite_tanh(g)
     g = check_supported(g)
     g.meta = {**graph.meta, "recipe": recipe.to_dict()}
     return g

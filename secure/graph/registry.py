@@ -74,6 +74,7 @@ _ATEN: tuple[torch._ops.OpOverload, ...] = (
     # nonlinear ops that the rewrite passes replace on secrets (public ones run as they are)
     aten.gelu.default, aten.silu.default, aten.rsqrt.default, aten.layer_norm.default,
     aten.softmax.int, aten._softmax.default, aten.scaled_dot_product_attention.default,
+    aten.tanh.default,  # a sequence classifier's pooler (secure.tanh on secrets)
     # shapes, copies, lookups
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
     aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
@@ -110,6 +111,7 @@ def _kw(name: str, kind: Kind, required: bool = False) -> Param:
 _SECURE: tuple[OpSpec, ...] = (
     OpSpec("secure.gelu", None, (_x(), _kw("form", "str"), _kw("bound", "number"), _kw("degree", "int"))),
     OpSpec("secure.silu", None, (_x(), _kw("form", "str"))),
+    OpSpec("secure.tanh", None, (_x(),)),
     OpSpec("secure.rsqrt", None, (_x(),)),
     OpSpec("secure.layer_norm", None, (_x(), Param("gamma", "ref?"), Param("beta", "ref?"),
                                        _kw("eps", "number", required=True), _kw("newton_iterations", "int"),
