@@ -164,7 +164,7 @@ def run(quick: bool, device: str) -> list[Result]:
     g = torch.randn(rows, cols, dtype=torch.float64) * 3
     gelu, silu = torch.nn.functional.gelu, torch.nn.functional.silu
     for op, form, exact in (("PUMA GeLU", puma_gelu, gelu), ("even GeLU (ours)", even_gelu, gelu),
-                            ("PUMA SiLU", puma_silu, silu), ("even SiLU (ours)", even_silu, silu)):
+                            ("PUMA SiLU (ours)", puma_silu, silu), ("even SiLU", even_silu, silu)):
         measure_activation(b, op, form, g, exact)
 
     heads, seq = (2, 32) if quick else (12, 128)
