@@ -103,6 +103,12 @@ class _PartyStream:
     def half_close(self) -> None:
         self._requests.put(None)
 
+    def cancel(self) -> None:
+        """Cancel the call and end the request feed (gRPC's thread reading it would otherwise
+        wait on the queue for ever)."""
+        self.call.cancel()
+        self._requests.put(None)
+
     def read_step(self) -> tuple[tuple[torch.Tensor, torch.Tensor], int, Any]:
         """This party's shares of the step's output, their scale, and its StepResult."""
         assemblers = {0: TensorAssembler(1 << 30), 1: TensorAssembler(1 << 30)}
@@ -148,7 +154,7 @@ def _in_parallel(streams: list[_PartyStream], fn: Callable[[_PartyStream], Any])
         except (grpc.RpcError, GenerationFailed) as e:
             failures.append((i, e))
             for other in streams:
-                other.call.cancel()
+                other.cancel()
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(3)]
     for t in threads:
@@ -232,7 +238,7 @@ def stream_generation(client: SecureClient, model: str, prompt: str | Sequence[i
         _in_parallel(streams, _PartyStream.read_done)
     except BaseException:
         for stream in streams:
-            stream.call.cancel()
+            stream.cancel()
         client._renew_channels()
         raise
 

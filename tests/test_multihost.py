@@ -397,7 +397,7 @@ def _wait_for(condition: Callable[[], T], timeout_s: float, what: str) -> T:
 
 
 def _accepted(log: str) -> list[str]:
-    return re.findall(rf"query (\S+) accepted: length {SEQ}\b", log)
+    return re.findall(rf"query (\S+) accepted: (?:model \S+, )?length {SEQ}\b", log)
 
 
 def _outcome(log: str, qid: str) -> tuple[str, int, int] | None:
