@@ -236,9 +236,18 @@ def even_fit(fn: Callable[..., object], bound: float, degree: int = 4, points: i
     import numpy as np
 
     x = np.linspace(0.0, bound, points)
-    basis = np.polynomial.chebyshev.chebvander(2.0 * (x / bound) ** 2 - 1.0, degree)
-    target = np.asarray(fn(x), dtype=np.float64)
-    weight = np.full(points, 1.0 / points)
+    return lawson_fit(2.0 * (x / bound) ** 2 - 1.0, np.asarray(fn(x), dtype=np.float64), degree, iterations)
+
+
+def lawson_fit(v: object, target: object, degree: int, iterations: int) -> tuple[float, ...]:
+    """Chebyshev coefficients ``c_k`` minimising ``max |sum_k c_k T_k(v) - target|`` over the
+    sample points (numpy arrays ``v`` in [-1, 1] and ``target``): Lawson's iteratively
+    reweighted least squares, each pass reweighting the points by their error."""
+    import numpy as np
+
+    basis = np.polynomial.chebyshev.chebvander(np.asarray(v, dtype=np.float64), degree)
+    target = np.asarray(target, dtype=np.float64)
+    weight = np.full(len(target), 1.0 / len(target))
     coeffs = np.zeros(degree + 1)
     for _ in range(iterations):
         root = np.sqrt(weight)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from secure.approx.gelu import chebyshev_basis
+from secure.approx.gelu import chebyshev_basis, lawson_fit
 from secure.approx.interface import SecureOps, T
 
 TANH_BOUND: float = 7.5
@@ -47,16 +47,7 @@ def tanh_fit(bound: float = TANH_BOUND, degree: int = 20, points: int = 12001,
     if bound <= 0 or degree < 1:
         raise ValueError(f"need bound > 0 and degree >= 1, got bound={bound}, degree={degree}")
     u = np.linspace(0.0, bound, points)
-    basis = np.polynomial.chebyshev.chebvander(2.0 * u / bound - 1.0, degree)
-    target = np.tanh(u)
-    weight = np.full(points, 1.0 / points)
-    coeffs = np.zeros(degree + 1)
-    for _ in range(iterations):
-        root = np.sqrt(weight)
-        coeffs = np.linalg.lstsq(basis * root[:, None], target * root, rcond=None)[0]
-        weight = weight * np.abs(basis @ coeffs - target)
-        weight = weight / weight.sum()
-    return tuple(float(c) for c in coeffs)
+    return lawson_fit(2.0 * u / bound - 1.0, np.tanh(u), degree, iterations)
 
 
 def tanh(ops: SecureOps[T], x: T, bound: float = TANH_BOUND,
