@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from client.sdk import QueryFailed, SecureClient, token_mismatches
+from client.text_input import read_text
 from party.config import ClusterConfig, ConfigError, HeNodeConfig, load_client_tokens
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--insecure", action="store_true", help="allow a configuration without TLS (local demos only)")
     args = ap.parse_args(args_given)
     try:
-        args.text = _query_text(args)
+        args.text = read_text(args.text, args.text_file)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -109,21 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     embedding = torch.nn.functional.normalize(result.embedding, dim=-1)[0]
     print(json.dumps({"embedding": [round(v, 6) for v in embedding.tolist()], **stats}))
     return 0
-
-
-def _query_text(args: argparse.Namespace) -> str:
-    if args.text_file is not None:
-        text = args.text_file.read_text()
-    elif args.text == "-":
-        if sys.stdin.isatty():
-            print("query (end with Ctrl-D):", file=sys.stderr)
-        text = sys.stdin.read()
-    else:
-        text = args.text
-    text = text.strip()
-    if not text:
-        raise ValueError("the query is empty")
-    return text
 
 
 def _he(args: argparse.Namespace) -> int:

@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
     from pathlib import Path
 
+    from client.text_input import read_text
     from party.config import ClusterConfig, ConfigError, load_client_tokens
 
     ap = argparse.ArgumentParser(prog="python -m client generate", description=(
@@ -315,15 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--insecure", action="store_true", help="allow a configuration without TLS (local demos only)")
     args = ap.parse_args(argv)
     try:
-        if args.text_file is not None:
-            prompt = args.text_file.read_text()
-        elif args.prompt == "-":
-            prompt = sys.stdin.read()
-        else:
-            prompt = args.prompt
-        prompt = prompt.strip()
-        if not prompt:
-            raise ValueError("the prompt is empty")
+        prompt = read_text(args.prompt, args.text_file, "prompt")
         sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
         cfg = ClusterConfig.load(args.config)
         client = SecureClient(cfg, load_client_tokens(args.token_file), args.timeout, insecure=args.insecure)
