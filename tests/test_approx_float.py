@@ -487,8 +487,13 @@ class OpaqueOps:
     def max(self, x: Box, dim: int = -1, keepdim: bool = True) -> Box:
         return Box(self.f.max(x.v, dim, keepdim))
 
-    def frexp(self, x: Box, exponent_fn: Callable[[int], float]) -> tuple[Box, Box]:
-        m, s = self.f.frexp(x.v, exponent_fn)
+    def max_and_below(self, x: Box, gap: float) -> tuple[Box, Box]:
+        top, below = self.f.max_and_below(x.v, gap)
+        return Box(top), Box(below)
+
+    def frexp(self, x: Box, exponent_fn: Callable[[int], float],
+              bounds: tuple[float, float] | None = None) -> tuple[Box, Box]:
+        m, s = self.f.frexp(x.v, exponent_fn, bounds)
         return Box(m), Box(s)
 
     def check_range(self, x: Box, lower: float | None, upper: float | None, what: str) -> None:
@@ -588,13 +593,14 @@ def test_call_structure_exp_reciprocal_rsqrt() -> None:
 def test_call_structure_softmax_and_norms() -> None:
     z, bias, _ = _attention_scores()
     rec = _record(puma_softmax, z, t=8, mask_bias=bias, exp_order=1)
-    assert rec.calls["max"] == 1 and rec.calls["less_than_public"] == 1
+    # the clip's bits come with the maximum: no comparison of their own
+    assert rec.calls["max_and_below"] == 1 and rec.calls["max"] == rec.calls["less_than_public"] == 0
     assert rec.calls["frexp"] == 1
     assert rec.products == (8 + 1) + (2 + 1) + 1  # exp, reciprocal (2 iterations), broadcast
     rec = _record(puma_softmax, z, mask_bias=bias)  # default: t = 6, third-order exp base
     assert rec.products == (6 + 3) + (2 + 1) + 1
     rec = _record(power_softmax, z, p=4, upper=1e4, iterations=10, check=False)
-    assert rec.calls["max"] == rec.calls["less_than_public"] == rec.calls["frexp"] == 0
+    assert rec.calls["max"] == rec.calls["max_and_below"] == rec.calls["less_than_public"] == rec.calls["frexp"] == 0
     assert rec.products == 2 + 10
     x, gamma, beta = _activations(rows=4, n=16)
     rec = _record(layer_norm, x, gamma, beta)

@@ -185,9 +185,21 @@ def test_max_by_tree(runner, shape, data):
     assert torch.allclose(out, ref, atol=ULP)
 
 
+@given(st.integers(1, 40), st.sampled_from([2, 3, 4, 8]), st.data())
+def test_max_with_ties_and_any_group(runner, n, group, data):
+    """Few distinct values, so most groups hold ties: exactly one winner each."""
+    vals = data.draw(st.lists(st.sampled_from([-3.0, 0.5, 2.0]), min_size=n, max_size=n))
+    x = torch.tensor([vals, vals[::-1]], dtype=torch.float64)
+    out = runner.run(lambda p, a: cmp.max_along(p, a, dim=-1, group=group), runner.share(x))
+    assert torch.equal(out, x.amax(-1, keepdim=True))
+
+
 def test_max_round_count_is_log_depth(runner):
     x = runner.share(torch.randn(12, 128, dtype=torch.float64))
-    assert runner.rounds_of(lambda p, a: cmp.max_along(p, a), x) == 7 * 9
+    # groups of 4: three levels of 8 + 2 rounds, then a pair (8 + 1); the binary tree took 7 * 9
+    assert runner.rounds_of(lambda p, a: cmp.max_along(p, a), x) == 3 * 10 + 9
+    x = runner.share(torch.randn(12, 32, dtype=torch.float64))
+    assert runner.rounds_of(lambda p, a: cmp.max_along(p, a), x) == 2 * 10 + 9
 
 
 @given(st.lists(st.floats(1e-4, 1e7), min_size=1, max_size=30))
@@ -329,3 +341,18 @@ def test_exact_truncation_has_no_failure_mode(runner):
         ring = runner.cluster.run(lambda p, a: ar.open_value(p, ar.truncate_exact_many(p, [a], [20])[0]),
                                   [(s,) for s in X])[0]
         assert int((ring - (value >> 20)).abs().max()) <= 1
+
+
+@given(st.integers(1, 40), st.sampled_from([-14.0, -0.5, -3.25]), st.data())
+def test_max_and_below_gives_the_clip_bits_in_the_max_rounds(runner, n, gap, data):
+    x = data.draw(tensors(st.just((3, n)), -20, 20))
+    x[0, 0] = x[0, -1] + gap  # exactly at the gap from a possible maximum: ring-exact boundary
+    top, below = runner.run(lambda p, a: list(cmp.max_and_below(p, a, gap)), runner.share(x))
+    fx = runner.fp.decode(runner.fp.encode(x))
+    ref_top = fx.amax(-1, keepdim=True)
+    assert torch.equal(top, ref_top)
+    assert torch.equal(below, ((fx - ref_top) < gap).double())
+    if n > 1:
+        plain = runner.share(x)
+        assert runner.rounds_of(lambda p, a: cmp.max_and_below(p, a, gap), plain) == \
+            runner.rounds_of(lambda p, a: cmp.max_along(p, a), plain)

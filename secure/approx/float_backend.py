@@ -83,6 +83,10 @@ class FloatOps:
     def max(self, x: torch.Tensor, dim: int = -1, keepdim: bool = True) -> torch.Tensor:
         return x.amax(dim=dim, keepdim=keepdim)
 
+    def max_and_below(self, x: torch.Tensor, gap: float) -> tuple[torch.Tensor, torch.Tensor]:
+        top = x.amax(dim=-1, keepdim=True)
+        return top, (x - top < gap).to(x.dtype)
+
     def check_range(self, x: torch.Tensor, lower: float | None, upper: float | None, what: str) -> None:
         """RangeError (count, observed min/max) if any element is outside ``[lower, upper]``
         or NaN."""
@@ -97,8 +101,10 @@ class FloatOps:
             raise RangeError(what, lower, upper, count, x.numel(), (float(x.min()), float(x.max())))
 
     def frexp(
-        self, x: torch.Tensor, exponent_fn: Callable[[int], float]
+        self, x: torch.Tensor, exponent_fn: Callable[[int], float],
+        bounds: tuple[float, float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact ``torch.frexp``; ``bounds`` only lets fixed-point backends compare less."""
         if bool((x <= 0).any()):
             raise ValueError("frexp: every input must be > 0 (reciprocal / rsqrt domain)")
         mantissa, exponent = torch.frexp(x)

@@ -157,7 +157,13 @@ class SecureOps(Protocol[T]):
         ...
 
     def max(self, x: T, dim: int = -1, keepdim: bool = True) -> T:
-        """Maximum along ``dim`` (a tree of comparisons under MPC)."""
+        """Maximum along ``dim`` (a tournament of comparisons under MPC)."""
+        ...
+
+    def max_and_below(self, x: T, gap: float) -> tuple[T, T]:
+        """(maximum over the last dimension, kept; ``1{x - max < gap}`` as 0/1 values) for a
+        public ``gap`` < 0: under MPC the bits ride in the maximum's last comparison pass,
+        so they cost no rounds of their own (a softmax's clip)."""
         ...
 
     def check_range(self, x: T, lower: float | None, upper: float | None, what: str) -> None:
@@ -173,11 +179,15 @@ class SecureOps(Protocol[T]):
         ...
 
     # ---- normalisation seed for reciprocal and inverse square root ------------------
-    def frexp(self, x: T, exponent_fn: Callable[[int], float]) -> tuple[T, T]:
+    def frexp(self, x: T, exponent_fn: Callable[[int], float],
+              bounds: tuple[float, float] | None = None) -> tuple[T, T]:
         """For x > 0 write x = m * 2**e with m in [0.5, 1) and e an integer.
 
         Returns (m, exponent_fn(e)) where exponent_fn is any public function of the
-        exponent, evaluated obliviously (under MPC e is never opened).
+        exponent, evaluated obliviously (under MPC e is never opened). ``bounds = (lo, hi)``
+        is a range of x that the caller's structure guarantees (a softmax row sum lies in
+        [1, n]); fixed-point backends then tell apart only the exponents in it (fewer
+        comparisons under MPC) and return 0 outside it, so pass it only when guaranteed.
         """
         ...
 

@@ -52,7 +52,8 @@ def _one_minus(ops: SecureOps[T], e: T) -> T:
     return ops.add_public(ops.neg(e), 1.0)
 
 
-def reciprocal(ops: SecureOps[T], x: T, iterations: int = 3) -> T:
+def reciprocal(ops: SecureOps[T], x: T, iterations: int = 3,
+               bounds: tuple[float, float] | None = None) -> T:
     """1/x for x > 0 (PUMA's Goldschmidt reciprocal).
 
     Math: ``x = m 2^e`` with m in [0.5, 1) (``frexp``, which also returns ``s = 2^-e``);
@@ -66,7 +67,8 @@ def reciprocal(ops: SecureOps[T], x: T, iterations: int = 3) -> T:
     7.4e-3 (k=1), 5.4e-5 (k=2), 2.9e-9 (k=3).
 
     Cost: 1 ``frexp``; ``1 + iterations`` product calls (1 ``mul_many`` of 2 then
-    ``iterations - 1`` ``mul_many`` of 2 and a last ``mul``).
+    ``iterations - 1`` ``mul_many`` of 2 and a last ``mul``). ``bounds``: a range of x
+    the caller guarantees, handed to ``frexp`` (fewer comparisons under MPC).
 
     Fixed point: 1/x is only as precise as the ring's 2^-f step; for f = 18 and x = 1e4
     the result 1e-4 is 26 steps, about 4% relative. PUMA uses it for row sums in
@@ -74,7 +76,7 @@ def reciprocal(ops: SecureOps[T], x: T, iterations: int = 3) -> T:
     """
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
-    m, scale = ops.frexp(x, lambda e: 2.0**-e)
+    m, scale = ops.frexp(x, lambda e: 2.0**-e, bounds=bounds)
     w0 = ops.add_public(ops.mul_public(m, GOLDSCHMIDT_START[1]), GOLDSCHMIDT_START[0])
     mw, w = ops.mul_many([(m, w0), (w0, scale)])
     err = _one_minus(ops, mw)
@@ -264,19 +266,21 @@ def rsqrt(ops: SecureOps[T], x: T, newton_iterations: int = 1) -> T:
     return ops.mul(z, scale)
 
 
-def mul_rsqrt(ops: SecureOps[T], numerator: T, x: T, newton_iterations: int = 0) -> T:
-    """numerator / sqrt(x) for x > 0, one product pass cheaper than ``numerator * rsqrt(x)``.
+def mul_rsqrt(ops: SecureOps[T], numerator: T, x: T, newton_iterations: int = 0, gain: float = 1.0) -> T:
+    """gain * numerator / sqrt(x) for x > 0, one product pass cheaper than
+    ``numerator * rsqrt(x)``.
 
-    Same math as :func:`rsqrt`; the exponent factor ``s`` is multiplied into the numerator
-    in the first pass (beside ``m^2``), so ``numerator * s`` times the mantissa part ``z`` is
-    the only extra product. ``numerator`` broadcasts against ``x`` (``[..., n]`` over
-    ``[..., 1]``). Error: as :func:`rsqrt` (relative, 8.2e-5 with 0 Newton steps).
+    Same math as :func:`rsqrt`; the exponent factor ``s`` (times the public ``gain``,
+    folded into frexp's table for free) is multiplied into the numerator in the first pass
+    (beside ``m^2``), so ``numerator * s`` times the mantissa part ``z`` is the only extra
+    product. ``numerator`` broadcasts against ``x`` (``[..., n]`` over ``[..., 1]``).
+    Error: as :func:`rsqrt` (relative, 8.2e-5 with 0 Newton steps).
 
     Cost: 1 ``frexp``; ``3 + 2 * newton_iterations`` product calls.
     """
     if newton_iterations < 0:
         raise ValueError(f"newton_iterations must be >= 0, got {newton_iterations}")
-    m, scale = ops.frexp(x, _rsqrt_exponent_factor)
+    m, scale = ops.frexp(x, lambda e: gain * _rsqrt_exponent_factor(e))
     m2, ns = ops.mul_many([(m, m), (numerator, scale)])
     m3, m4 = ops.mul_many([(m2, m), (m2, m2)])
     q = _RSQRT_SEED_IN_M

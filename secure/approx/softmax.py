@@ -70,7 +70,8 @@ def puma_softmax(
     3.6e-5 (t = 8). Masked entries exactly 0. (PUMA's t = 8 gives 5-6e-3 for any score
     scale from N(0, 1) to N(0, 4^2) at 32 keys, not the 1e-3 DESIGN.md quotes.)
 
-    Cost: 1 ``max`` (log2(n) comparison passes), 1 ``less_than_public``, 1 ``dot_public``,
+    Cost: 1 ``max_and_below`` (log4(n) comparison passes, the clip's bits in the last),
+    1 ``dot_public``,
     ``t + 1`` ``mul`` (exp), 1 ``frexp``, ``reciprocal_iterations + 1`` product calls
     (reciprocal), 1 ``mul`` (broadcast); ``exp_order - 1`` more ``mul``.
     """
@@ -83,11 +84,16 @@ def puma_softmax(
         else:
             bias = max(float(mask_bias), MASK_BIAS_FLOOR)
         x = ops.add_public(x, bias)
-    row_max = ops.max(x, dim=-1, keepdim=True)
+    # z < clip iff x - max < clip + eps: the clip's bits come with the maximum
+    row_max, below = ops.max_and_below(x, clip + eps)
     z = ops.add_public(ops.sub(x, row_max), -eps)
-    e = clipped_exp(ops, z, t=t, clip=clip, order=exp_order)
+    e = clipped_exp(ops, z, t=t, clip=clip, order=exp_order, below=below)
     total = ops.sum(e, dim=-1, keepdim=True)
-    inv = reciprocal(ops, total, iterations=reciprocal_iterations)
+    # every exp is at most 1 and the row's maximum gives exp(-eps) ~ 1, so the sum lies in
+    # [1, n] up to the exp's error: a range the structure guarantees, where frexp needs
+    # only a few comparisons
+    n = ops.shape(x)[-1]
+    inv = reciprocal(ops, total, iterations=reciprocal_iterations, bounds=(0.5, 2.0 * n))
     return ops.mul(e, inv)
 
 

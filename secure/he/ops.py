@@ -335,7 +335,11 @@ class HeOps:
     def max(self, x: Value, dim: int = -1, keepdim: bool = True) -> Value:
         raise HeUnsupportedError("max has no CKKS form; use Power-Softmax (the power recipe)")
 
-    def frexp(self, x: Value, exponent_fn: Callable[[int], float]) -> tuple[Value, Value]:
+    def max_and_below(self, x: Value, gap: float) -> tuple[Value, Value]:
+        raise HeUnsupportedError("max has no CKKS form; use Power-Softmax (the power recipe)")
+
+    def frexp(self, x: Value, exponent_fn: Callable[[int], float],
+              bounds: tuple[float, float] | None = None) -> tuple[Value, Value]:
         raise HeUnsupportedError("frexp has no CKKS form; calibrate LayerNorm's variance range")
 
 

@@ -112,6 +112,10 @@ class MpcOps:
     def max(self, x: AShare, dim: int = -1, keepdim: bool = True) -> AShare:
         return cmp.max_along(self.party, x, dim, keepdim)
 
+    def max_and_below(self, x: AShare, gap: float) -> tuple[AShare, AShare]:
+        self.party.fp.encode(torch.tensor(gap, dtype=torch.float64))  # range check
+        return cmp.max_and_below(self.party, x, gap)
+
     def check_range(self, x: AShare, lower: float | None, upper: float | None, what: str) -> None:
         """RangeError if any element of x is outside ``[lower, upper]``: one comparison pass
         for both ends (8 rounds), the out-of-range bits summed into one share, only that
@@ -123,5 +127,6 @@ class MpcOps:
         if count:
             raise RangeError(what, lower, upper, count, x.a.numel())
 
-    def frexp(self, x: AShare, exponent_fn: Callable[[int], float]) -> tuple[AShare, AShare]:
-        return cmp.frexp(self.party, x, exponent_fn)
+    def frexp(self, x: AShare, exponent_fn: Callable[[int], float],
+              bounds: tuple[float, float] | None = None) -> tuple[AShare, AShare]:
+        return cmp.frexp(self.party, x, exponent_fn, bounds=bounds)

@@ -22,8 +22,11 @@ values) both follow them, so the simulation predicts the protocol's output.
   ``2f + k``, one truncation.
 * Comparisons with public thresholds happen at x's scale (an integral x compared with a
   fractional threshold is lifted to f first); the thresholds are encoded at that scale.
-* ``frexp``: the input at f, the inverse power 2^-e at ``f + extra`` (so the mantissa is a
-  product truncated once), the exponent factor at f, clamped to ``+-fp.max_abs / 4``.
+* ``frexp``: the input at its scale s >= f (lifted to f when below), the highest set bit
+  k of its ring value told apart on a window (:func:`frexp_window`), the inverse power
+  2^-e as the ring value 2^(last - k) (so the mantissa is a product held at
+  ``last + 1`` and truncated once), the exponent factor at f, clamped to
+  ``+-fp.max_abs / 4``.
 
 Pure functions of scales and public values: no shares, no rounds. Imports only the ring
 (``secure.mpc.ring``) and the interface's ``Public`` type.
@@ -31,6 +34,7 @@ Pure functions of scales and public values: no shares, no rounds. Imports only t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -38,8 +42,9 @@ import torch
 from secure.approx.interface import Public
 from secure.mpc.ring import RING_DTYPE, FixedPoint, coefficient_extra_bits
 
-FREXP_EXTRA_BITS: int = 8
-"""Bits of ``frexp``'s domain above f: it covers 2^-f <= x < 2^(f + 8)."""
+FREXP_EXTRA_BITS: int = 25
+"""Bits of ``frexp``'s domain above f: it covers 2^-f <= x < 2^(f + 25) (8.8e12 for f = 18),
+so a LayerNorm's sum of squares (n times the variance) fits without a truncation first."""
 
 
 def is_integral(c: Public) -> bool:
@@ -107,28 +112,56 @@ def comparison_scale(fx: int, thresholds: Sequence[float], f: int) -> int:
 
 
 def frexp_positions(f: int, extra_bits: int = FREXP_EXTRA_BITS) -> int:
-    """Bit positions ``frexp`` looks at (2f + extra): its domain is 1 <= X < 2^positions
-    in ring units at scale f."""
+    """Bit positions ``frexp`` looks at for an input at scale f (2f + extra): its domain is
+    1 <= X < 2^positions in ring units."""
     positions = 2 * f + extra_bits
-    if positions > 63:
-        raise ValueError(f"frexp needs 2 frac_bits + extra_bits <= 63 (its table holds 2^(2f+extra-1)), "
-                         f"got frac_bits={f}, extra_bits={extra_bits}")
+    if positions > FREXP_MAX_POSITIONS:
+        raise ValueError(f"frexp needs 2 frac_bits + extra_bits <= {FREXP_MAX_POSITIONS} (the mantissa "
+                         f"product is held at that scale), got frac_bits={f}, extra_bits={extra_bits}")
     return positions
 
 
-def frexp_inverse_powers(f: int, extra_bits: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """For each highest set bit k of X (x at scale f): 2^-e at scale ``f + extra_bits``
-    (e = k + 1 - f), i.e. the ring value 2^(2f + extra - 1 - k). The mantissa is the
-    product X * 2^-e at scale ``2f + extra``, truncated once to f."""
-    positions = frexp_positions(f, extra_bits)
-    return torch.tensor([1 << (positions - 1 - k) for k in range(positions)], dtype=RING_DTYPE, device=device)
+FREXP_MAX_POSITIONS: int = 61
+"""The highest scale the mantissa product X * 2^-e is held at: it stays below 2^61, within
+the exact truncation's range (|x| < 2^62)."""
 
 
-def frexp_factors(fp: FixedPoint, exponent_fn: Callable[[int], float], extra_bits: int,
+def frexp_window(f: int, s: int, extra_bits: int = FREXP_EXTRA_BITS,
+                 bounds: tuple[float, float] | None = None) -> tuple[int, int]:
+    """(first, last): the highest set bit k of X (x's ring value at scale s) that ``frexp``
+    distinguishes, k in [first, last]; X outside [2^first, 2^(last + 1)) gives 0.
+
+    Without ``bounds`` the window is the format's domain 2^-f <= x < 2^(f + extra) (capped
+    so the mantissa product stays below 2^FREXP_MAX_POSITIONS); with ``bounds = (lo, hi)``,
+    a range the caller guarantees, only the bits of [lo, hi] (fewer comparisons).
+    """
+    if s < f:
+        raise ValueError(f"frexp's input scale {s} is below f = {f}; lift it first")
+    frexp_positions(f, extra_bits)
+    first = s - f
+    last = min(s + f + extra_bits, FREXP_MAX_POSITIONS) - 1
+    if bounds is not None:
+        lo, hi = bounds
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"frexp bounds need 0 < lo <= hi, got {bounds}")
+        first = max(first, math.floor(math.log2(lo)) + s)
+        last = min(last, math.floor(math.log2(hi)) + s)
+        if first > last:
+            raise ValueError(f"frexp bounds {bounds} lie outside the domain at scale {s}")
+    return first, last
+
+
+def frexp_inverse_powers(first: int, last: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """For each highest set bit k of X in [first, last]: the ring value 2^(last - k), i.e.
+    2^-e at the scale that puts the mantissa X * 2^-e at scale ``last + 1`` (truncated once
+    to f afterwards)."""
+    return torch.tensor([1 << (last - k) for k in range(first, last + 1)], dtype=RING_DTYPE, device=device)
+
+
+def frexp_factors(fp: FixedPoint, exponent_fn: Callable[[int], float], s: int, first: int, last: int,
                   device: torch.device | str | None = None) -> torch.Tensor:
-    """For each highest set bit k: ``exponent_fn(k + 1 - f)`` clamped to ``+-fp.max_abs / 4``
-    and encoded at f."""
-    f = fp.frac_bits
+    """For each highest set bit k of X in [first, last] (x at scale s, so e = k + 1 - s):
+    ``exponent_fn(e)`` clamped to ``+-fp.max_abs / 4`` and encoded at f."""
     limit = fp.max_abs / 4
-    table = [min(max(exponent_fn(k + 1 - f), -limit), limit) for k in range(frexp_positions(f, extra_bits))]
+    table = [min(max(exponent_fn(k + 1 - s), -limit), limit) for k in range(first, last + 1)]
     return fp.encode(torch.tensor(table, dtype=torch.float64), device)

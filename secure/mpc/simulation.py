@@ -23,13 +23,14 @@ scale ``frac_bits``. What is particular to the simulation:
   scales, ``less_than_public(x, [c])`` = ``1{x_ring < round(c * 2^s)}`` at the comparison
   scale s (x's own; f for an integral x and a fractional c), both as scale-0 bits. ``max``
   is the exact maximum of the ring values (the MPC tree selects exactly).
-* ``frexp`` (``secure.mpc.compare.frexp``): the input is brought to f (truncated when
-  above, lifted when below). With ``k`` the highest set bit of the ring value ``X``,
-  ``e = k + 1 - f`` and ``m = trunc_{f+8}(X * 2^(2f+7-k))`` (``X`` times ``2^-e`` at scale
-  ``f + 8``, one truncation by ``f + 8``); the factor is ``exponent_fn(e)`` clamped to
-  ``+-fp.max_abs / 4`` and encoded at scale ``f``. Domain ``1 <= X < 2^(2f+8)``
-  (``2^-f <= x < 2^(f+8)``); outside it the protocol's one-hot has no bit in range and
-  both results are exactly 0, which is reproduced here.
+* ``frexp`` (``secure.mpc.compare.frexp``): the input keeps its scale s (lifted to f
+  when below). With ``k`` the highest set bit of the ring value ``X`` on the window
+  ``[first, last]`` of ``scale.frexp_window``, ``e = k + 1 - s`` and
+  ``m = trunc(X * 2^(last - k))`` from scale ``last + 1`` to f; the factor is
+  ``exponent_fn(e)`` clamped to ``+-fp.max_abs / 4`` and encoded at scale ``f``. Default
+  domain at s = f: ``1 <= X < 2^61`` (``2^-f <= x < 2^(61-f)``); outside the window the
+  protocol's one-hot has no bit in range and both results are exactly 0, which is
+  reproduced here.
 * ``check_range`` compares the ring values with both thresholds exactly as ``MpcOps``
   counts them, and raises :class:`~secure.approx.interface.RangeError` with the count and
   the observed min/max (under MPC only the count is opened).
@@ -289,6 +290,15 @@ class FixedPointOps:
             raise ValueError("max over an empty dimension")
         return Fixed(x.ring.amax(dim=dim, keepdim=keepdim), x.frac_bits)
 
+    def max_and_below(self, x: Fixed, gap: float) -> tuple[Fixed, Fixed]:
+        """(exact row maximum, ``1{x_ring - max_ring < round(gap 2^s)}``) at x's scale s >= f
+        (lifted when below), as ``secure.mpc.compare.max_and_below``."""
+        x = self._lift(x, max(x.frac_bits, self.frac_bits))
+        self.fp.encode(torch.tensor(gap, dtype=torch.float64))  # range check
+        top = x.ring.amax(dim=-1, keepdim=True)
+        below = (x.ring - top < self._const(gap, x.frac_bits, x.device)).to(RING_DTYPE)
+        return Fixed(top, x.frac_bits), Fixed(below, 0)
+
     def check_range(self, x: Fixed, lower: float | None, upper: float | None, what: str) -> None:
         """RangeError if any ring value is below ``round(lower 2^s)`` or above
         ``round(upper 2^s)`` at ``scale.comparison_scale`` s, exactly as ``MpcOps`` counts
@@ -307,26 +317,27 @@ class FixedPointOps:
             raise RangeError(what, lower, upper, count, x.ring.numel(), (float(values.min()), float(values.max())))
 
     # ---- frexp ----------------------------------------------------------------------------
-    def frexp(self, x: Fixed, exponent_fn: Callable[[int], float]) -> tuple[Fixed, Fixed]:
+    def frexp(self, x: Fixed, exponent_fn: Callable[[int], float],
+              bounds: tuple[float, float] | None = None) -> tuple[Fixed, Fixed]:
         """(m, exponent_fn(e)) with x = m 2^e, m in [0.5, 1), as ``secure.mpc.compare.frexp``.
 
-        The input is brought to scale f first (truncated when above, lifted when below).
-        m = trunc_{f+8}(X * 2^(2f+7-k)) (within one truncation ulp of x 2^-e); the factor is
-        ``clamp(exponent_fn(e), +-fp.max_abs/4)`` encoded at f. Domain
-        ``2^-f <= x < 2^(f+8)``; outside it both outputs are exactly 0, as in the protocol.
+        The input keeps its scale s (lifted to f when below). With k the highest set bit
+        of its ring value X on the window [first, last] of ``scale.frexp_window``:
+        m = trunc_f(X * 2^(last - k)) from scale last + 1 (within one truncation ulp of
+        x 2^-e); the factor is ``clamp(exponent_fn(e), +-fp.max_abs/4)`` encoded at f.
+        Outside the window (x <= 0 included) both outputs are exactly 0, as in the protocol.
         """
         f = self.frac_bits
-        positions = scale.frexp_positions(f, FREXP_EXTRA_BITS)  # X * 2^-e < 2^(2f+8) fits in int64
-        x = self._to_scale(x)
-        x = self._lift(x, f)
-        inverse_powers = scale.frexp_inverse_powers(f, FREXP_EXTRA_BITS, x.device)
-        factors = scale.frexp_factors(self.fp, exponent_fn, FREXP_EXTRA_BITS, x.device)
+        x = self._lift(x, max(x.frac_bits, f))
+        first, last = scale.frexp_window(f, x.frac_bits, FREXP_EXTRA_BITS, bounds)
+        inverse_powers = scale.frexp_inverse_powers(first, last, x.device)
+        factors = scale.frexp_factors(self.fp, exponent_fn, x.frac_bits, first, last, x.device)
 
         ring = x.ring
-        in_domain = (ring > 0) & (ring < (1 << positions))
-        k = torch.where(in_domain, _highest_bit(ring), torch.zeros_like(ring))
-        scaled = torch.where(in_domain, ring * inverse_powers[k], torch.zeros_like(ring))  # at 2f + 8
-        m = self._to_scale(Fixed(scaled, scale.product_scale(x.frac_bits, f + FREXP_EXTRA_BITS)))
+        in_domain = (ring >= (1 << first)) & (ring < (1 << (last + 1)))
+        k = torch.where(in_domain, _highest_bit(ring) - first, torch.zeros_like(ring))
+        scaled = torch.where(in_domain, ring * inverse_powers[k], torch.zeros_like(ring))
+        m = self._to_scale(Fixed(scaled, last + 1))
         factor = torch.where(in_domain, factors[k], torch.zeros_like(ring))
         return m, Fixed(factor, f)
 
