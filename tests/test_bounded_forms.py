@@ -6,7 +6,7 @@ stated bound against the exact function), at its edges (still answered, still wi
 bound) and beyond (:class:`RangeError` on floats, on the fixed-point simulation and on the
 three-party engine, never a value outside the bound). Then a Power-Softmax graph end to
 end: the error names the node and the module on floats and on three parties, and the cost
-of the check under MPC is pinned (9 rounds per call; 150 bytes per checked end and row
+of the check under MPC is pinned (9 rounds per call; 102 bytes per checked end and row
 over the three parties, plus 24 for the opened count).
 """
 
@@ -400,7 +400,7 @@ def test_ckks_refuses_a_power_softmax_whose_lower_end_is_not_guaranteed(power_gr
 
 def test_check_cost_per_power_softmax_call(runner, capsys):
     """9 rounds (one 8-round comparison pass, one opening); bytes over the three parties:
-    150 per row and checked end, plus 24 for the opened count."""
+    102 per row and checked end, plus 24 for the opened count."""
     x, mask = _scores(2.0)
     rows = x[..., 0].numel()  # 48 denominators
     shares = runner.share(x)
@@ -416,8 +416,8 @@ def test_check_cost_per_power_softmax_call(runner, capsys):
     both = cost()
     upper_only = cost(eps=1.0)  # eps >= lower: the lower end is guaranteed, not compared
     assert both[0] - off[0] == 9 and upper_only[0] - off[0] == 9
-    assert both[1] - off[1] == 2 * 150 * rows + 24
-    assert upper_only[1] - off[1] == 150 * rows + 24
+    assert both[1] - off[1] == 2 * 102 * rows + 24
+    assert upper_only[1] - off[1] == 102 * rows + 24
     with capsys.disabled():
         print(f"\nPower-Softmax range check on {rows} rows: +{both[0] - off[0]} rounds "
               f"({off[0]} -> {both[0]}), +{both[1] - off[1]} bytes both ends, "

@@ -69,13 +69,13 @@ def test_tanh_on_shares(runner) -> None:
 
 def test_tanh_rounds_and_bytes(runner) -> None:
     """One comparison pass (8 rounds), the product for v (2), five basis passes (10), the
-    final sum of products (2): 22 rounds; 1710 bytes per element over the three parties
-    (three comparisons 450, 21 truncated products 60 each)."""
+    final sum of products (2): 22 rounds; 1566 bytes per element over the three parties
+    (three comparisons 306, 21 truncated products 60 each)."""
     x = runner.share(torch.randn(1, 768, dtype=F64))
     before = list(runner.cluster.bytes_sent())
     assert runner.rounds_of(lambda p, a: tanh(MpcOps(p), a), x) == 22
     sent = sum(b - a for a, b in zip(before, runner.cluster.bytes_sent()))
-    assert sent == 1710 * 768
+    assert sent == 1566 * 768
 
 
 class _Pooler(nn.Module):

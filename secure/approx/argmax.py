@@ -34,8 +34,8 @@ about ``n / 2`` index products (none at the first level). Under MPC each level i
 MSB pass (8 rounds) and one round of bit products (values and indices together, no
 truncation): ``9 ceil(log2 n)`` rounds (:func:`argmax_rounds`; 90 for n = 1024, 99 for
 n = 2048). Bytes sent by each party (equal on the three), batch 1, measured on the
-in-process engine: 63,422 for n = 1024 and 126,910 for n = 2048, about 62 bytes per
-element (some 50 per comparison, 8 per bit product); a batch of rows costs the rows'
+in-process engine: 47,054 for n = 1024 and 94,158 for n = 2048, about 46 bytes per
+element (34 per comparison, 8 per bit product); a batch of rows costs the rows'
 bytes in the same rounds. Both pinned in tests/test_argmax.py.
 
 Imports only the interface (and torch), as every form in ``secure.approx``.

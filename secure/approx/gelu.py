@@ -14,8 +14,8 @@ polynomial ``B`` on ``[b1, b2)``, the identity from ``b2`` on. A call costs:
 
 That is 3 product calls (``mul``, ``mul_many``, ``mul``), 1 ``sum_of_products``, 2
 ``dot_public`` and 1 comparison call; under MPC with the default exact truncation, 8 rounds
-for the comparisons and 2 for each of the four product steps: 16 rounds and 750 bytes per
-element over the three parties (450 of them for the three comparisons). The comparisons
+for the comparisons and 2 for each of the four product steps: 16 rounds and 606 bytes per
+element over the three parties (306 of them for the three comparisons). The comparisons
 do not depend on the powers, so a backend may overlap them.
 Coefficients: PUMA (Dong et al. 2023), sec. 4.2, as quoted in ``shared/DESIGN.md`` sec. 4.
 
@@ -292,8 +292,8 @@ def even_activation(ops: SecureOps[T], x: T, form: EvenForm) -> T:
 
     Cost: 1 comparison call (2 thresholds), 3 ``mul``, 2 ``dot_public`` (untruncated), 1
     ``sum_of_products``. Under MPC with exact truncation: 8 + 2 + 2 + 2 + 2 = 16 rounds and
-    2 * 150 + 4 * 60 = 540 bytes per element over the three parties (PUMA's form: 16 rounds,
-    750 bytes). Input range: every x whose fixed-point encoding the comparisons accept; the
+    2 * 102 + 4 * 60 = 444 bytes per element over the three parties (PUMA's form: 16 rounds,
+    606 bytes). Input range: every x whose fixed-point encoding the comparisons accept; the
     final sum holds ``above * x`` at scale 2f, as PUMA's does: ``|x| < 2^(62 - 2f)`` (6.7e7 at
     f = 18). On floats, every finite x.
     """

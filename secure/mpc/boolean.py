@@ -4,18 +4,20 @@ Bits are packed: a binary share is a tensor of 64-bit words and AND/XOR act on a
 bit positions at once, so a parallel-prefix adder costs one AND layer per level for the
 whole word.
 
-Arithmetic to binary (ABY3). The three arithmetic components x_0, x_1, x_2 are each a
-trivial binary sharing (component j = x_j, others 0), so x = x_0 + x_1 + x_2 is a sum of
-three binary-shared words. A carry-save layer (sum = a^b^c, carry = maj(a, b, c): one
-AND round) leaves two addends, added by a Kogge-Stone adder: one AND round for the
-generate bits, then one round per level (shifts 1, 2, 4, 8, 16, 32).
+Arithmetic to binary. One party holds two of the three arithmetic components and adds
+them, so x = u + v is a sum of two words: u known to that party, v to the other two.
+The generate bits u & v come from one padded message and one swap between the other two
+parties (2 rounds, :func:`_generate_propagate`; ABY3's carry-save layer and resharing
+AND took the same two rounds and twice the bytes), then a Kogge-Stone adder takes one
+round per level (shifts 1, 2, 4, 8, 16, 32).
 
 MSB with arithmetic output in 8 rounds. The carry into bit 63 needs the levels up to
 shift 32; the last level's single AND is not reshared but folded into an opening of
 b xor r, where r is a random bit held both as a binary and as an arithmetic sharing
-(a "daBit"). Then [b] = c + [r] - 2c[r] with c = b xor r public. The daBit costs two
-multiplications that run in the same rounds as the adder's first two layers, so
-1 (carry-save) + 1 (generate) + 5 (levels 1..16) + 1 (last level and opening) = 8 rounds.
+(a "daBit"). Then [b] = c + [r] - 2c[r] with c = b xor r public. The daBit's arithmetic
+form is made in the same two rounds as the generate bits, so 2 (generate) + 5 (levels
+1..16) + 1 (last level and opening) = 8 rounds, 102 bytes per element over the three
+parties (150 with the carry-save layer and two resharing products for the daBit).
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from collections.abc import Sequence
 
 import torch
 
-from secure.mpc.arithmetic import local_product
 from secure.mpc.party import Party
-from secure.mpc.shares import AShare, BShare, trivial_component
+from secure.mpc.shares import AShare, BShare
 from secure.profile.profiler import protocol
 
 KOGGE_STONE_SHIFTS = (1, 2, 4, 8, 16, 32)
@@ -51,51 +52,16 @@ def and_many(party: Party, pairs: Sequence[tuple[BShare, BShare]]) -> list[BShar
     return [BShare(z, zn, party.id) for z, zn in zip(parts, got)]
 
 
-def component_words(party: Party, x: AShare) -> list[BShare]:
-    """The trivial binary sharings of x's three arithmetic components x_0, x_1, x_2."""
-    out = []
-    for j in range(3):
-        val = x.a if party.id == j else (x.b if (party.id + 1) % 3 == j else None)
-        a, b = trivial_component(val, j, party.id, x.shape, x.device)
-        out.append(BShare(a, b, party.id))
-    return out
-
-
 class DaBits:
-    """Random bits r as a binary sharing and (after two multiplication rounds) arithmetic.
-
-    r = r_0 xor r_1 xor r_2 with r_j = F(k_j) & 1; arithmetic r via
-    a = r_0 + r_1 - 2 r_0 r_1 and r = a + r_2 - 2 a r_2.
+    """Random bits r as a binary sharing (free: r = r_0 xor r_1 xor r_2, r_j = F(k_j) & 1)
+    and, once :func:`_generate_propagate` has run (in its two rounds), as an arithmetic one.
     """
 
     def __init__(self, party: Party, shape: torch.Size) -> None:
         self.party = party
         ra, rb = party.keys.draw(shape, party.device)
         self.binary = BShare(ra & 1, rb & 1, party.id)
-        self._parts = []
-        for j in range(3):
-            known = _component(party, ra, rb, j)
-            pair = trivial_component(known, j, party.id, shape, party.device)
-            self._parts.append(AShare(*pair, party.id, 0))
         self.arith: AShare | None = None
-        self._a: AShare | None = None
-
-    def step1_part(self) -> torch.Tensor:
-        return local_product(self.party, self._parts[0], self._parts[1])
-
-    def step1_finish(self, part: torch.Tensor, received: torch.Tensor) -> None:
-        prod = AShare(part, received, self.party.id, 0)
-        r0, r1 = self._parts[0], self._parts[1]
-        self._a = AShare(r0.a + r1.a - 2 * prod.a, r0.b + r1.b - 2 * prod.b, self.party.id, 0)
-
-    def step2_part(self) -> torch.Tensor:
-        assert self._a is not None
-        return local_product(self.party, self._a, self._parts[2])
-
-    def step2_finish(self, part: torch.Tensor, received: torch.Tensor) -> None:
-        assert self._a is not None
-        a, r2 = self._a, self._parts[2]
-        self.arith = AShare(a.a + r2.a - 2 * part, a.b + r2.b - 2 * received, self.party.id, 0)
 
 
 def _component(party: Party, ra: torch.Tensor, rb: torch.Tensor, j: int) -> torch.Tensor | None:
@@ -107,34 +73,69 @@ def _component(party: Party, ra: torch.Tensor, rb: torch.Tensor, j: int) -> torc
     return None
 
 
-def _carry_save(party: Party, x: AShare, extra: list[torch.Tensor]
-                ) -> tuple[BShare, BShare, list[torch.Tensor]]:
-    """Carry-save layer over x's components: returns (sum, carry<<1) and the extra parts'
-    counterparts, all in one round."""
-    c0, c1, c2 = component_words(party, x)
-    s = c0 ^ c1 ^ c2
-    maj_part = and_local(party, c0 ^ c2, c1 ^ c2)
-    got = reshare_parts(party, [maj_part, *extra])
-    maj = BShare(maj_part, got[0], party.id) ^ c2
-    return s, maj.shift_left(1), got[1:]
+def _generate_propagate(party: Party, flat: AShare, dabits: DaBits) -> tuple[BShare, BShare]:
+    """Generate and propagate bits of x = v + u (2 rounds, 48 bytes per element over the
+    three parties), advancing ``dabits`` to arithmetic form in the same two rounds.
 
+    Roles rotate with the round counter: S (party ``rounds % 3``), N after it, P before
+    it. S holds the components x_S, x_N and adds them, ``u = x_S + x_N``; ``v = x_P`` is
+    held by N and P. With m a pad S shares with P:
 
-def _generate_propagate(party: Party, flat: AShare, dabits: DaBits
-                        ) -> tuple[BShare, BShare]:
-    """Carry-save layer and generate bits over the three components of ``flat`` (2 rounds),
-    advancing ``dabits`` to arithmetic form in the same two rounds.
+    * round 1: S sends ``mu = u xor m`` to N. Then u is shared as (m, mu, 0) (m on S and
+      P, mu on S and N), v as (0, 0, v), so ``p = u xor v`` is local, and
+      ``g = u & v = (mu & v) xor (m & v)``: N's and P's parts;
+    * round 2: N and P swap their parts masked by pads each shares with S, which makes
+      g a replicated sharing (q with N, q' with P, and ``g xor q xor q'`` on N and P).
 
-    Returns (g, p) with g = s & c and p = s ^ c, where x = s + c (c = carry << 1).
+    The daBit rides along: S knows r_S and r_N, so ``a = r_S xor r_N``, and
+    ``r = a + r_P - 2 a r_P`` with r_P on N and P. S sends ``a + m2`` to N in round 1
+    (m2 shared with P); N's ``(a + m2)(1 - 2 r_P) + r_P`` and P's ``-m2 (1 - 2 r_P)`` sum
+    to r, made replicated by the same swap in round 2. What each party sees: N gets
+    values padded by S's pads with P, P gets N's padded by S's pads with N, S gets
+    nothing. The carry-save layer and the two resharing products this replaces cost
+    96 bytes. Returns (g, p) with g = u & v and p = u xor v.
     """
-    d1 = dabits.step1_part()
-    s, c, (d1_next,) = _carry_save(party, flat, [d1])
-    dabits.step1_finish(d1, d1_next)
+    rotation = party.rounds % 3
+    role = (party.id - rotation) % 3  # 0: S, 1: N, 2: P
+    s_id, n_id, p_id = rotation, (rotation + 1) % 3, (rotation + 2) % 3
+    n, device = flat.a.numel(), flat.a.device
+    r_bit_a, r_bit_b = dabits.binary.a, dabits.binary.b
+    if role == 0:  # S: holds (x_S, x_N) and the pads with P (with_prev) and N (with_next)
+        pad_m, pad_m2 = _split_words(party.keys.with_prev.words(2 * n, device), 2)
+        mu = (flat.a + flat.b) ^ pad_m
+        a_bit = r_bit_a ^ r_bit_b
+        party.exchange({n_id: [mu, a_bit + pad_m2]}, [])
+        q_p, q2_p = _split_words(party.keys.with_prev.words(2 * n, device), 2)
+        q_n, q2_n = _split_words(party.keys.with_next.words(2 * n, device), 2)
+        party.exchange({}, [])
+        dabits.arith = AShare(q2_p, q2_n, party.id, 0)
+        return BShare(q_p, q_n, party.id), BShare(pad_m, mu, party.id)
+    if role == 1:  # N: holds (x_N, x_P = v); r_P is its second bit
+        (mu, alpha) = party.exchange({}, [s_id])[s_id]
+        v, r_p = flat.b, r_bit_b
+        g_part = mu & v
+        r_part = alpha * (1 - 2 * r_p) + r_p
+        q_n, q2_n = _split_words(party.keys.with_prev.words(2 * n, device), 2)
+        got = party.exchange({p_id: [g_part ^ q_n, r_part - q2_n]}, [p_id])[p_id]
+        g_p = g_part ^ q_n ^ got[0]
+        dabits.arith = AShare(q2_n, r_part - q2_n + got[1], party.id, 0)
+        return BShare(q_n, g_p, party.id), BShare(mu, v, party.id)
+    # P: holds (x_P = v, x_S); r_P is its first bit; shares the pads of S with P (with_next)
+    party.exchange({}, [])
+    pad_m, pad_m2 = _split_words(party.keys.with_next.words(2 * n, device), 2)
+    v, r_p = flat.a, r_bit_a
+    g_part = pad_m & v
+    r_part = -pad_m2 * (1 - 2 * r_p)
+    q_p, q2_p = _split_words(party.keys.with_next.words(2 * n, device), 2)
+    got = party.exchange({n_id: [g_part ^ q_p, r_part - q2_p]}, [n_id])[n_id]
+    g_p = g_part ^ q_p ^ got[0]
+    dabits.arith = AShare(r_part - q2_p + got[1], q2_p, party.id, 0)
+    return BShare(g_p, q_p, party.id), BShare(v, pad_m, party.id)
 
-    g_part = and_local(party, s, c)
-    d2 = dabits.step2_part()
-    g_next, d2_next = reshare_parts(party, [g_part, d2])
-    dabits.step2_finish(d2, d2_next)
-    return BShare(g_part, g_next, party.id), s ^ c
+
+def _split_words(words: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    n = words.numel() // parts
+    return [words[k * n:(k + 1) * n] for k in range(parts)]
 
 
 def _kogge_stone(party: Party, g: BShare, p: BShare) -> BShare:
@@ -251,8 +252,8 @@ def _unflatten(flat: AShare, xs: Sequence[AShare]) -> list[AShare]:
 @protocol("msb")
 def msb_many(party: Party, xs: Sequence[AShare]) -> list[AShare]:
     """[MSB(x)] for each x as an arithmetic 0/1 share (scale 0). 8 rounds for all of them:
-    carry-save (1), generate (1), the packed carry tree (5), the last AND fused with the
-    opening of msb xor r (1). About 50 bytes per element per party."""
+    generate bits and daBits (2), the packed carry tree (5), the last AND fused with the
+    opening of msb xor r (1). 102 bytes per element over the three parties (34 each)."""
     if not xs:
         return []
     flat = _flatten(party, xs, "msb")
