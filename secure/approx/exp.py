@@ -1,6 +1,11 @@
-"""Clipped exponential for non-positive inputs (PUMA sec. 4.3, DESIGN.md sec. 4)."""
+"""Clipped exponential for non-positive inputs: PUMA's limit form (sec. 4.3, DESIGN.md
+sec. 4) and our polynomial form with fewer rounds."""
 
 from __future__ import annotations
+
+from functools import cache
+
+import torch
 
 from secure.approx.interface import SecureOps, T
 
@@ -67,3 +72,62 @@ def clipped_exp(
     for _ in range(t):
         z = ops.mul(z, z)
     return z
+
+
+POLY_EXP_RANGE: float = 16.0
+"""The polynomial exp is fitted on [-16, 0] (clipped inputs map to its left end)."""
+
+POLY_EXP_DEGREE: int = 15
+
+
+@cache
+def poly_exp_coefficients(degree: int = POLY_EXP_DEGREE, span: float = POLY_EXP_RANGE) -> tuple[float, ...]:
+    """Monomial coefficients m_0 .. m_degree of ``p(t) ~ exp(span/2 (t - 1))`` on t in [-1, 1]
+    (so ``z = span/2 (t - 1)`` covers [-span, 0]): the Chebyshev interpolant at 256 nodes,
+    converted to the monomial basis. For degree 15 on [-16, 0] the coefficients lie in
+    [-0.01, 0.15] (no cancellation in fixed point) and the max abs error is 4.4e-7."""
+    import numpy as np
+    from numpy.polynomial import chebyshev
+
+    half = span / 2.0
+    nodes = np.cos(np.pi * (np.arange(256) + 0.5) / 256)
+    fit = chebyshev.chebfit(nodes, np.exp(half * nodes - half), degree)
+    return tuple(float(c) for c in chebyshev.cheb2poly(fit))
+
+
+def poly_exp(ops: SecureOps[T], x: T, below: T, clip: float = EXP_CLIP) -> T:
+    """exp(x) for x <= 0 as ``0 if x < clip else p(x/8 + 1)``, p of degree 15 (our form).
+
+    ``below`` are the bits ``1{x < clip}`` (the softmax has them from its row maximum,
+    :meth:`SecureOps.max_and_below`); ``keep = 1 - below``.
+
+    Math: ``t = keep (x/8 + 1)`` (t in [-0.75, 1] where kept, exactly 0 where clipped),
+    then Paterson-Stockmeyer with blocks of four:
+    ``p(t) = Q(t) + q1(t) t^4 + (q2(t) + q3(t) t^4) t^8`` with ``q_i`` the cubic blocks of
+    :func:`poly_exp_coefficients` and ``Q = m1 t + m2 t^2 + m3 t^3 + m0 keep``: the constant
+    term rides on ``keep`` and every other term on a power of t, so clipped entries (and
+    masked ones, x ~ -1e4) come out exactly 0 and no power of an unclipped t exceeds 1.
+
+    Under MPC: ``t`` (one bit product with the untruncated ``x/8 + 1``, its truncation
+    fused), ``t^2``, ``t^3, t^4``, ``t^8, q3 t^4``, then one ``sum_of_products`` with one
+    fused truncation: 5 passes, 10 rounds and 432 bytes per element over the three
+    parties (60 per truncated product; the truncations by 2f + k send the mask's top bit
+    in 8 bytes, not 4), where :func:`clipped_exp` (t = 6, order 3) takes 21 rounds and about 590
+    bytes and its own comparison.
+
+    Measured max abs error on [-14, 0]: 4.4e-7 on floats (the fit); below the clip
+    exactly 0.
+    """
+    m = poly_exp_coefficients()
+    keep = ops.add_public(ops.neg(below), 1.0)
+    t = ops.mul(keep, ops.dot_public([x], [1.0 / 8.0], bias=1.0, truncate=False))
+    t2 = ops.mul(t, t)
+    t3, t4 = ops.mul_many([(t2, t), (t2, t2)])
+    powers = [t, t2, t3]
+    q3 = ops.dot_public(powers, list(m[13:16]), bias=m[12], truncate=False)
+    t8, r = ops.mul_many([(t4, t4), (q3, t4)])
+    low = ops.dot_public([*powers, keep], [*m[1:4], m[0]], truncate=False)
+    q1 = ops.dot_public(powers, list(m[5:8]), bias=m[4], truncate=False)
+    q2 = ops.add(ops.dot_public(powers, list(m[9:12]), bias=m[8], truncate=False), r)
+    one = ops.from_public(torch.ones((), dtype=torch.float64))
+    return ops.sum_of_products([(low, one), (q1, t4), (q2, t8)])

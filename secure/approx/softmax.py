@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from secure.approx.exp import EXP_CLIP, clipped_exp
+from secure.approx.exp import EXP_CLIP, clipped_exp, poly_exp
 from secure.approx.interface import Public, SecureOps, T
 from secure.approx.reciprocal import bounded_reciprocal_start, divide_bounded, reciprocal
 
@@ -44,6 +44,7 @@ def puma_softmax(
     reciprocal_iterations: int = 2,
     clip: float = EXP_CLIP,
     exp_order: int = 3,
+    exp_form: str = "limit",
 ) -> T:
     """PUMA's softmax over the last dimension (PUMA sec. 4.3), by default with our
     third-order exp base and t = 6 (``t=8, exp_order=1`` is PUMA's form exactly).
@@ -56,6 +57,11 @@ def puma_softmax(
     ``mask_bias`` is a public additive bias broadcasting against x (0 where attended, a
     large negative value where masked, as HF builds it). ``reciprocal_iterations`` = 2
     gives relative error 5.4e-5 on the row sum, well under the exp error.
+
+    ``exp_form="poly"`` (ours, :func:`secure.approx.exp.poly_exp`) replaces the limit form
+    by a degree-15 polynomial in blocks: 10 rounds instead of 21 (t = 6, order 3) and
+    about 30% fewer bytes, max abs exp error 4.4e-7 on floats, 3.5e-5 on shares; ``t`` and
+    ``exp_order`` then do not apply.
 
     ``exp_order`` > 1 (our extension, see :func:`clipped_exp`) uses the base
     ``sum_{k<=order} y^k / k!``. Under MPC a rounding error in the base is raised to the
@@ -76,6 +82,8 @@ def puma_softmax(
     (reciprocal), 1 ``mul`` (broadcast); ``exp_order - 1`` more ``mul``.
     """
     _check_last_dim(ops, x, dim)
+    if exp_form not in ("limit", "poly"):
+        raise ValueError(f"exp_form must be 'limit' (PUMA) or 'poly', got {exp_form!r}")
     if mask_bias is not None:
         if isinstance(mask_bias, torch.Tensor):
             if mask_bias.dtype == torch.bool:
@@ -87,7 +95,10 @@ def puma_softmax(
     # z < clip iff x - max < clip + eps: the clip's bits come with the maximum
     row_max, below = ops.max_and_below(x, clip + eps)
     z = ops.add_public(ops.sub(x, row_max), -eps)
-    e = clipped_exp(ops, z, t=t, clip=clip, order=exp_order, below=below)
+    if exp_form == "poly":
+        e = poly_exp(ops, z, below, clip)
+    else:
+        e = clipped_exp(ops, z, t=t, clip=clip, order=exp_order, below=below)
     total = ops.sum(e, dim=-1, keepdim=True)
     # every exp is at most 1 and the row's maximum gives exp(-eps) ~ 1, so the sum lies in
     # [1, n] up to the exp's error: a range the structure guarantees, where frexp needs

@@ -119,6 +119,7 @@ _SECURE: tuple[OpSpec, ...] = (
     OpSpec("secure.embedding", None, (_x("table"), _x("ids"), _kw("shape", "ints?"))),
     OpSpec("secure.softmax", None, (_x(), Param("mask", "ref?"), _kw("bias", "ref?"), _kw("causal", "bool"),
                                     _kw("kind", "str", required=True), _kw("t", "int"), _kw("exp_order", "int"),
+                                    _kw("exp", "str"),
                                     _kw("p", "int"), _kw("eps", "number"), _kw("upper", "number"),
                                     _kw("iterations", "int"), _kw("normalize", "bool"))),
 )

@@ -122,6 +122,16 @@ def equal(party: Party, x: AShare, y: AShare) -> AShare:
 MAX_GROUP: int = 4
 """Candidates compared all against all in one level of :func:`max_along`."""
 
+ROUND_WORTH_BYTES: int = 512 * 1024
+"""Bytes per party that one round is worth when a protocol may trade one for the other: a
+40 ms / 100 Mbps WAN link carries 500 kB in a round's latency, a 1 ms / 5 Gbps LAN link
+625 kB. A level of the maximum uses groups of 4 (8 rounds fewer per two binary levels,
+about 44 more bytes per element per party) only where that trade wins, and the softmax
+clip rides in the last level (8 rounds fewer, 34 more bytes per element) likewise."""
+
+_GROUP_EXTRA_BYTES = 44  # per element and party: a level of 4 against two binary levels
+_FUSED_GAP_EXTRA_BYTES = 34  # per element and party: the clip's bits against both finalists
+
 
 @protocol("max")
 def max_along(party: Party, x: AShare, dim: int = -1, keepdim: bool = True, group: int = MAX_GROUP) -> AShare:
@@ -137,7 +147,10 @@ def max_along(party: Party, x: AShare, dim: int = -1, keepdim: bool = True, grou
     are integers). A level costs ``8 + ceil(log2 g)`` rounds and divides n by g: for
     g = 4, 10 rounds where two binary levels took 18 (n = 32: 29 rounds instead of 45;
     n = 128: 39 instead of 63). Bytes: ``(g - 1) / 2`` comparisons and g - 1 bit products
-    per candidate and level (the binary tree's 1/2 and 1/2 at g = 2).
+    per candidate and level (the binary tree's 1/2 and 1/2 at g = 2). A level takes groups
+    of ``group`` only while its elements are few enough that the rounds saved are worth
+    the bytes (:data:`ROUND_WORTH_BYTES`), else pairs: MiniLM's 12 x 32 x 32 scores go
+    4, 4, 2 (29 rounds), 12 x 128 x 128 go 2, 2, 4, 4, 2 (47 rounds).
     """
     return _tournament(party, x, dim, keepdim, group, None)[0]
 
@@ -152,7 +165,9 @@ def max_and_below(party: Party, x: AShare, gap: float, dim: int = -1, keepdim: b
     ``c_1 .. c_g`` (the maximum is one of them and none exceeds it),
     ``x_i - max < gap`` iff ``x_i - c_j < gap`` for some j, i.e.
     ``1 - prod_j (1 - 1{x_i - c_j < gap})``, a product tree no deeper than the winner's.
-    Bytes: g more comparisons per element of the row (g = 2 for n = 2, 8, 32, 128).
+    Bytes: g comparisons per element of the row (g = 2 for n = 2, 8, 32, 128) where a
+    pass of their own takes one; where those extra bytes are worth more than its 8 rounds
+    (:data:`ROUND_WORTH_BYTES`: beyond about 120k elements) the bits get that pass.
     """
     out, below = _tournament(party, x, dim, keepdim, group, gap)
     assert below is not None
@@ -170,19 +185,20 @@ def _tournament(party: Party, x: AShare, dim: int, keepdim: bool, group: int, ga
     if gap is not None and x.frac_bits < party.fp.frac_bits:
         x = sh.lift(x, party.fp.frac_bits)  # the gap is a real
     row = x.map(lambda t: t.movedim(dim, -1))
+    fuse_gap = gap is not None and n > 1 and row.a.numel() * _FUSED_GAP_EXTRA_BYTES <= 8 * ROUND_WORTH_BYTES
     cur, below = row, None
-    if n == 1 and gap is not None:  # no level to ride on: x - max = 0
-        below = msb_many(party, [_minus_public(party, sh.sub(row, row), gap)])[0]
     while n > 1:
-        g = min(group, n)
+        g = min(group, n) if cur.a.numel() * _GROUP_EXTRA_BYTES <= 8 * ROUND_WORTH_BYTES else 2
         groups = -(-n // g)
         pad = groups * g - n
         if pad:
             cur = cur.map(lambda t, pad=pad: torch.cat([t, t[..., -1:].expand(*t.shape[:-1], pad)], -1))
         cur = cur.map(lambda t, g=g, k=groups: t.reshape(*t.shape[:-1], k, g))
-        last = groups == 1 and gap is not None
+        last = groups == 1 and fuse_gap
         cur, below = _group_max(party, cur, g, (row, gap) if last else None)
         n = groups
+    if gap is not None and not fuse_gap:  # a pass of its own: x - max - gap < 0
+        below = msb_many(party, [_minus_public(party, sh.sub(row, cur), gap)])[0]
     out = cur.map(lambda t: t.movedim(-1, dim))
     if below is not None:
         below = below.map(lambda t: t.movedim(-1, dim))

@@ -334,7 +334,8 @@ class Interpreter:
         bias = None
         if keep is not None:
             bias = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, MASK_BIAS_FLOOR)
-        return puma_softmax(self.ops, x, t=kw["t"], exp_order=kw["exp_order"], mask_bias=bias)
+        return puma_softmax(self.ops, x, t=kw["t"], exp_order=kw["exp_order"], mask_bias=bias,
+                            exp_form=kw.get("exp", "limit"))
 
 
 def _resolve(v: Any, env: dict[str, Any]) -> Any:

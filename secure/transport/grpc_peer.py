@@ -14,7 +14,9 @@ for. A party that fails a query sends an abort frame so its peers fail the same 
 once; a party that dies makes its peers fail the query at the deadline. A broken link is
 re-opened on the next send, so a restarted peer is reachable again for the next query;
 after an abort the links are renewed too, so that a connection broken silently (a cut
-cable) cannot lose the next query's frames once the cable is back.
+cable) cannot lose the next query's frames once the cable is back. For benchmarks, a
+``LinkShape`` makes every outgoing link emulate a delay and a rate
+(``secure.transport.shaping``); without one the frames go out as soon as they are queued.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import grpc
 import torch
 
 from secure.transport.base import LinkCounters, PeerTimeoutError, TransportError, payload_bytes
+from secure.transport.shaping import LinkShape, LinkShaper
 from secure.transport.wire import PART_BYTES, MessageAssembler, WireError, message_parts
 
 log = logging.getLogger("secure.transport.grpc")
@@ -172,10 +175,12 @@ class _OutgoingLink:
     """The sending side of one ordered pair: a queue of encoded frames drained into a Link
     stream by gRPC's request-consuming thread."""
 
-    def __init__(self, me: int, peer: int, channel_factory: Any, method: str) -> None:
+    def __init__(self, me: int, peer: int, channel_factory: Any, method: str,
+                 shaper: LinkShaper | None = None) -> None:
         self.me, self.peer = me, peer
         self._channel_factory = channel_factory
         self._method = method
+        self.shaper = shaper  # link emulation (benchmarks); None: frames go out as soon as queued
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue | None = None
         self._thread: threading.Thread | None = None
@@ -186,7 +191,8 @@ class _OutgoingLink:
             if self._queue is None or self._thread is None or not self._thread.is_alive():
                 self._open()
             assert self._queue is not None
-            for f in frames:
+            # stamped under the link's lock, so due times never decrease along the queue
+            for f in (frames if self.shaper is None else self.shaper.stamp(frames)):
                 self._queue.put(f)
 
     def _open(self) -> None:
@@ -206,7 +212,7 @@ class _OutgoingLink:
             try:
                 channel = self._channel_factory(self.peer)
                 link = channel.stream_unary(self._method, request_serializer=_raw, response_deserializer=_raw)
-                link(frames())
+                link(frames() if self.shaper is None else self.shaper.release(frames()))
             except grpc.RpcError as e:
                 self.error = f"{e.code().name}: {e.details()}"
                 log.warning("link to party %d closed: %s", self.peer, self.error)
@@ -239,18 +245,22 @@ class PeerLinks:
     """This party's outgoing links to its two peers.
 
     ``frame_factory`` and ``spec_factory`` are the generated PeerFrame and TensorSpec
-    message classes; the Link method's path is read from their descriptors.
+    message classes; the Link method's path is read from their descriptors. ``shape``
+    emulates a link (delay and rate) on each outgoing link (``secure.transport.shaping``;
+    benchmarks only).
     """
 
     def __init__(self, me: int, channel_factory: Any, frame_factory: Any, spec_factory: Any,
-                 part_bytes: int = PART_BYTES) -> None:
+                 part_bytes: int = PART_BYTES, shape: LinkShape | None = None) -> None:
         self.me = me
         self.frame = frame_factory
         self.spec = spec_factory
         self.part_bytes = part_bytes
         service = frame_factory.DESCRIPTOR.file.services_by_name["Peer"]
         method = f"/{service.full_name}/{service.methods_by_name['Link'].name}"
-        self.links = {p: _OutgoingLink(me, p, channel_factory, method) for p in range(3) if p != me}
+        self.links = {p: _OutgoingLink(me, p, channel_factory, method,
+                                       LinkShaper(shape) if shape is not None and shape.shaped else None)
+                      for p in range(3) if p != me}
 
     def encode(self, query_id: str, seq: int, tensors: list[torch.Tensor]) -> list[bytes]:
         """The serialized PeerFrames of one message (copies the tensors' bytes)."""
