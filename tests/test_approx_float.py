@@ -475,6 +475,9 @@ class OpaqueOps:
     def matmul(self, x: Box, y: Box) -> Box:
         return Box(x.v @ y.v)
 
+    def matmul_many(self, pairs: Sequence[tuple[Box, Box]]) -> list[Box]:
+        return [Box(x.v @ y.v) for x, y in pairs]
+
     def sum_of_products(self, pairs: Sequence[tuple[Box, Box]]) -> Box:
         return Box(sum(x.v * y.v for x, y in pairs))
 

@@ -14,7 +14,8 @@ EXP_CLIP: float = -14.0
 
 
 def clipped_exp(
-    ops: SecureOps[T], x: T, t: int = 8, clip: float = EXP_CLIP, order: int = 1, below: T | None = None
+    ops: SecureOps[T], x: T, t: int = 8, clip: float = EXP_CLIP, order: int = 1, below: T | None = None,
+    x_scale: float = 1.0,
 ) -> T:
     """exp(x) for x <= 0 as ``0 if x < clip else (1 + x / 2^t)^(2^t)`` (PUMA, ``order=1``).
 
@@ -35,7 +36,10 @@ def clipped_exp(
     ``1 + x/2^t`` for a masked score (x ~ -1e4, so z ~ -38) 256 times overflows float64 to
     inf (inf * 0 = nan on FloatOps) and wraps the ring under MPC.
 
-    ``below``: the bits ``1{x < clip}`` when the caller has them already (the softmax gets
+    ``x_scale`` > 0: exp(x_scale x) instead, the factor folded into the first step's public
+    coefficient (a softmax's 1/sqrt(d) costs nothing then); the clip applies to x_scale x.
+
+    ``below``: the bits ``1{x_scale x < clip}`` when the caller has them already (the softmax gets
     them with its row maximum, :meth:`SecureOps.max_and_below`); then no comparison here.
 
     Cost: 1 ``less_than_public`` (none with ``below``), 1 ``dot_public``, ``t + order``
@@ -57,13 +61,15 @@ def clipped_exp(
     if clip > 0.0 or clip < -(2.0**t):
         # For x < -2^t the base 1 + x/2^t is negative and its even power grows again.
         raise ValueError(f"clip must lie in [-2^t, 0] = [{-(2.0**t)}, 0], got {clip}")
+    if x_scale <= 0.0:
+        raise ValueError(f"x_scale must be > 0, got {x_scale}")
     if below is None:
-        (below,) = ops.less_than_public(x, [clip])
+        (below,) = ops.less_than_public(x, [clip / x_scale])
     keep = ops.add_public(ops.neg(below), 1.0)  # 1 - b, still a 0/1 value
     if order == 1:
-        z = ops.dot_public([x], [2.0**-t], bias=1.0)
+        z = ops.dot_public([x], [x_scale * 2.0**-t], bias=1.0)
     else:
-        y = ops.mul_public(x, 2.0**-t)
+        y = ops.mul_public(x, x_scale * 2.0**-t)
         powers = [y, ops.mul(y, y)]
         if order == 3:
             powers.append(ops.mul(powers[1], y))
@@ -95,11 +101,13 @@ def poly_exp_coefficients(degree: int = POLY_EXP_DEGREE, span: float = POLY_EXP_
     return tuple(float(c) for c in chebyshev.cheb2poly(fit))
 
 
-def poly_exp(ops: SecureOps[T], x: T, below: T, clip: float = EXP_CLIP) -> T:
+def poly_exp(ops: SecureOps[T], x: T, below: T, clip: float = EXP_CLIP, x_scale: float = 1.0) -> T:
     """exp(x) for x <= 0 as ``0 if x < clip else p(x/8 + 1)``, p of degree 15 (our form).
 
     ``below`` are the bits ``1{x < clip}`` (the softmax has them from its row maximum,
-    :meth:`SecureOps.max_and_below`); ``keep = 1 - below``.
+    :meth:`SecureOps.max_and_below`); ``keep = 1 - below``. With ``x_scale``: exp of
+    ``x_scale x`` (``below`` then marks ``x_scale x < clip``), the factor folded into the
+    public coefficient of the first step, free.
 
     Math: ``t = keep (x/8 + 1)`` (t in [-0.75, 1] where kept, exactly 0 where clipped),
     then Paterson-Stockmeyer with blocks of four:
@@ -120,7 +128,9 @@ def poly_exp(ops: SecureOps[T], x: T, below: T, clip: float = EXP_CLIP) -> T:
     """
     m = poly_exp_coefficients()
     keep = ops.add_public(ops.neg(below), 1.0)
-    t = ops.mul(keep, ops.dot_public([x], [1.0 / 8.0], bias=1.0, truncate=False))
+    if x_scale <= 0.0:
+        raise ValueError(f"x_scale must be > 0, got {x_scale}")
+    t = ops.mul(keep, ops.dot_public([x], [x_scale / 8.0], bias=1.0, truncate=False))
     t2 = ops.mul(t, t)
     t3, t4 = ops.mul_many([(t2, t), (t2, t2)])
     powers = [t, t2, t3]

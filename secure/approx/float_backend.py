@@ -68,6 +68,9 @@ class FloatOps:
     def matmul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x @ y
 
+    def matmul_many(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        return [x @ y for x, y in pairs]
+
     def sum_of_products(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         out = pairs[0][0] * pairs[0][1]
         for x, y in pairs[1:]:

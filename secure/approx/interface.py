@@ -142,6 +142,11 @@ class SecureOps(Protocol[T]):
         """Batched matrix product x @ y."""
         ...
 
+    def matmul_many(self, pairs: Sequence[tuple[T, T]]) -> list[T]:
+        """[x @ y for x, y in pairs] in one pass of rounds (a layer's independent
+        projections of one input)."""
+        ...
+
     def sum_of_products(self, pairs: Sequence[tuple[T, T]]) -> T:
         """sum_j x_j * y_j (broadcasting) in one pass: under MPC the local products are
         summed before the one reshare, with one (fused) truncation for the whole sum."""

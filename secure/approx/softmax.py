@@ -45,6 +45,7 @@ def puma_softmax(
     clip: float = EXP_CLIP,
     exp_order: int = 3,
     exp_form: str = "limit",
+    scale: float = 1.0,
 ) -> T:
     """PUMA's softmax over the last dimension (PUMA sec. 4.3), by default with our
     third-order exp base and t = 6 (``t=8, exp_order=1`` is PUMA's form exactly).
@@ -57,6 +58,10 @@ def puma_softmax(
     ``mask_bias`` is a public additive bias broadcasting against x (0 where attended, a
     large negative value where masked, as HF builds it). ``reciprocal_iterations`` = 2
     gives relative error 5.4e-5 on the row sum, well under the exp error.
+
+    ``scale`` > 0: the softmax of ``scale * x`` (attention's 1/sqrt(d)), the factor folded
+    into the exp's first public coefficient and into the public clip and bias, so it costs
+    no truncation of its own (the mask bias is that of the scaled scores).
 
     ``exp_form="poly"`` (ours, :func:`secure.approx.exp.poly_exp`) replaces the limit form
     by a degree-15 polynomial in blocks: 10 rounds instead of 21 (t = 6, order 3) and
@@ -84,6 +89,8 @@ def puma_softmax(
     _check_last_dim(ops, x, dim)
     if exp_form not in ("limit", "poly"):
         raise ValueError(f"exp_form must be 'limit' (PUMA) or 'poly', got {exp_form!r}")
+    if not scale > 0.0:
+        raise ValueError(f"softmax scale must be > 0, got {scale}")
     if mask_bias is not None:
         if isinstance(mask_bias, torch.Tensor):
             if mask_bias.dtype == torch.bool:
@@ -91,14 +98,14 @@ def puma_softmax(
             bias: Public = mask_bias.clamp(min=MASK_BIAS_FLOOR)
         else:
             bias = max(float(mask_bias), MASK_BIAS_FLOOR)
-        x = ops.add_public(x, bias)
-    # z < clip iff x - max < clip + eps: the clip's bits come with the maximum
-    row_max, below = ops.max_and_below(x, clip + eps)
-    z = ops.add_public(ops.sub(x, row_max), -eps)
+        x = ops.add_public(x, bias / scale if scale != 1.0 else bias)
+    # scale z < clip iff x - max < (clip + eps) / scale: the clip's bits come with the maximum
+    row_max, below = ops.max_and_below(x, (clip + eps) / scale)
+    z = ops.add_public(ops.sub(x, row_max), -eps / scale)
     if exp_form == "poly":
-        e = poly_exp(ops, z, below, clip)
+        e = poly_exp(ops, z, below, clip, x_scale=scale)
     else:
-        e = clipped_exp(ops, z, t=t, clip=clip, order=exp_order, below=below)
+        e = clipped_exp(ops, z, t=t, clip=clip, order=exp_order, below=below, x_scale=scale)
     total = ops.sum(e, dim=-1, keepdim=True)
     # every exp is at most 1 and the row's maximum gives exp(-eps) ~ 1, so the sum lies in
     # [1, n] up to the exp's error: a range the structure guarantees, where frexp needs

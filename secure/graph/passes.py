@@ -24,6 +24,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from secure.approx.softmax import power_softmax_range
 from secure.graph.ir import Graph, Node, Ref, Spec
@@ -224,7 +225,8 @@ def rewrite_softmax(graph: Graph, recipe: SoftmaxRecipe) -> Graph:
 
 def decompose_attention(graph: Graph, recipe: SoftmaxRecipe) -> Graph:
     """aten.scaled_dot_product_attention(q, k, v, mask, dropout, causal, scale) ->
-    matmul(q, k^T) * scale -> secure.softmax(mask, causal) -> matmul(., v)."""
+    matmul(q, k^T) -> secure.softmax(mask, causal, scale) -> matmul(., v) (PUMA's softmax
+    takes the scale into its public coefficients; Power-Softmax gets ``* scale`` first)."""
     def fn(n: Node) -> list[Node] | None:
         if not (n.secret and n.op == "aten.scaled_dot_product_attention.default"):
             return None
@@ -250,12 +252,17 @@ def decompose_attention(graph: Graph, recipe: SoftmaxRecipe) -> Graph:
                   Spec([*head_shape, d, k_len], n.spec.dtype), True, n.origin)
         scores = Node(f"{base}.scores", "aten.matmul.default", [q, Ref(kt.name)], {}, score_spec, True,
                       n.origin)
-        scaled = Node(f"{base}.scaled", "aten.mul.Tensor", [Ref(scores.name), scale], {}, score_spec, True,
-                      n.origin)
-        probs = Node(f"{base}.probs", "secure.softmax", [Ref(scaled.name), mask],
-                     _softmax_kwargs(recipe, bool(causal), n), score_spec, True, n.origin)
+        if recipe.kind == "puma":  # the scale rides in the softmax's public coefficients: no truncation
+            probs = Node(f"{base}.probs", "secure.softmax", [Ref(scores.name), mask],
+                         {**_softmax_kwargs(recipe, bool(causal), n), "scale": scale}, score_spec, True, n.origin)
+            scaled = []
+        else:
+            scaled = [Node(f"{base}.scaled", "aten.mul.Tensor", [Ref(scores.name), scale], {}, score_spec, True,
+                           n.origin)]
+            probs = Node(f"{base}.probs", "secure.softmax", [Ref(scaled[0].name), mask],
+                         _softmax_kwargs(recipe, bool(causal), n), score_spec, True, n.origin)
         out = Node(base, "aten.matmul.default", [Ref(probs.name), v], {}, n.spec, True, n.origin)
-        return [kt, scores, scaled, probs, out]
+        return [kt, scores, *scaled, probs, out]
 
     return _map_nodes(graph, fn)
 
@@ -384,6 +391,51 @@ def rewrite_embedding(graph: Graph) -> Graph:
     return eliminate_dead_nodes(_map_nodes(graph, fn))
 
 
+MAX_FUSED_LINEARS: int = 3
+"""Linear layers of one input run as one ``secure.linears`` node (query, key and value)."""
+
+
+def fuse_parallel_linears(graph: Graph) -> Graph:
+    """Secret ``aten.linear`` nodes that read the same input with graph weights (and graph
+    biases or none) -> one ``secure.linears`` per up to three of them, placed where the
+    first was, and a ``getitem`` in each one's place. Their products then share one pass:
+    2 rounds where each took 2 (attention's query, key and value: 4 rounds fewer per
+    layer; LLaMA's gate and up projections: 2 more). Bytes and results are unchanged."""
+    weights = set(graph.weights)
+
+    def weight_ref(a: Any) -> bool:
+        return isinstance(a, Ref) and a.name in weights
+
+    groups: dict[str, list[Node]] = {}
+    for n in graph.nodes:
+        bias = n.args[2] if len(n.args) > 2 else None
+        if (n.secret and n.op == "aten.linear.default" and not n.kwargs and isinstance(n.args[0], Ref)
+                and weight_ref(n.args[1]) and (bias is None or weight_ref(bias))):
+            groups.setdefault(n.args[0].name, []).append(n)
+    member: dict[str, tuple[Node, int]] = {}
+    first: dict[str, Node] = {}
+    for x, linears in groups.items():
+        for start in range(0, len(linears), MAX_FUSED_LINEARS):
+            chunk = linears[start:start + MAX_FUSED_LINEARS]
+            if len(chunk) < 2:
+                continue
+            args: list[Any] = [Ref(x)]
+            for m in chunk:
+                args += [m.args[1], m.args[2] if len(m.args) > 2 else None]
+            fused = Node(f"{chunk[0].name}.fused", "secure.linears", args, {}, None, True, chunk[0].origin)
+            first[chunk[0].name] = fused
+            member.update({m.name: (fused, i) for i, m in enumerate(chunk)})
+
+    def fn(n: Node) -> list[Node] | None:
+        if n.name not in member:
+            return None
+        fused, i = member[n.name]
+        getter = Node(n.name, "getitem", [Ref(fused.name), i], {}, n.spec, True, n.origin)
+        return [fused, getter] if first.get(n.name) is fused else [getter]
+
+    return _map_nodes(graph, fn)
+
+
 def eliminate_dead_nodes(graph: Graph) -> Graph:
     """Drop nodes whose values nothing reads (e.g. reshapes of ids now read as one-hot)."""
     live = set(graph.outputs)
@@ -413,7 +465,7 @@ ARITHMETIC_OPS = {
     "aten.cat.default", "aten.rsub.Scalar",
 }
 SECURE_OPS = {"secure.gelu", "secure.silu", "secure.softmax", "secure.layer_norm", "secure.rsqrt",
-              "secure.embedding", "secure.tanh"}
+              "secure.embedding", "secure.tanh", "secure.linears"}
 SUPPORTED_SECRET_OPS = SHAPE_OPS | ARITHMETIC_OPS | SECURE_OPS
 
 
@@ -429,8 +481,10 @@ def check_supported(graph: Graph) -> Graph:
     return graph
 
 
-def rewrite(graph: Graph, recipe: Recipe) -> Graph:
-    """All passes in order; the result records the recipe in ``meta``."""
+def rewrite(graph: Graph, recipe: Recipe, fuse_linears: bool = True) -> Graph:
+    """All passes in order; the result records the recipe in ``meta``. ``fuse_linears``
+    (:func:`fuse_parallel_linears`) is for the share engine; the CKKS engine encodes each
+    linear layer's weights on their own and keeps them apart."""
     g = positions_from_mask(graph)
     g = rewrite_embedding(g)
     g = decompose_attention(g, recipe.softmax)
@@ -440,6 +494,8 @@ def rewrite(graph: Graph, recipe: Recipe) -> Graph:
     g = rewrite_layer_norm(g, recipe.layer_norm_newton)
     g = rewrite_rsqrt(g)
     g = rewrite_tanh(g)
+    if fuse_linears:
+        g = fuse_parallel_linears(g)
     g = check_supported(g)
     g.meta = {**graph.meta, "recipe": recipe.to_dict()}
     return g

@@ -117,9 +117,11 @@ _SECURE: tuple[OpSpec, ...] = (
                                        _kw("eps", "number", required=True), _kw("newton_iterations", "int"),
                                        _kw("variance_range", "numbers?"))),
     OpSpec("secure.embedding", None, (_x("table"), _x("ids"), _kw("shape", "ints?"))),
+    OpSpec("secure.linears", None, (_x(), _x("w0"), Param("b0", "ref?"), _x("w1"), Param("b1", "ref?"),
+                                    Param("w2", "ref?"), Param("b2", "ref?"))),
     OpSpec("secure.softmax", None, (_x(), Param("mask", "ref?"), _kw("bias", "ref?"), _kw("causal", "bool"),
                                     _kw("kind", "str", required=True), _kw("t", "int"), _kw("exp_order", "int"),
-                                    _kw("exp", "str"),
+                                    _kw("exp", "str"), _kw("scale", "number"),
                                     _kw("p", "int"), _kw("eps", "number"), _kw("upper", "number"),
                                     _kw("iterations", "int"), _kw("normalize", "bool"))),
 )

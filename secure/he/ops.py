@@ -267,6 +267,9 @@ class HeOps:
         out = sum_columns(self.engine, self._canonical(x))
         return out if keepdim else self.map_shape(out, lambda t: t.squeeze(-1))
 
+    def matmul_many(self, pairs: Sequence[tuple[Value, Value]]) -> list[Value]:
+        return [self.matmul(x, y) for x, y in pairs]
+
     def matmul(self, x: Value, y: Value) -> Value:
         if isinstance(x, Plain) and isinstance(y, Plain):
             return Plain(x.value @ y.value)

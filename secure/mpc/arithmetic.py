@@ -465,6 +465,11 @@ def mul(party: Party, x: AShare, y: AShare) -> AShare:
 
 def matmul(party: Party, x: AShare, y: AShare) -> AShare:
     """Fixed-point [x @ y] (batched, broadcasting): two rounds with the exact truncation."""
-    if _needs_fused_truncation(party, [(x, y)]):
-        return mul_trunc_many(party, [(x, y)], matmul=True)[0]
-    return to_scale(party, mul_untruncated_many(party, [(x, y)], matmul=True))[0]
+    return matmul_many(party, [(x, y)])[0]
+
+
+def matmul_many(party: Party, pairs: Sequence[tuple[AShare, AShare]]) -> list[AShare]:
+    """Fixed-point [x @ y] for each pair, all in the same two rounds (exact truncation)."""
+    if _needs_fused_truncation(party, pairs):
+        return mul_trunc_many(party, pairs, matmul=True)
+    return to_scale(party, mul_untruncated_many(party, pairs, matmul=True))

@@ -100,6 +100,9 @@ class MpcOps:
     def matmul(self, x: AShare, y: AShare) -> AShare:
         return ar.matmul(self.party, x, y)
 
+    def matmul_many(self, pairs: Sequence[tuple[AShare, AShare]]) -> list[AShare]:
+        return ar.matmul_many(self.party, pairs)
+
     def sum_of_products(self, pairs: Sequence[tuple[AShare, AShare]]) -> AShare:
         return ar.sum_of_products(self.party, pairs)
 

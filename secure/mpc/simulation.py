@@ -271,6 +271,9 @@ class FixedPointOps:
         """x @ y exactly in the ring (``ring_matmul``), then truncated to f."""
         return self._to_scale(Fixed(ring_matmul(x.ring, y.ring), scale.product_scale(x.frac_bits, y.frac_bits)))
 
+    def matmul_many(self, pairs: Sequence[tuple[Fixed, Fixed]]) -> list[Fixed]:
+        return [self.matmul(x, y) for x, y in pairs]
+
     # ---- comparisons ----------------------------------------------------------------------
     def less_than_public(self, x: Fixed, thresholds: Sequence[float]) -> list[Fixed]:
         """[1{x_ring < round(c * 2^s)}] as scale-0 bits at ``scale.comparison_scale`` s (x's

@@ -130,6 +130,16 @@ class Interpreter:
         y = ops.matmul(x, ops.map_shape(w, lambda t: t.transpose(-1, -2)))
         return y if len(val) < 3 or val[2] is None else self._add(y, val[2], a[2])
 
+    @_secret_op("secure.linears")
+    def _linears(self, node: Node, val: list[Any], env: dict[str, Any]) -> list[Any]:
+        """Two or three linear layers of one input in one pass of products: [x W_i^T + b_i]."""
+        a, ops = node.args, self.ops
+        x = self._secret_value(a[0], val[0])
+        slots = [(k, k + 1) for k in range(1, len(val), 2) if val[k] is not None]
+        ws = [ops.map_shape(self._secret_value(a[w], val[w]), lambda t: t.transpose(-1, -2)) for w, _ in slots]
+        ys = ops.matmul_many([(x, w) for w in ws])
+        return [y if b >= len(val) or val[b] is None else self._add(y, val[b], a[b]) for y, (_, b) in zip(ys, slots)]
+
     @_secret_op("aten.matmul.default", "aten.bmm.default", "aten.mm.default")
     def _matmul(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
         a = node.args
@@ -324,8 +334,8 @@ class Interpreter:
             allowed = bias > MASK_BIAS_FLOOR
             keep = allowed if keep is None else keep & allowed
             finite = bias.masked_fill(~allowed, 0.0)
-            if bool(finite.any()):
-                x = self.ops.add_public(x, finite)
+            if bool(finite.any()):  # a bias of the scaled scores
+                x = self.ops.add_public(x, finite / float(kw.get("scale", 1.0)))
         if kw["kind"] == "power":
             return power_softmax(self.ops, x, p=kw["p"], eps=kw["eps"],
                                  mask=None if keep is None else keep.to(torch.float64),
@@ -335,7 +345,7 @@ class Interpreter:
         if keep is not None:
             bias = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, MASK_BIAS_FLOOR)
         return puma_softmax(self.ops, x, t=kw["t"], exp_order=kw["exp_order"], mask_bias=bias,
-                            exp_form=kw.get("exp", "limit"))
+                            exp_form=kw.get("exp", "limit"), scale=float(kw.get("scale", 1.0)))
 
 
 def _resolve(v: Any, env: dict[str, Any]) -> Any:
