@@ -99,7 +99,8 @@ OURS = Recipe("ours", gelu="even", softmax=SoftmaxRecipe("puma", exp="poly"), si
 2.6e-3 instead of 0.020) and PUMA's softmax with our degree-15 polynomial exp
 (:func:`secure.approx.exp.poly_exp`: 10 rounds where PUMA's t = 8 limit form takes 19 and
 a third-order base at t = 6 takes 21, fewer bytes, error 3.5e-5 on shares). MiniLM, 50
-sentences, against the exact model: FIDELITY_PENDING.
+sentences (padded to 16-128 tokens), against the exact model: mean cosine 0.9999656, minimum
+0.9999342 on three parties (0.9999656 and 0.9999343 on floats), as with the limit form.
 
 SiLU stays PUMA's: the even SiLU has the smaller worst case (0.0145 against 0.072) but the
 larger error where LLaMA's activations mostly are (RMS 1.0e-2 against 6e-3 for |x| ~ 1); on
