@@ -78,3 +78,30 @@ def test_llama_gate_and_up_fuse_too():
     widths = sorted(sum(1 for a in n.args[1::2] if a is not None) for n in linears)
     layers = _ops(fused).count("secure.softmax")
     assert widths == [2] * layers + [3] * layers  # gate/up and q/k/v in every layer
+
+
+def test_llama_rmsnorm_chain_becomes_one_form_with_the_same_output(cluster, monkeypatch):
+    """pow, mean, add, rsqrt, mul, mul -> secure.rms_norm: 20 rounds instead of 32 per norm,
+    the output within the forms' error of the captured chain on floats and on shares."""
+    import secure.graph.passes as passes
+
+    ids = torch.randint(1, 100, (1, 6), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    graph, weights = capture(CausalLM(tiny_llama()), inputs)
+    fused = rewrite(graph, OURS)
+    layers = _ops(fused).count("secure.softmax")
+    assert _ops(fused).count("secure.rms_norm") == 2 * layers + 1 and "secure.rsqrt" not in _ops(fused)
+    monkeypatch.setattr(passes, "fuse_rms_norm", lambda g: g)
+    chain = rewrite(graph, OURS)
+    assert _ops(chain).count("secure.rsqrt") == 2 * layers + 1
+    (f_fused,), _ = run_float(fused, weights, inputs)
+    (f_chain,), _ = run_float(chain, weights, inputs)
+    assert float((f_fused - f_chain).abs().max()) < 1e-3
+    shares = deal_weights(weights, cluster.fp)
+    rounds = []
+    for g in (fused, chain):
+        before = cluster.rounds
+        (out,), _ = run_mpc(cluster, g, shares, deal_inputs(g, inputs, cluster.fp))
+        rounds.append(cluster.rounds - before)
+        assert float((out - f_fused).abs().max()) < 2e-2
+    assert rounds[1] - rounds[0] == 12 * (2 * layers + 1)

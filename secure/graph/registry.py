@@ -116,6 +116,7 @@ _SECURE: tuple[OpSpec, ...] = (
     OpSpec("secure.layer_norm", None, (_x(), Param("gamma", "ref?"), Param("beta", "ref?"),
                                        _kw("eps", "number", required=True), _kw("newton_iterations", "int"),
                                        _kw("variance_range", "numbers?"))),
+    OpSpec("secure.rms_norm", None, (_x(), Param("gamma", "ref?"), _kw("eps", "number", required=True))),
     OpSpec("secure.embedding", None, (_x("table"), _x("ids"), _kw("shape", "ints?"))),
     OpSpec("secure.linears", None, (_x(), _x("w0"), Param("b0", "ref?"), _x("w1"), Param("b1", "ref?"),
                                     Param("w2", "ref?"), Param("b2", "ref?"))),

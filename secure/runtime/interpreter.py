@@ -22,7 +22,7 @@ import torch
 
 from secure.approx.gelu import even_gelu, even_silu, poly_gelu, puma_gelu, puma_silu
 from secure.approx.interface import SecureOps
-from secure.approx.norms import layer_norm
+from secure.approx.norms import layer_norm, rms_norm
 from secure.approx.reciprocal import reciprocal, rsqrt
 from secure.approx.softmax import MASK_BIAS_FLOOR, power_softmax, puma_softmax
 from secure.approx.tanh import tanh
@@ -248,6 +248,10 @@ class Interpreter:
         return layer_norm(self.ops, val[0], val[1], val[2], eps=node.kwargs["eps"],
                           newton_iterations=node.kwargs.get("newton_iterations", 0),
                           variance_range=None if var_range is None else tuple(var_range))
+
+    @_secret_op("secure.rms_norm")
+    def _rms_norm(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
+        return rms_norm(self.ops, val[0], val[1], eps=node.kwargs["eps"])
 
     @_secret_op("secure.embedding")
     def _embedding(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
