@@ -66,12 +66,17 @@ class LocalNodes:
     """Three party processes on 127.0.0.1 serving a dealt all-MiniLM-L6-v2, or the
     catalogue ``models`` names (``party.deal``'s ``--model`` values, ``[NAME=]SOURCE``; the
     first is the cluster's default model): encoders at ``seq_lens``, causal LMs at
-    ``prompt_buckets`` and ``capacities``, all with ``recipe``."""
+    ``prompt_buckets`` and ``capacities``, all with ``recipe``. ``link_shape`` (e.g.
+    ``"40ms,100mbit"``, benchmarks only) makes the nodes emulate that link between them;
+    ``max_batch`` and ``batch_window_ms`` are the nodes' ``--max-batch`` and
+    ``--batch-window-ms`` (``party.batching``; None: the node's default)."""
 
     def __init__(self, workdir: Path, recipe: str = "ours", seq_lens: tuple[int, ...] = DEFAULT_SEQ_LENS,
                  tls: bool = True, deadline_s: float = 30.0, progress: bool = True,
                  models: Sequence[str] = ("minilm",), prompt_buckets: tuple[int, ...] = DEFAULT_PROMPT_BUCKETS,
-                 capacities: tuple[int, ...] = DEFAULT_CAPACITIES, receive_timeout_s: float | None = None) -> None:
+                 capacities: tuple[int, ...] = DEFAULT_CAPACITIES, receive_timeout_s: float | None = None,
+                 link_shape: str | None = None, max_batch: int | None = None,
+                 batch_window_ms: float | None = None) -> None:
         self.dir = workdir
         self.recipe = recipe
         self.seq_lens = seq_lens
@@ -82,6 +87,9 @@ class LocalNodes:
         self.deadline_s = deadline_s
         self.receive_timeout_s = receive_timeout_s if receive_timeout_s is not None else deadline_s
         self.progress = progress
+        self.link_shape = link_shape  # the nodes' --link-shape (benchmarks: an emulated link); read at start()
+        self.max_batch = max_batch
+        self.batch_window_ms = batch_window_ms
         self.procs: list[subprocess.Popen | None] = [None, None, None]
         self.tokens: list[str] = []
         self.config_path = self.dir / "cluster.json"
@@ -167,8 +175,12 @@ class LocalNodes:
         for i in ([party] if party is not None else [0, 1, 2]):
             with open(self.log_path(i), "a") as log:  # the child keeps its own copy of the descriptor
                 insecure = [] if self.tls else ["--insecure"]
+                shape = ["--link-shape", str(self.link_shape)] if self.link_shape else []
+                shape += [] if self.max_batch is None else ["--max-batch", str(self.max_batch)]
+                shape += [] if self.batch_window_ms is None else ["--batch-window-ms", str(self.batch_window_ms)]
                 self.procs[i] = subprocess.Popen(
-                    [sys.executable, "-m", "party", "--config", str(self.config_path), "--party", str(i), *insecure],
+                    [sys.executable, "-m", "party", "--config", str(self.config_path), "--party", str(i), *insecure,
+                     *shape],
                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
 
     def ready(self, party: int, timeout_s: float = 1.0) -> bool:

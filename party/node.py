@@ -18,7 +18,10 @@ start unless it is given ``--insecure``, and then says so loudly in its log.
 Scheduling: every accepted query runs in its own thread as soon as its inputs have
 arrived; queries are independent (their peer messages are tagged by query id, their PRF
 keys are agreed per query), so the three nodes need not agree on an order, and no query
-waits behind another. ``max_concurrent_queries`` bounds them; beyond it a query is
+waits behind another. With batching on (``--max-batch`` above 1, ``party.batching``),
+concurrent queries of one model and length that are ready on all three parties within a
+short window run as one batched execution instead, as party 0 announces them (each client
+still gets only its own answer). ``max_concurrent_queries`` bounds them; beyond it a query is
 refused with RESOURCE_EXHAUSTED; a slot is taken before the query's inputs are read, and a
 client that does not deliver them within ``receive_timeout_s`` is cut off. Every query has
 the configured deadline per peer message;
@@ -48,6 +51,7 @@ from typing import Any
 import grpc
 import torch
 
+from party.batching import CONTROL_TAG, BatchFailed, BatchOptions, BatchScheduler, Member
 from party.catalogue import QUERY_KINDS, ServedModel, default_model, load_party_file
 from party.certs import check_party_certificate
 from party.config import ClusterConfig, ConfigError, party_name
@@ -80,6 +84,7 @@ from secure.runtime.inputs import InputError, party_inputs
 from secure.runtime.interpreter import Interpreter
 from secure.transport.base import payload_bytes
 from secure.transport.grpc_peer import GrpcTransport, Mailbox, PeerLinks
+from secure.transport.shaping import LinkShape, link_shape_arg
 from secure.transport.wire import WireError, tensor_chunks
 
 pb2, pb2_grpc = load_protos()
@@ -96,7 +101,10 @@ class PartyNode:
     """One of the three computing parties."""
 
     def __init__(self, cfg: ClusterConfig, party_id: int, device: str = "cpu",
-                 max_concurrent_queries: int = 8, insecure: bool = False) -> None:
+                 max_concurrent_queries: int = 8, insecure: bool = False, link_shape: LinkShape | None = None,
+                 batching: BatchOptions | None = None) -> None:
+        """``batching``: how concurrent queries are batched (default ``BatchOptions()``: up to 8 per
+        batch, a 100 ms window; ``max_batch=1``: each query alone)."""
         cfg.require_tls(insecure)
         self.cfg = cfg
         self.id = party_id
@@ -127,7 +135,10 @@ class PartyNode:
         for model in self.models.values():
             log.info("party %d serves %s", party_id, model.summary())
         self.mailbox = Mailbox(max_message_bytes=cfg.max_request_bytes)
-        self.links = PeerLinks(party_id, self._peer_channel, pb2.PeerFrame, pb2.TensorSpec)
+        self.links = PeerLinks(party_id, self._peer_channel, pb2.PeerFrame, pb2.TensorSpec, shape=link_shape)
+        if link_shape is not None and link_shape.shaped:
+            log.warning("party %d emulates a %s link on every peer message (--link-shape: benchmarks only)",
+                        party_id, link_shape)
         self._running: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self._servers: list[grpc.Server] = []
@@ -141,6 +152,13 @@ class PartyNode:
             receive_timeout_s=cfg.receive_timeout_s, max_request_bytes=cfg.max_request_bytes,
             on_step=self.metrics.generation_step)
         self.metrics.track_generation(lambda: len(self.generation.active()))
+        self.batching = batching or BatchOptions()
+        self.scheduler = BatchScheduler(
+            party_id, self.batching, self.fp, self.device,
+            transport_for=lambda tag: _CountedTransport(self.id, tag, self.links, self.mailbox, cfg.deadline_s),
+            send_control=lambda peer, seq, tensors: self.links.send(peer, CONTROL_TAG, seq, tensors),
+            abort_remote=self.links.abort, abort_local=self.mailbox.abort,
+            join_timeout_s=cfg.receive_timeout_s, deadline_s=cfg.deadline_s, release_tag=self._release)
 
     @property
     def graphs(self) -> dict[int, Graph]:
@@ -213,6 +231,7 @@ class PartyNode:
         if creds is not None:
             log.info("party %d: peer port %d (mutual TLS), client port %d (TLS + token)", self.id,
                      self.entry.peer_port, self.entry.client_port)
+        self.scheduler.start()
         peer.start()
         client.start()
         self._servers = [peer, client]
@@ -221,6 +240,7 @@ class PartyNode:
 
     def stop(self, grace: float = 1.0) -> None:
         self.metrics.stop()
+        self.scheduler.stop()
         self.links.close()
         for s in self._servers:
             s.stop(grace)
@@ -352,7 +372,10 @@ class _PeerServicer(pb2_grpc.PeerServicer):
                 if expected is not None and frame.sender != expected:
                     context.abort(grpc.StatusCode.PERMISSION_DENIED, f"the certificate of party {expected} cannot "
                                   f"send as party {frame.sender}")
-                self.node.mailbox.deliver(frame)
+                if frame.query_id == CONTROL_TAG:  # the batch protocol, not a query's message
+                    self.node.scheduler.deliver(frame)
+                else:
+                    self.node.mailbox.deliver(frame)
                 frames += 1
         except WireError as e:
             log.warning("party %d: malformed frame from a peer: %s", self.node.id, e)
@@ -397,6 +420,9 @@ class _PartyServicer(pb2_grpc.PartyServicer):
         record.query_id = query_id
         record.running()
         log.info("query %s accepted: model %s, length %d", query_id, model.name, header.seq_len)
+        if node.batching.enabled:
+            yield from self._batched(header, model, graph, inputs, context, record)
+            return
         # a client that gives up (or fails on another party) cancels the query here too
         context.add_callback(lambda: node.mailbox.abort(query_id, "the client cancelled the query"))
         events = run_in_worker(lambda emit: node.run_query(query_id, model, graph, inputs, emit, header.want_trace,
@@ -407,6 +433,22 @@ class _PartyServicer(pb2_grpc.PartyServicer):
         except Exception as e:  # noqa: BLE001 - the query failed; the node serves on
             code = grpc.StatusCode.DEADLINE_EXCEEDED if "within" in str(e) else grpc.StatusCode.ABORTED
             context.abort(code, f"query {query_id} failed on party {node.id}: {type(e).__name__}: {e}")
+
+    def _batched(self, header: Any, model: ServedModel, graph: Graph, inputs: dict[str, Any],
+                 context: grpc.ServicerContext, record: QueryRecord) -> Iterator[Any]:
+        """A validated query, answered from the batch party 0 puts it in (``party.batching``)."""
+        node, query_id = self.node, header.query_id
+
+        def on_exit() -> None:
+            node.admission.release()
+            node._release(query_id)
+
+        member = Member(query_id, model, graph, int(header.seq_len), inputs, header.want_trace, record, on_exit)
+        context.add_callback(lambda: node.scheduler.client_gone(member))
+        try:
+            yield from node.scheduler.submit(member)
+        except BatchFailed as e:
+            context.abort(e.code, str(e))
 
     def _receive(self, request_iterator: Iterator[Any], context: grpc.ServicerContext
                  ) -> tuple[Any, ServedModel, Graph, Any]:
@@ -498,7 +540,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--insecure", action="store_true",
                     help="allow a configuration without TLS (plaintext, unauthenticated links; local demos only)")
     ap.add_argument("--log-json", action="store_true", help="log JSON lines (or \"log_json\": true in the config)")
+    ap.add_argument("--max-batch", type=int, default=8, metavar="N",
+                    help="run up to N concurrent queries of one model and length as one batched execution (party 0 "
+                         "decides; default 8; 1: every query alone, no coordination); all three nodes must agree on "
+                         "batching on or off")
+    ap.add_argument("--batch-window-ms", type=float, default=100.0, metavar="MS",
+                    help="how long party 0 holds a ready query for others to join its batch (default 100)")
+    ap.add_argument("--link-shape", type=link_shape_arg, default=None, metavar="DELAY,RATE",
+                    help="benchmarks only: emulate a link on every peer message this node sends, e.g. 40ms,100mbit "
+                         "(one-way delay, rate per peer; secure.transport.shaping); off by default")
     args = ap.parse_args(argv)
+    try:
+        batching = BatchOptions(window_s=args.batch_window_ms / 1000.0, max_batch=args.max_batch)
+    except ValueError as e:
+        ap.error(str(e))
     configure_logging(f"party{args.party}", args.log_level, args.log_json)
     torch.set_num_threads(1)
     tune_malloc()
@@ -506,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ClusterConfig.load(args.config)
         if cfg.log_json and not args.log_json:
             configure_logging(f"party{args.party}", args.log_level, json_lines=True)
-        node = PartyNode(cfg, args.party, args.device, args.max_concurrent_queries, insecure=args.insecure)
+        node = PartyNode(cfg, args.party, args.device, args.max_concurrent_queries, insecure=args.insecure,
+                         link_shape=args.link_shape, batching=batching)
     except (ConfigError, FileNotFoundError) as e:
         log.error("cannot start: %s", e)
         return 2

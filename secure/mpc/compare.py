@@ -148,8 +148,9 @@ def max_along(party: Party, x: AShare, dim: int = -1, keepdim: bool = True, grou
     g = 4, 10 rounds where two binary levels took 18 (n = 32: 29 rounds instead of 45;
     n = 128: 39 instead of 63). Bytes: ``(g - 1) / 2`` comparisons and g - 1 bit products
     per candidate and level (the binary tree's 1/2 and 1/2 at g = 2). A level takes groups
-    of ``group`` only while its elements are few enough that the rounds saved are worth
-    the bytes (:data:`ROUND_WORTH_BYTES`), else pairs: MiniLM's 12 x 32 x 32 scores go
+    of ``group`` only while its elements (per item of the leading, batch, dimension) are
+    few enough that the rounds saved are worth the bytes (:data:`ROUND_WORTH_BYTES`), else
+    pairs: MiniLM's 12 x 32 x 32 scores go
     4, 4, 2 (29 rounds), 12 x 128 x 128 go 2, 2, 4, 4, 2 (47 rounds).
     """
     return _tournament(party, x, dim, keepdim, group, None)[0]
@@ -185,10 +186,13 @@ def _tournament(party: Party, x: AShare, dim: int, keepdim: bool, group: int, ga
     if gap is not None and x.frac_bits < party.fp.frac_bits:
         x = sh.lift(x, party.fp.frac_bits)  # the gap is a real
     row = x.map(lambda t: t.movedim(dim, -1))
-    fuse_gap = gap is not None and n > 1 and row.a.numel() * _FUSED_GAP_EXTRA_BYTES <= 8 * ROUND_WORTH_BYTES
+    # the plan follows one item of the leading (batch) dimension, so that a query in a batched
+    # execution costs what it costs alone and its bytes do not tell that it was batched
+    items = x.shape[0] if len(x.shape) > 1 and dim != 0 else 1
+    fuse_gap = gap is not None and n > 1 and row.a.numel() // items * _FUSED_GAP_EXTRA_BYTES <= 8 * ROUND_WORTH_BYTES
     cur, below = row, None
     while n > 1:
-        g = min(group, n) if cur.a.numel() * _GROUP_EXTRA_BYTES <= 8 * ROUND_WORTH_BYTES else 2
+        g = min(group, n) if cur.a.numel() // items * _GROUP_EXTRA_BYTES <= 8 * ROUND_WORTH_BYTES else 2
         groups = -(-n // g)
         pad = groups * g - n
         if pad:
