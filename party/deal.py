@@ -73,7 +73,7 @@ from secure.graph.buckets import BUCKETS
 from secure.graph.capture import CaptureError, capture
 from secure.graph.causal import CausalGraphs, GenerationLimitError, capture_causal
 from secure.graph.ir import Graph, GraphValidationError
-from secure.graph.passes import RECIPES, Recipe, UnsupportedOpError
+from secure.graph.passes import RECIPES, REWRITE_VERSION, Recipe, UnsupportedOpError
 from secure.graph.passes import rewrite as rewrite_graph
 from secure.models import (
     ModelFolderError,
@@ -165,7 +165,8 @@ class CompiledModel:
     def public(self, graph_sha256: str) -> dict[str, Any]:
         """What clients may know of the model (model.json, the manifest)."""
         labels = {"labels": list(self.info["labels"])} if self.kind == "classifier" else {}
-        return {"model": self.name, "kind": self.kind, "recipe": self.recipe.name, "seq_lens": list(self.seq_lens),
+        return {"model": self.name, "kind": self.kind, "recipe": self.recipe.name,
+                "rewrite_version": REWRITE_VERSION, "seq_lens": list(self.seq_lens),
                 "capacities": sorted(self.decode_graphs), "inputs": self.inputs, "graph_sha256": graph_sha256,
                 **labels}
 

@@ -447,6 +447,11 @@ def rewrite_embedding(graph: Graph) -> Graph:
     return eliminate_dead_nodes(_map_nodes(graph, fn))
 
 
+REWRITE_VERSION: int = 2
+"""Bumped whenever a pass changes the graphs it writes for a recipe (2: the polynomial exp,
+the softmax scale, fused linear layers and RMSNorm). A deal records it; a cached deal of
+another version is dealt again by the launchers instead of serving yesterday's forms."""
+
 MAX_FUSED_LINEARS: int = 3
 """Linear layers of one input run as one ``secure.linears`` node (query, key and value)."""
 
