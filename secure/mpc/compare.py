@@ -150,8 +150,8 @@ def max_along(party: Party, x: AShare, dim: int = -1, keepdim: bool = True, grou
     per candidate and level (the binary tree's 1/2 and 1/2 at g = 2). A level takes groups
     of ``group`` only while its elements (per item of the leading, batch, dimension) are
     few enough that the rounds saved are worth the bytes (:data:`ROUND_WORTH_BYTES`), else
-    pairs: MiniLM's 12 x 32 x 32 scores go
-    4, 4, 2 (29 rounds), 12 x 128 x 128 go 2, 2, 4, 4, 2 (47 rounds).
+    pairs: a query's 12 x 32 x 32 attention scores go 4, 4, 2 (29 rounds), its
+    12 x 128 x 128 go 2, 2, 4, 4, 2 (47 rounds).
     """
     return _tournament(party, x, dim, keepdim, group, None)[0]
 
