@@ -338,6 +338,23 @@ def _run_all(uploads: list[_Upload], starts: list[float]) -> None:
         t.join()
 
 
+def _odd_one_out(nodes: Any, plaintext: dict[str, torch.Tensor], odd_text: str, odd: dict[str, int],
+                 texts: list[str]) -> _Upload:
+    """One odd upload (``_Upload`` keywords ``odd``) started with good ones; checks that every
+    good one got its own right answer and returns the odd one for the caller's checks."""
+    from client.sdk import local_client
+
+    with local_client(nodes) as client:
+        client.verify_parties()
+        odd_upload = _Upload(client, odd_text, **odd)
+        good = [_Upload(client, text) for text in texts]
+        _run_all([odd_upload, *good], [0.0] * (1 + len(good)))
+    for upload in good:
+        assert not upload.errors
+        assert _cosine(upload.result[0], plaintext[upload.text]) > 0.999
+    return odd_upload
+
+
 @needs_minilm
 @settings(max_examples=3)
 @given(st.integers(1, 8).flatmap(lambda n: st.tuples(
@@ -381,33 +398,15 @@ def test_queries_started_together_share_one_batch(nodes: Any, plaintext: dict[st
 @needs_minilm
 def test_a_malformed_upload_is_refused_without_failing_its_batch(nodes: Any,
                                                                   plaintext: dict[str, torch.Tensor]) -> None:
-    from client.sdk import local_client
-
-    with local_client(nodes) as client:
-        client.verify_parties()
-        bad = _Upload(client, TEXTS[0], corrupt=1)
-        good = [_Upload(client, text) for text in TEXTS[1:4]]
-        _run_all([bad, *good], [0.0] * 4)
+    bad = _odd_one_out(nodes, plaintext, TEXTS[0], {"corrupt": 1}, TEXTS[1:4])
     assert grpc.StatusCode.INVALID_ARGUMENT in bad.codes()
     assert "attention_mask" in bad.errors[1].details()
-    for upload in good:
-        assert not upload.errors
-        assert _cosine(upload.result[0], plaintext[upload.text]) > 0.999
 
 
 @needs_minilm
 def test_an_upload_that_never_reaches_one_party_holds_no_batch_up(nodes: Any,
                                                                    plaintext: dict[str, torch.Tensor]) -> None:
-    from client.sdk import local_client
-
-    with local_client(nodes) as client:
-        client.verify_parties()
-        stuck = _Upload(client, TEXTS[4], withhold=2)
-        good = [_Upload(client, text) for text in TEXTS[5:7]]
-        _run_all([stuck, *good], [0.0, 0.0, 0.0])
-    for upload in good:
-        assert not upload.errors
-        assert _cosine(upload.result[0], plaintext[upload.text]) > 0.999
+    stuck = _odd_one_out(nodes, plaintext, TEXTS[4], {"withhold": 2}, TEXTS[5:7])
     # party 0 gives up on it after the receive timeout, and tells party 1
     assert stuck.result is None
     assert any(e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "did not reach all three parties" in e.details()

@@ -14,7 +14,7 @@ default) they call ``ops.check_range`` on x first, which raises
 comparison pass and one opened count, 9 rounds; a no-op under CKKS).
 
 Round notes (MPC): a "pass" below is one ``mul``/``mul_many`` call (2 rounds);
-``frexp`` costs 17 rounds (measured).
+``frexp`` costs 10 rounds (one threshold comparison pass and one product; measured).
 """
 
 from __future__ import annotations

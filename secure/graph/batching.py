@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from secure.graph.ir import Graph, Node, Ref, Spec
+from secure.graph.ir import Graph, Node, Ref, Spec, resolve_refs
 from secure.graph.registry import DTYPES, OPS
 
 U, B, IDX = "U", "B", "I"
@@ -466,19 +466,9 @@ def _meta(spec: Spec) -> torch.Tensor:
     return torch.empty(spec.shape, dtype=DTYPES[spec.dtype.removeprefix("torch.")], device="meta")
 
 
-def _resolve(v: Any, env: dict[str, Any]) -> Any:
-    if isinstance(v, Ref):
-        return env[v.name]
-    if isinstance(v, list):
-        return [_resolve(x, env) for x in v]
-    if isinstance(v, dict):
-        return {k: _resolve(x, env) for k, x in v.items()}
-    return v
-
-
 def _propagate(node: Node, env: dict[str, Any]) -> Any:
-    args = _resolve(node.args, env)
-    kwargs = _resolve(node.kwargs, env)
+    args = resolve_refs(node.args, env)
+    kwargs = resolve_refs(node.kwargs, env)
     if node.op.startswith("secure."):
         return _secure_shape(node, args, kwargs)
     if node.op in ("aten.view.default", "aten._unsafe_view.default"):

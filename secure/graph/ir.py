@@ -90,6 +90,18 @@ class Node:
         return out
 
 
+def resolve_refs(value: Any, env: dict[str, Any]) -> Any:
+    """``value`` with every :class:`Ref` in it (nested in lists and dicts) replaced by
+    ``env[ref.name]``: a node's arguments as the values they name."""
+    if isinstance(value, Ref):
+        return env[value.name]
+    if isinstance(value, list):
+        return [resolve_refs(x, env) for x in value]
+    if isinstance(value, dict):
+        return {k: resolve_refs(x, env) for k, x in value.items()}
+    return value
+
+
 def _collect_refs(value: Any, out: list[str]) -> None:
     if isinstance(value, Ref):
         out.append(value.name)

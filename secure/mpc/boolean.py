@@ -274,16 +274,6 @@ def bit_decompose(party: Party, x: AShare, dabits: DaBits) -> BShare:
     return (p ^ carries.shift_left(1)).map(lambda t: t.reshape(x.shape))
 
 
-@protocol("highest_bit")
-def highest_bit_onehot(party: Party, word: BShare) -> BShare:
-    """One-hot word of the highest set bit: OR-smear right (6 AND rounds), then y ^ (y >> 1)."""
-    y = word
-    for k in KOGGE_STONE_SHIFTS:
-        (both,) = and_many(party, [(y, y.shift_right(k))])
-        y = y ^ y.shift_right(k) ^ both
-    return y ^ y.map(lambda t: (t >> 1) & 0x7FFFFFFFFFFFFFFF)
-
-
 def _xor_public_bit(party: Party, r: AShare, c: torch.Tensor) -> AShare:
     """[c xor r] = c + [r] - 2c[r] for a public bit tensor c and shared bit r."""
     one_minus_2c = 1 - 2 * c

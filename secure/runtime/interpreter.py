@@ -26,7 +26,7 @@ from secure.approx.norms import layer_norm, rms_norm
 from secure.approx.reciprocal import reciprocal, rsqrt
 from secure.approx.softmax import MASK_BIAS_FLOOR, power_softmax, puma_softmax
 from secure.approx.tanh import tanh
-from secure.graph.ir import Graph, Node, Ref
+from secure.graph.ir import Graph, Node, Ref, resolve_refs
 from secure.graph.registry import OPS
 
 Trace = Callable[[Node], AbstractContextManager]
@@ -107,8 +107,8 @@ class Interpreter:
         if spec is None or spec.fn is None:
             why = "a secure form runs on secret values only" if spec else "not in the op registry"
             raise InterpreterError(f"node {node.name} ({node.op}) in {node.origin or 'top level'}: {why}")
-        kwargs = {k: _torch_enum(k, v) for k, v in _resolve(node.kwargs, env).items()}
-        return spec.fn(*_resolve(node.args, env), **kwargs)
+        kwargs = {k: _torch_enum(k, v) for k, v in resolve_refs(node.kwargs, env).items()}
+        return spec.fn(*resolve_refs(node.args, env), **kwargs)
 
     # ---- secret nodes: the backend ---------------------------------------------------
     def _is_secret(self, a: Any) -> bool:
@@ -119,7 +119,7 @@ class Interpreter:
         if handler is None:
             raise InterpreterError(f"no secure implementation of {node.op} (node {node.name}, in "
                                    f"{node.origin or 'top level'})")
-        val = [env[x.name] if isinstance(x, Ref) else _resolve(x, env) for x in node.args]
+        val = [env[x.name] if isinstance(x, Ref) else resolve_refs(x, env) for x in node.args]
         return handler(self, node, val, env)
 
     # ---- secret handlers: linear algebra and arithmetic ------------------------------
@@ -319,7 +319,7 @@ class Interpreter:
                 "aten.select.int", "aten.t.default", "aten.flatten.using_ints", "aten.unflatten.int")
     def _reshape(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
         """A shape op applied to every share (its registry callable, public arguments)."""
-        fn, rest, kwargs = OPS[node.op].fn, val[1:], _resolve(node.kwargs, env)
+        fn, rest, kwargs = OPS[node.op].fn, val[1:], resolve_refs(node.kwargs, env)
         return self.ops.map_shape(val[0], lambda t: fn(t, *rest, **kwargs))
 
     # ---- secret handlers: softmax ----------------------------------------------------
@@ -334,7 +334,7 @@ class Interpreter:
             tril = torch.ones(q, k, dtype=torch.bool).tril(diagonal=k - q)
             keep = tril if keep is None else keep & tril
         if kw.get("bias") is not None:  # an additive mask: finfo.min where masked, finite biases added
-            bias = torch.as_tensor(_resolve(kw["bias"], env)).to(torch.float64)
+            bias = torch.as_tensor(resolve_refs(kw["bias"], env)).to(torch.float64)
             allowed = bias > MASK_BIAS_FLOOR
             keep = allowed if keep is None else keep & allowed
             finite = bias.masked_fill(~allowed, 0.0)
@@ -350,16 +350,6 @@ class Interpreter:
             bias = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, MASK_BIAS_FLOOR)
         return puma_softmax(self.ops, x, t=kw["t"], exp_order=kw["exp_order"], mask_bias=bias,
                             exp_form=kw.get("exp", "limit"), scale=float(kw.get("scale", 1.0)))
-
-
-def _resolve(v: Any, env: dict[str, Any]) -> Any:
-    if isinstance(v, Ref):
-        return env[v.name]
-    if isinstance(v, list):
-        return [_resolve(x, env) for x in v]
-    if isinstance(v, dict):
-        return {k: _resolve(x, env) for k, x in v.items()}
-    return v
 
 
 _TORCH_ENUMS: dict[str, dict[str, Any]] = {
