@@ -23,9 +23,12 @@ from secure.approx.float_backend import FloatOps
 from secure.approx.gelu import PUMA_GELU_BREAKS, SILU_BREAKS, even_gelu, even_silu, puma_gelu, puma_silu
 from secure.approx.norms import layer_norm, rms_norm
 from secure.approx.reciprocal import (
-    SPU_RSQRT_SEED,
+    DIVIDE_SEGMENTS,
+    RSQRT_SEGMENTS,
     bounded_reciprocal_start,
+    divide,
     divide_bounded,
+    mantissa_fits,
     mul_rsqrt,
     reciprocal,
     reciprocal_bounded,
@@ -211,13 +214,15 @@ def test_reciprocal_bounded_hypothesis(v: float) -> None:
     assert _max_rel(reciprocal_bounded(OPS, x, 1.0, 8), 1 / x) <= 1.0001e-3
 
 
-def test_spu_rsqrt_seed_is_inverse_sqrt_on_quarter_half() -> None:
-    u = torch.linspace(0.25, 0.5, 100_001, dtype=F64)
-    seed = sum(c * u**k for k, c in enumerate(SPU_RSQRT_SEED))
-    assert _max_rel(seed, u.rsqrt()) <= 8.3e-5
-    # ... and it is not a fit on frexp's [0.5, 1): there it is off by up to 230 %.
-    m = torch.linspace(0.5, 1.0, 1001, dtype=F64)
-    assert _max_rel(sum(c * m**k for k, c in enumerate(SPU_RSQRT_SEED)), m.rsqrt()) > 1.0
+def test_mantissa_fits_fit_their_pieces() -> None:
+    """Each piece's centred polynomial against g on a dense grid of the piece, relative error."""
+    for name, segments, degree, bound, g in (
+            ("rsqrt", RSQRT_SEGMENTS, 3, 3.4e-5, lambda m: (2.0 / m).sqrt()),
+            ("reciprocal", DIVIDE_SEGMENTS, 2, 2.2e-5, lambda m: 1.0 / m)):
+        for j, (mu, *d) in enumerate(mantissa_fits(name, segments, degree)):
+            m = torch.linspace(0.5 * 2.0 ** (j / segments), 0.5 * 2.0 ** ((j + 1) / segments), 20_001, dtype=F64)
+            u = m - mu
+            assert _max_rel(sum(c * u**k for k, c in enumerate(d)), g(m)) <= bound
 
 
 @pytest.mark.parametrize(("newton", "bound"), [(0, 8.3e-5), (1, 1.1e-8), (2, 1e-14)])
@@ -441,6 +446,13 @@ class OpaqueOps:
     def shape(self, x: Box) -> torch.Size:
         return x.v.shape
 
+    def from_public(self, c: torch.Tensor) -> Box:
+        assert isinstance(c, torch.Tensor)
+        return Box(c.to(F64))
+
+    def map_shape(self, x: Box, fn: Callable[[torch.Tensor], torch.Tensor]) -> Box:
+        return Box(fn(x.v))
+
     def add(self, x: Box, y: Box) -> Box:
         return Box(x.v + y.v)
 
@@ -498,6 +510,16 @@ class OpaqueOps:
               bounds: tuple[float, float] | None = None) -> tuple[Box, Box]:
         m, s = self.f.frexp(x.v, exponent_fn, bounds)
         return Box(m), Box(s)
+
+    def frexp_segments(self, x: Box, exponent_fn: Callable[[int], float], segments: int = 1,
+                       tables: Sequence[Callable[[int], float]] = (), times: Any = None,
+                       bounds: tuple[float, float] | None = None,
+                       mantissa_tables: Sequence[Callable[[int], float]] = ()) -> tuple[Box, Box, list[Box]]:
+        if callable(times):
+            times = times()
+        m, s, values = self.f.frexp_segments(x.v, exponent_fn, segments, tables,
+                                             None if times is None else times.v, bounds, mantissa_tables)
+        return Box(m), Box(s), [Box(v) for v in values]
 
     def check_range(self, x: Box, lower: float | None, upper: float | None, what: str) -> None:
         self.f.check_range(x.v, lower, upper, what)
@@ -567,9 +589,9 @@ def test_call_structure_gelu_silu() -> None:
     for form in (even_gelu, even_silu):  # tests/test_gelu.py pins their rounds and bytes
         rec = _record(form, z)
         assert rec.calls["less_than_public"] == 1 and rec.thresholds == [2]
-        # x * bit (scaled), z = xs^2, q = z (z + alpha); the tail: one sum_of_products
-        assert rec.products == 4 and rec.calls["mul"] == 3 and rec.calls["sum_of_products"] == 1
-        assert rec.calls["dot_public"] == 2 and rec.calls["mul_many"] == 0
+        # kappa x, z = xs^2, q = z (z + alpha), the polynomial's sum; the tail: the bit products
+        assert rec.products == 4 and rec.calls["mul"] == 2 and rec.calls["sum_of_products"] == 2
+        assert rec.calls["dot_public"] == 1 and rec.calls["mul_many"] == 0
         assert rec.calls["max"] == rec.calls["frexp"] == rec.calls["less_than"] == 0
 
 
@@ -591,6 +613,8 @@ def test_call_structure_exp_reciprocal_rsqrt() -> None:
     for k in (0, 1, 2):
         assert _record(rsqrt, pos, k).products == 3 + 2 * k
         assert _record(mul_rsqrt, pos, pos, k).products == 3 + 2 * k
+    rec = _record(divide, pos, pos, (0.05, 20.0))
+    assert rec.calls["frexp_segments"] == 1 and rec.products == 2
 
 
 def test_call_structure_softmax_and_norms() -> None:
@@ -607,7 +631,10 @@ def test_call_structure_softmax_and_norms() -> None:
     assert rec.products == 2 + 10
     x, gamma, beta = _activations(rows=4, n=16)
     rec = _record(layer_norm, x, gamma, beta)
-    assert rec.calls["frexp"] == 1 and rec.products == 4
-    assert rec.calls["less_than_public"] == rec.calls["max"] == 0
+    assert rec.calls["frexp_segments"] == 1 and rec.products == 4
+    assert rec.calls["less_than_public"] == rec.calls["max"] == rec.calls["frexp"] == 0
     rec = _record(rms_norm, x, gamma)
-    assert rec.calls["frexp"] == 1 and rec.products == 4
+    assert rec.calls["frexp_segments"] == 1 and rec.products == 4
+    rec = _record(puma_softmax, z, mask_bias=bias, exp_form="poly", division="piecewise")
+    assert rec.calls["frexp_segments"] == 1 and rec.calls["frexp"] == 0
+    assert rec.products == _record(puma_softmax, z, mask_bias=bias, exp_form="poly").products - 2

@@ -72,7 +72,7 @@ def test_graph_serialises_to_json_and_back(bert_graph):
     (rewrite_gelu, "aten.gelu.default", "secure.gelu"),
     (lambda g: rewrite_layer_norm(g), "aten.layer_norm.default", "secure.layer_norm"),
     (lambda g: decompose_attention(g, OURS.softmax), "aten.scaled_dot_product_attention.default",
-     "secure.softmax"),
+     "secure.attention"),
     (rewrite_embedding, "aten.embedding.default", "secure.embedding"),
 ])
 def test_each_pass_changes_exactly_its_ops(bert_graph, pass_fn, removed, added):
@@ -159,7 +159,7 @@ def test_causal_capture_rewrite_and_three_party_top1(cluster, make):
     inputs = {"input_ids": ids, "attention_mask": torch.ones(1, 16, dtype=torch.long)}
     graph, weights = capture(lm, inputs)
     secure = rewrite(graph, OURS)
-    assert secure.op_counts().get("secure.softmax") == 2
+    assert secure.op_counts().get("secure.attention") == 2
     if make is tiny_llama:  # RMSNorm (its captured chain fused into one form) and the SiLU MLP
         assert secure.op_counts().get("secure.rms_norm") == 5 and secure.op_counts().get("secure.silu") == 2
     (out,), _ = run_mpc(cluster, secure, deal_weights(weights, cluster.fp),

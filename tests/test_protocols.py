@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -195,11 +196,29 @@ def test_max_with_ties_and_any_group(runner, n, group, data):
 
 
 def test_max_round_count_is_log_depth(runner):
+    """Groups chosen by cmp.max_plan (12 rows per item here): 128 candidates in groups of 16
+    then 8 (12 + 11 rounds), 32 in one group of 32 (8 + 5); the binary tree took 7 * 9 and
+    5 * 9. A level costs 8 + ceil(log2 g) rounds whatever the plan."""
     x = runner.share(torch.randn(12, 128, dtype=torch.float64))
-    # groups of 4: three levels of 8 + 2 rounds, then a pair (8 + 1); the binary tree took 7 * 9
-    assert runner.rounds_of(lambda p, a: cmp.max_along(p, a), x) == 3 * 10 + 9
+    assert cmp.max_plan(12, 128, False) == ((8, 16), False)
+    assert runner.rounds_of(lambda p, a: cmp.max_along(p, a), x) == 11 + 12
     x = runner.share(torch.randn(12, 32, dtype=torch.float64))
-    assert runner.rounds_of(lambda p, a: cmp.max_along(p, a), x) == 2 * 10 + 9
+    assert runner.rounds_of(lambda p, a: cmp.max_along(p, a), x) == 13
+    x = runner.share(torch.randn(2, 384, 32, dtype=torch.float64))  # a query's scores: 8, 4
+    assert cmp.max_plan(384, 32, True) == ((8, 4), True)
+    assert runner.rounds_of(lambda p, a: cmp.max_along(p, a), x) == 21
+
+
+def test_max_plan_prices_rounds_against_bytes():
+    """More rows per item: smaller groups (fewer bytes per round saved); a plan never costs
+    more rounds than pairs, and the clip is fused only while its bytes are worth 8 rounds."""
+    for rows in (1, 12, 384, 1536, 20000):
+        for n in (2, 7, 32, 128):
+            plan, fuse = cmp.max_plan(rows, n, True)
+            assert math.prod(plan) >= n and all(2 <= g <= cmp.MAX_GROUP for g in plan)
+            assert sum(8 + math.ceil(math.log2(g)) for g in plan) <= 9 * math.ceil(math.log2(n))
+    assert cmp.max_plan(20000, 128, True)[1] is False  # 2.5M row elements: the clip's own pass
+    assert max(cmp.max_plan(20000, 128, False)[0]) < max(cmp.max_plan(12, 128, False)[0])
 
 
 @given(st.lists(st.floats(1e-4, 1e7), min_size=1, max_size=30))

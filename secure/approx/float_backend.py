@@ -2,6 +2,10 @@
 
 Evaluates a secure form on ordinary float tensors, so the error of an approximation
 against the exact torch function is measured without any cryptography.
+
+A product with an exact 0 is 0 here, as in the ring: a form may compute a piece on inputs
+far outside its range (the powers of a huge x overflow to inf, or to garbage in fixed
+point) and drop it with a 0/1 bit, and IEEE's ``0 * inf = nan`` must not leak through.
 """
 
 from __future__ import annotations
@@ -60,10 +64,10 @@ class FloatOps:
         return out
 
     def mul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return x * y
+        return _product(x, y)
 
     def mul_many(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        return [x * y for x, y in pairs]
+        return [_product(x, y) for x, y in pairs]
 
     def matmul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x @ y
@@ -72,9 +76,9 @@ class FloatOps:
         return [x @ y for x, y in pairs]
 
     def sum_of_products(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        out = pairs[0][0] * pairs[0][1]
+        out = _product(*pairs[0])
         for x, y in pairs[1:]:
-            out = out + x * y
+            out = out + _product(x, y)
         return out
 
     def less_than_public(self, x: torch.Tensor, thresholds: Sequence[float]) -> list[torch.Tensor]:
@@ -113,3 +117,27 @@ class FloatOps:
         mantissa, exponent = torch.frexp(x)
         factor = exponent.to(torch.float64).apply_(lambda e: exponent_fn(int(e)))
         return mantissa, factor.to(x.dtype)
+
+    def frexp_segments(
+        self, x: torch.Tensor, exponent_fn: Callable[[int], float], segments: int = 1,
+        tables: Sequence[Callable[[int], float]] = (),
+        times: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+        bounds: tuple[float, float] | None = None, mantissa_tables: Sequence[Callable[[int], float]] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Exact: the segment of m is ``floor(segments * log2(2m))``."""
+        if segments < 1:
+            raise ValueError(f"frexp: segments must be >= 1, got {segments}")
+        mantissa, factor = self.frexp(x, exponent_fn, bounds)
+        if callable(times):
+            times = times()
+        piece = torch.floor(segments * torch.log2(2.0 * mantissa.to(torch.float64))).clamp(0, segments - 1).long()
+        values = [torch.tensor([float(table(j)) for j in range(segments)], dtype=x.dtype)[piece] for table in tables]
+        values += [mantissa * torch.tensor([float(table(j)) for j in range(segments)], dtype=x.dtype)[piece]
+                   for table in mantissa_tables]
+        return mantissa, (factor if times is None else _product(times, factor)), values
+
+
+def _product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x * y with 0 wherever a factor is exactly 0 (also against inf or nan)."""
+    prod = x * y
+    return torch.where((x == 0) | (y == 0), torch.zeros((), dtype=prod.dtype), prod)

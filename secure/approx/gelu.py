@@ -13,14 +13,15 @@ polynomial ``B`` on ``[b1, b2)``, the identity from ``b2`` on. A call costs:
   and 2 rounds instead of 5).
 
 That is 3 product calls (``mul``, ``mul_many``, ``mul``), 1 ``sum_of_products``, 2
-``dot_public`` and 1 comparison call; under MPC with the default exact truncation, 8 rounds
-for the comparisons and 2 for each of the four product steps: 16 rounds and 606 bytes per
-element over the three parties (306 of them for the three comparisons). The comparisons
-do not depend on the powers, so a backend may overlap them.
+``dot_public`` and 1 comparison call; the comparisons do not depend on the powers, so they
+run :func:`~secure.approx.interface.concurrently` with them. Under MPC with the default
+exact truncation: the comparison pass (8 rounds) overlaps the three power steps (2 rounds
+each), then 2 for the sum: 10 rounds (16 one after the other) and 606 bytes per element
+over the three parties (306 of them for the three comparisons).
 Coefficients: PUMA (Dong et al. 2023), sec. 4.2, as quoted in ``shared/DESIGN.md`` sec. 4.
 
 **The even forms** (:func:`even_gelu`, :func:`even_silu`, the ``ours`` recipe): two
-comparisons instead of three, under a seventh of PUMA's GeLU error, 28% fewer bytes, as many
+comparisons instead of three, under a seventh of PUMA's GeLU error, 25% fewer bytes, 9
 rounds; see :func:`even_activation`.
 
 **The HE form** (:func:`poly_gelu`): one polynomial on a calibrated range, no comparison.
@@ -32,7 +33,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
-from secure.approx.interface import SecureOps, T
+import torch
+
+from secure.approx.interface import SecureOps, T, concurrently
 
 # ---- PUMA GeLU (PUMA sec. 4.2; DESIGN.md sec. 4) ----------------------------------------
 PUMA_GELU_BREAKS: tuple[float, float, float] = (-4.0, -1.95, 3.0)
@@ -104,17 +107,21 @@ def _zero_poly_poly_identity(
         raise ValueError(f"expected three breakpoints, got {len(breaks)}")
     if len(left) > 4 or len(middle) > 7 or (len(middle) > 5 and middle[5] != 0.0):
         raise ValueError("left must have degree <= 3 and middle use only x, x^2, x^3, x^4, x^6")
-    # One comparison pass for all three thresholds: b_k = 1{x < breaks[k]}.
-    b0, b1, b2 = ops.less_than_public(x, list(breaks))
-    # Powers by squaring: three product passes.
-    x2 = ops.mul(x, x)
-    x3, x4 = ops.mul_many([(x2, x), (x2, x2)])
-    x6 = ops.mul(x4, x2)
-    powers = {1: x, 2: x2, 3: x3, 4: x4, 6: x6}
-    # Both polynomials stay untruncated (scale 2f + k under fixed point): the three
-    # indicator products are summed before one reshare with one fused truncation.
-    f_left = _poly(ops, powers, left, truncate=False)
-    f_middle = _poly(ops, powers, middle, truncate=False)
+    def pieces() -> tuple[T, T]:
+        # Powers by squaring: three product passes. Both polynomials stay untruncated
+        # (scale 2f + k under fixed point): the three indicator products are summed before
+        # one reshare with one fused truncation. For |x| beyond the breakpoints the powers
+        # may overflow the ring; their indicators are 0 there, so the garbage never shows.
+        x2 = ops.mul(x, x)
+        x3, x4 = ops.mul_many([(x2, x), (x2, x2)])
+        x6 = ops.mul(x4, x2)
+        powers = {1: x, 2: x2, 3: x3, 4: x4, 6: x6}
+        return _poly(ops, powers, left, truncate=False), _poly(ops, powers, middle, truncate=False)
+
+    # One comparison pass for all three thresholds (b_k = 1{x < breaks[k]}), overlapped
+    # with the powers: neither reads the other.
+    bits, (f_left, f_middle) = concurrently(ops, lambda: ops.less_than_public(x, list(breaks)), pieces)
+    b0, b1, b2 = bits
     # Indicators as differences of bits (still exactly 0/1): free.
     ind_left = ops.sub(b1, b0)  # b0 <= x < b1
     ind_middle = ops.sub(b2, b1)  # b1 <= x < b2
@@ -276,37 +283,46 @@ def even_activation(ops: SecureOps[T], x: T, form: EvenForm) -> T:
 
     1. one ``less_than_public`` with the two thresholds ``-T, T`` (2 comparisons per element):
        ``below = 1{x < -T}``, ``inside = 1{x < T} - below``, ``above = 1 - 1{x < T}``;
-    2. ``xs = inside * (kappa x)`` (``kappa x`` an untruncated ``dot_public``; the product with
-       the bit is truncated once): 0 outside the bound, so every later value is bounded
-       (``|xs| <= 1.23``) whatever x is;
-    3. ``z = xs^2``; 4. ``q = z (z + alpha)``;
-    5. one ``sum_of_products``:
-       ``inside (x/2 + constant + linear z) + q (sign q + gamma) + above x``
-       (``sign = +-1``: the second factor needs no truncation; see :class:`EvenSteps`).
+    2. at the same time (:func:`~secure.approx.interface.concurrently`: neither reads the
+       other), the polynomial on x unmasked: ``xs = kappa x``, ``z = xs^2``,
+       ``q = z (z + alpha)``, then one ``sum_of_products``
+       ``inner = q (sign q + gamma) + linear z + x/2`` (+ ``constant``), one truncation;
+    3. ``inside * inner + above * x``: products with 0/1 bits of values at scale f, so one
+       ``sum_of_products`` with no truncation.
 
-    Why this arrangement: comparing x itself (not ``x^2``) keeps the comparisons right for
-    every encodable x and lets the bits zero x before any power is taken, so no power can
-    overflow; ``kappa`` folds the normalisation into that masking product, and the ``+-1``
-    top coefficient leaves the last product without a public factor (one there would hold
-    it at scale 3f + k, where the probabilistic truncation fails once in a few hundred).
+    For |x| beyond the bound the powers may overflow the fixed-point ring and ``inner`` is
+    garbage, but ``inside`` is exactly 0 there, so it never reaches the result: the form is
+    right for every encodable x. (It used to mask x by ``inside`` before the powers; the
+    powers now overlap the comparisons instead of following them.) The ``+-1`` top
+    coefficient leaves ``q (sign q + gamma)`` without a public factor (one there would hold
+    it at scale 3f + k, where the probabilistic truncation fails once in a few hundred);
+    ``linear`` and ``1/2`` ride in the same sum as public factors (trivial sharings).
 
-    Cost: 1 comparison call (2 thresholds), 3 ``mul``, 2 ``dot_public`` (untruncated), 1
-    ``sum_of_products``. Under MPC with exact truncation: 8 + 2 + 2 + 2 + 2 = 16 rounds and
-    2 * 102 + 4 * 60 = 444 bytes per element over the three parties (PUMA's form: 16 rounds,
-    606 bytes). Input range: every x whose fixed-point encoding the comparisons accept; the
-    final sum holds ``above * x`` at scale 2f, as PUMA's does: ``|x| < 2^(62 - 2f)`` (6.7e7 at
-    f = 18). On floats, every finite x.
+    Cost: 1 comparison call (2 thresholds), 2 ``mul``, 1 ``dot_public``, 2
+    ``sum_of_products``. Under MPC with exact truncation: the comparison pass (8 rounds)
+    overlaps the four truncated steps of the polynomial (2 + 2 + 2 + 2), then 1 round for the
+    bit products: 9 rounds (16 when the steps followed the comparisons) and
+    2 * 102 + 44 + 3 * 60 + 24 = 452 bytes per element over the three parties (PUMA's form:
+    10 rounds, 606 bytes). Input range: every x whose fixed-point encoding the comparisons
+    accept (``above * x`` is exact at scale f). On floats, every finite x.
     """
     steps = even_steps(form.bound, form.chebyshev)
-    below, under = ops.less_than_public(x, [-form.bound, form.bound])
+
+    def polynomial() -> T:
+        xs = ops.dot_public([x], [steps.kappa])
+        z = ops.mul(xs, xs)
+        q = ops.mul(z, ops.add_public(z, steps.alpha))
+        top = ops.add_public(q if steps.sign > 0 else ops.neg(q), steps.gamma)
+        constants = ops.from_public(torch.tensor([steps.linear, 0.5], dtype=torch.float64))
+        linear = ops.map_shape(constants, lambda t: t[0])
+        half = ops.map_shape(constants, lambda t: t[1])
+        return ops.add_public(ops.sum_of_products([(q, top), (z, linear), (x, half)]), steps.constant)
+
+    (below, under), inner = concurrently(ops, lambda: ops.less_than_public(x, [-form.bound, form.bound]),
+                                         polynomial)
     inside = ops.sub(under, below)
     above = ops.add_public(ops.neg(under), 1.0)
-    xs = ops.mul(inside, ops.dot_public([x], [steps.kappa], truncate=False))
-    z = ops.mul(xs, xs)
-    q = ops.mul(z, ops.add_public(z, steps.alpha))
-    near = ops.dot_public([x, z], [0.5, steps.linear], bias=steps.constant, truncate=False)
-    top = ops.add_public(q if steps.sign > 0 else ops.neg(q), steps.gamma)
-    return ops.sum_of_products([(inside, near), (q, top), (above, x)])
+    return ops.sum_of_products([(inside, inner), (above, x)])
 
 
 def even_gelu(ops: SecureOps[T], x: T) -> T:

@@ -197,4 +197,33 @@ class SecureOps(Protocol[T]):
         ...
 
 
+    def frexp_segments(self, x: T, exponent_fn: Callable[[int], float], segments: int = 1,
+                       tables: Sequence[Callable[[int], float]] = (), times: T | Callable[[], T] | None = None,
+                       bounds: tuple[float, float] | None = None,
+                       mantissa_tables: Sequence[Callable[[int], float]] = ()) -> tuple[T, T, list[T]]:
+        """:meth:`frexp` on finer pieces: for x > 0 with x = m * 2**e (m in [0.5, 1)) and j
+        the segment of m, ``2**(j / segments) <= 2m < 2**((j + 1) / segments)``, returns
+        ``(m, times * exponent_fn(e), [table(j) for table in tables])`` (``exponent_fn(e)``
+        itself when ``times`` is None). A piecewise polynomial in m then needs no public
+        coefficient per piece: the tables are the coefficients, values like any other.
+        Under MPC ``segments`` times the comparisons of :meth:`frexp` in the same rounds,
+        and ``times * exponent_fn(e)`` in the pass that forms m. ``mantissa_tables`` append
+        ``[m * table(j)]`` to the values, also formed in that pass; under MPC they need
+        ``bounds`` (a narrow window leaves room for the table's precision). ``times`` may
+        be a function that computes it: it then runs :func:`concurrently` with the
+        comparisons, so a value needed only at the product pass costs no rounds of its own."""
+        ...
+
 Form = Callable[..., T]
+
+
+def concurrently(ops: SecureOps[T], *branches: Callable[[], object]) -> list:
+    """The results of ``branches``, independent pieces of one form (neither reads what the
+    other computes), in order. A backend that can overlap them has a ``concurrently``
+    method (MPC: the branches' rounds are merged, so they cost the longest branch's
+    rounds, :meth:`secure.mpc.party.Party.concurrently`); elsewhere they run one after the
+    other, which computes the same values."""
+    run = getattr(ops, "concurrently", None)
+    if run is None:
+        return [branch() for branch in branches]
+    return run(list(branches))

@@ -34,21 +34,22 @@ def layer_norm(
 
     Math: ``mean = sum(x) / n``; ``d = x - mean``; ``S = sum(d^2)``, so ``var = S / n``
     (biased, as torch); ``y = sqrt(n) (d * gamma) * rsqrt(S + n eps)`` with
-    :func:`mul_rsqrt` (SPU's seed, and ``newton_iterations`` Newton steps on the mantissa;
-    ``sqrt(n)`` rides in the exponent factor's table), ``+ beta``. Taking the root of the
-    sum rather than of the mean leaves no division to truncate. ``d * gamma`` is formed
-    in the same pass as ``d * d``, and the exponent factor of the rsqrt in the same pass as
-    ``m^2``, so the whole norm costs 4 product passes.
+    :func:`mul_rsqrt` (a cubic per half octave of frexp's mantissa, and ``newton_iterations``
+    Newton steps on it; ``sqrt(n)`` rides in the exponent factor's table), ``+ beta``.
+    Taking the root of the sum rather than of the mean leaves no division to truncate.
+    ``d * gamma`` is formed in the same pass as ``d * d``, and its product with the
+    exponent factor in frexp's own product pass, so the whole norm costs 4 product passes.
 
     Measured on FloatOps (float64, rows of 384 values ~ N(0, 2^2) with outliers of 20,
     random gamma ~ N(1, 0.1^2), beta ~ N(0, 0.1^2)): relative error of the normalised
-    part ``(y - beta)`` 8.0e-5 max elementwise (0 Newton steps), 9.5e-9 (1 step);
-    max abs error / max |y| 6.9e-5 (0 steps), 8.1e-9 (1 step).
+    part ``(y - beta)`` 3.3e-5 max elementwise (0 Newton steps), 1.6e-9 (1 step);
+    max abs error / max |y| 3.2e-5 (0 steps), 1.6e-9 (1 step). (SPU's quartic seed, one
+    product pass more: 8.0e-5 and 6.9e-5.)
 
-    Cost: 1 ``mul_public`` (mean), 1 ``frexp``, ``4 + 2 * newton_iterations`` product
-    calls (1 with ``d``, 3 in ``mul_rsqrt``); under MPC 2 + 10 + 6 + 2 = 20 rounds with
-    the mean's truncation (31 before frexp compared against thresholds and the variance's
-    division went).
+    Cost: 1 ``mul_public`` (mean), 1 ``frexp_segments``, ``4 + 2 * newton_iterations``
+    product calls (1 with ``d``, 3 in ``mul_rsqrt``); under MPC 2 + 2 + 10 + 4 + 2 = 20
+    rounds with the mean's truncation (22 with SPU's seed; 31 before frexp compared
+    against thresholds and the variance's division went).
 
     With ``variance_range = (lower, upper)`` (calibrated bounds of ``var + eps``) the
     denominator is :func:`mul_rsqrt_bounded` instead: no comparison, the HE form. Its
@@ -94,10 +95,10 @@ def rms_norm(
     division is truncated), with ``x * gamma`` formed in the same pass as ``x * x``.
 
     Measured on FloatOps (float64, rows of 384 values ~ N(0, 2^2) with outliers, random
-    gamma): max elementwise relative error 8.1e-5 (0 Newton steps), 9.7e-9 (1 step).
+    gamma): max elementwise relative error 3.2e-5 (0 Newton steps), 1.5e-9 (1 step).
 
-    Cost: 1 ``frexp``, ``4 + 2 * newton_iterations`` product calls (under MPC
-    2 + 10 + 6 = 18 rounds).
+    Cost: 1 ``frexp_segments``, ``4 + 2 * newton_iterations`` product calls (under MPC
+    2 + 10 + 4 + 2 = 18 rounds).
     """
     n = ops.shape(x)[-1]
     if gamma is None:

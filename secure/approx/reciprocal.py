@@ -4,8 +4,10 @@
 * :func:`reciprocal_bounded`, :func:`divide_bounded` -- 1/x (or n/x) for x in (0, upper]
   with a public ``upper``: no comparison and no ``frexp`` at all (polynomial only, for HE
   and for Power-Softmax).
-* :func:`rsqrt`, :func:`mul_rsqrt` -- 1/sqrt(x) (or n/sqrt(x)) for x > 0 through ``frexp``,
-  SPU's quartic seed on the mantissa and optional Newton steps on the mantissa.
+* :func:`divide` -- numerator/x for x in a guaranteed range through ``frexp_segments`` and
+  a quadratic per piece of the mantissa.
+* :func:`rsqrt`, :func:`mul_rsqrt` -- 1/sqrt(x) (or n/sqrt(x)) for x > 0 through
+  ``frexp_segments``, a cubic per piece of the mantissa and optional Newton steps.
 
 The bounded forms (:func:`reciprocal_bounded`, :func:`divide_bounded`,
 :func:`mul_rsqrt_bounded`) are accurate only on their range: with ``check=True`` (the
@@ -19,26 +21,14 @@ Round notes (MPC): a "pass" below is one ``mul``/``mul_many`` call (2 rounds);
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
+
 from secure.approx.interface import SecureOps, T
 
 # ---- Goldschmidt reciprocal on [0.5, 1) (PUMA sec. 4.3; DESIGN.md sec. 4) ----------------
 GOLDSCHMIDT_START: tuple[float, float] = (2.9142, -2.0)
 """w0 = 2.9142 - 2 m, the linear start for 1/m on [0.5, 1); |1 - m w0| <= 0.0858."""
-
-# ---- SPU rsqrt seed (DESIGN.md sec. 4, SPU fxp_approx) ---------------------------------
-SPU_RSQRT_SEED: tuple[float, ...] = (
-    4.14285016,
-    -15.47994394,
-    38.4714796,
-    -49.86605845,
-    26.02942339,
-)
-"""Coefficients of u^0 .. u^4; the polynomial approximates 1/sqrt(u) on u in [0.25, 0.5)
-(checked: max relative error 8.2e-5, at u = 0.5; it is NOT a fit on [0.5, 1): there its
-error reaches 230% at u = 1)."""
-
-# The same seed as a polynomial in frexp's mantissa m = 2u in [0.5, 1): q_k = c_k / 2^k.
-_RSQRT_SEED_IN_M: tuple[float, ...] = tuple(c / 2.0**k for k, c in enumerate(SPU_RSQRT_SEED))
 
 BOUNDED_RECIPROCAL_TOL: float = 1e-3
 """Relative error the default start of :func:`reciprocal_bounded` is tuned for."""
@@ -223,13 +213,58 @@ def reciprocal_bounded(
     return w
 
 
-def _rsqrt_mantissa(ops: SecureOps[T], m: T, newton_iterations: int) -> T:
-    """z ~ 1/sqrt(m/2) for m in [0.5, 1): SPU's quartic seed plus Newton steps."""
-    m2 = ops.mul(m, m)
-    m3, m4 = ops.mul_many([(m2, m), (m2, m2)])
-    q = _RSQRT_SEED_IN_M
-    z = ops.dot_public([m, m2, m3, m4], list(q[1:]), bias=q[0])
-    for _ in range(newton_iterations):
+# ---- piecewise polynomials on frexp's mantissa ----------------------------------------------
+RSQRT_SEGMENTS: int = 2
+"""Pieces per octave of the inverse square root's cubic in m: max relative error 3.1e-5
+on floats, 3.3e-5 measured through frexp (one piece: 4.8e-4; SPU's quartic, which needs one
+more product pass: 8.2e-5)."""
+
+DIVIDE_SEGMENTS: int = 8
+"""Pieces per octave of the reciprocal's quadratic in m: max relative error 2.0e-5 on floats
+(four pieces: 1.6e-4; PUMA's Goldschmidt with 2 iterations, three product passes: 5.4e-5)."""
+
+_MANTISSA_FUNCTIONS = {"rsqrt": lambda m: (2.0 / m) ** 0.5, "reciprocal": lambda m: 1.0 / m}
+
+
+@functools.cache
+def mantissa_fits(name: str, segments: int, degree: int) -> tuple[tuple[float, ...], ...]:
+    """For each piece j of m in [0.5, 1) (``0.5 * 2^(j/S) <= m < 0.5 * 2^((j+1)/S)``): its
+    centre mu and the coefficients ``d_0 .. d_degree`` of a polynomial in ``u = m - mu``
+    fitted to ``g(m)`` (``"rsqrt"``: ``sqrt(2/m)``, the mantissa part of 1/sqrt(x) for
+    x = (m/2) 2^(e+1); ``"reciprocal"``: ``1/m``), minimax in the Chebyshev basis (Lawson,
+    2001 points, 600 passes). Centred, the coefficients stay small, so a truncated ``u^2``
+    costs a few ulps, not the 20 its monomial coefficients in m would."""
+    import numpy as np
+
+    from secure.approx.gelu import lawson_fit
+
+    fn = _MANTISSA_FUNCTIONS[name]
+    pieces = []
+    for j in range(segments):
+        lo, hi = 0.5 * 2.0 ** (j / segments), 0.5 * 2.0 ** ((j + 1) / segments)
+        mu, half = (lo + hi) / 2, (hi - lo) / 2
+        v = np.linspace(-1.0, 1.0, 2001)
+        cheb = lawson_fit(v, fn(mu + half * v), degree, 600)
+        in_v = np.polynomial.chebyshev.cheb2poly(np.asarray(cheb))
+        pieces.append((mu, *(float(c) / half**k for k, c in enumerate(in_v))))
+    return tuple(pieces)
+
+
+def _table(pieces: tuple[tuple[float, ...], ...], fn: Callable[[tuple[float, ...]], float]) -> Callable[[int], float]:
+    return lambda j: fn(pieces[j])
+
+
+def _cubic_in_mantissa(ops: SecureOps[T], m: T, tables: Sequence[T]) -> T:
+    """``d_0 + d_1 u + d_2 u^2 + d_3 u^3`` with ``u = m - mu`` (mu, d_k: the piece's, as
+    values): ``(u^2, d_3 u)`` in one product pass, the sum in one more."""
+    mu, d0, d1, d2, d3 = tables
+    u = ops.sub(m, mu)
+    u2, d3u = ops.mul_many([(u, u), (d3, u)])
+    return ops.add(ops.sum_of_products([(d1, u), (d2, u2), (d3u, u2)]), d0)
+
+
+def _newton_rsqrt(ops: SecureOps[T], m: T, z: T, iterations: int) -> T:
+    for _ in range(iterations):
         # z <- z (3 - u z^2) / 2 with u = m/2: 1.5 z - 0.25 m z^3; every value is O(1).
         mz, z2 = ops.mul_many([(m, z), (z, z)])
         mz3 = ops.mul(mz, z2)
@@ -242,27 +277,26 @@ def _rsqrt_exponent_factor(e: int) -> float:
     return 2.0 ** (-(e + 1) / 2.0)
 
 
-def rsqrt(ops: SecureOps[T], x: T, newton_iterations: int = 1) -> T:
-    """1/sqrt(x) for x > 0 (SPU's method, DESIGN.md sec. 4 / PUMA sec. 4.5).
+def rsqrt(ops: SecureOps[T], x: T, newton_iterations: int = 0) -> T:
+    """1/sqrt(x) for x > 0 (after SPU's method, DESIGN.md sec. 4 / PUMA sec. 4.5).
 
-    Math: ``frexp`` gives ``x = m 2^e``, m in [0.5, 1), and ``s = 2^(-(e+1)/2)``; with
-    ``u = m/2`` in [0.25, 0.5), ``x = u 2^(e+1)`` and ``1/sqrt(x) = u^(-1/2) s``.
-    ``u^(-1/2)`` is seeded by SPU's quartic ``26.02942339u^4 - 49.86605845u^3 +
-    38.4714796u^2 - 15.47994394u + 4.14285016`` (evaluated as a polynomial in m), refined by
-    ``newton_iterations`` Newton steps ``z <- z (3 - u z^2) / 2`` on the mantissa (all values
-    O(1), so they are well conditioned in fixed point), then multiplied by ``s``.
+    Math: ``frexp_segments`` gives ``x = m 2^e``, m in [0.5, 1), the piece of m (one of
+    :data:`RSQRT_SEGMENTS` per octave) and ``s = 2^(-(e+1)/2)``; with ``u = m/2``,
+    ``x = u 2^(e+1)`` and ``1/sqrt(x) = u^(-1/2) s``. ``u^(-1/2) = sqrt(2/m)`` is the
+    piece's cubic (:func:`mantissa_fits`, its coefficients the comparison's one-hot sums),
+    refined by ``newton_iterations`` Newton steps ``z <- z (3 - u z^2) / 2``, then times s.
 
-    Measured on FloatOps (float64, x log-spaced on [1e-3, 1e4]): max relative error
-    8.2e-5 with 0 Newton steps, 1.0e-8 with 1, 2.2e-16 with 2.
+    Measured on FloatOps (float64, x log-spaced on [1e-3, 1e4]): max relative error 3.1e-5
+    with 0 Newton steps, 1.7e-9 with 1.
 
-    Cost: 1 ``frexp``; product calls ``3 + 2 * newton_iterations`` (``mul``, ``mul_many``,
-    [``mul_many``, ``mul``] per step, final ``mul`` by s); ``1 + newton_iterations``
-    ``dot_public``.
+    Cost: 1 ``frexp_segments``; product calls ``3 + 2 * newton_iterations`` (the cubic's
+    two, [``mul_many``, ``mul``] per step, the final ``mul`` by s). Under MPC 10 + 6 = 16
+    rounds with no Newton step (SPU's quartic seed took 18).
     """
     if newton_iterations < 0:
         raise ValueError(f"newton_iterations must be >= 0, got {newton_iterations}")
-    m, scale = ops.frexp(x, _rsqrt_exponent_factor)
-    z = _rsqrt_mantissa(ops, m, newton_iterations)
+    m, scale, tables = ops.frexp_segments(x, _rsqrt_exponent_factor, RSQRT_SEGMENTS, _rsqrt_tables())
+    z = _newton_rsqrt(ops, m, _cubic_in_mantissa(ops, m, tables), newton_iterations)
     return ops.mul(z, scale)
 
 
@@ -270,26 +304,56 @@ def mul_rsqrt(ops: SecureOps[T], numerator: T, x: T, newton_iterations: int = 0,
     """gain * numerator / sqrt(x) for x > 0, one product pass cheaper than
     ``numerator * rsqrt(x)``.
 
-    Same math as :func:`rsqrt`; the exponent factor ``s`` (times the public ``gain``,
-    folded into frexp's table for free) is multiplied into the numerator in the first pass
-    (beside ``m^2``), so ``numerator * s`` times the mantissa part ``z`` is the only extra
-    product. ``numerator`` broadcasts against ``x`` (``[..., n]`` over ``[..., 1]``).
-    Error: as :func:`rsqrt` (relative, 8.2e-5 with 0 Newton steps).
+    Same math as :func:`rsqrt`; ``numerator * s`` (times the public ``gain``, folded into
+    the exponent factor's table for free) is formed in frexp's own product pass, beside m,
+    so the product with the mantissa's cubic is the only extra one. ``numerator``
+    broadcasts against ``x`` (``[..., n]`` over ``[..., 1]``). Error: as :func:`rsqrt`
+    (relative, 3.1e-5 with 0 Newton steps).
 
-    Cost: 1 ``frexp``; ``3 + 2 * newton_iterations`` product calls.
+    Cost: 1 ``frexp_segments`` (with ``times``); ``3 + 2 * newton_iterations`` product
+    calls: under MPC 10 + 6 = 16 rounds with no Newton step (18 with SPU's quartic seed,
+    which needed ``numerator * s`` in a pass of its own).
     """
     if newton_iterations < 0:
         raise ValueError(f"newton_iterations must be >= 0, got {newton_iterations}")
-    m, scale = ops.frexp(x, lambda e: gain * _rsqrt_exponent_factor(e))
-    m2, ns = ops.mul_many([(m, m), (numerator, scale)])
-    m3, m4 = ops.mul_many([(m2, m), (m2, m2)])
-    q = _RSQRT_SEED_IN_M
-    z = ops.dot_public([m, m2, m3, m4], list(q[1:]), bias=q[0])
-    for _ in range(newton_iterations):
-        mz, z2 = ops.mul_many([(m, z), (z, z)])
-        mz3 = ops.mul(mz, z2)
-        z = ops.dot_public([z, mz3], [1.5, -0.25])
+    m, ns, tables = ops.frexp_segments(x, lambda e: gain * _rsqrt_exponent_factor(e), RSQRT_SEGMENTS,
+                                       _rsqrt_tables(), times=numerator)
+    z = _newton_rsqrt(ops, m, _cubic_in_mantissa(ops, m, tables), newton_iterations)
     return ops.mul(ns, z)
+
+
+def divide(ops: SecureOps[T], numerator: T | Callable[[], T], x: T, bounds: tuple[float, float]) -> T:
+    """numerator / x for x in ``bounds`` (a range the caller's structure guarantees, e.g. a
+    softmax row sum in [1, n]; x broadcasting against the numerator). ``numerator`` may be
+    a function computing it: it then runs concurrently with frexp's comparisons.
+
+    Math: ``frexp_segments`` gives ``x = m 2^e``, the piece of m (one of
+    :data:`DIVIDE_SEGMENTS` per octave) and, in its product pass, ``numerator * 2^-e`` and
+    ``d_1 m``, ``d_2 m`` (the piece's coefficients times m: a narrow window leaves room for
+    their precision); ``1/m = d_0 + d_1 u + d_2 u^2`` with ``u = m - mu``
+    (:func:`mantissa_fits`), ``d_k u = d_k m - d_k mu`` local, so one product
+    ``(d_2 u) u`` and one last product with ``numerator * 2^-e``.
+
+    Measured on FloatOps (float64, x log-spaced on [1e-2, 1e4]): max relative error 2.1e-5.
+
+    Cost: 1 ``frexp_segments`` and 2 product calls: under MPC 10 + 4 = 14 rounds, where
+    :func:`reciprocal` (2 Goldschmidt iterations) and the product with the numerator took
+    18. Comparisons: 8 per octave of ``bounds`` and element of x.
+    """
+    pieces = mantissa_fits("reciprocal", DIVIDE_SEGMENTS, 2)
+    tables = [_table(pieces, lambda p: p[0]), _table(pieces, lambda p: p[1]),
+              _table(pieces, lambda p: p[2] * p[0]), _table(pieces, lambda p: p[3] * p[0])]
+    m, scaled, (mu, d0, d1_mu, d2_mu, d1_m, d2_m) = ops.frexp_segments(
+        x, lambda e: 2.0**-e, DIVIDE_SEGMENTS, tables, times=numerator, bounds=bounds,
+        mantissa_tables=[_table(pieces, lambda p: p[2]), _table(pieces, lambda p: p[3])])
+    u = ops.sub(m, mu)
+    z = ops.add(ops.add(ops.sub(d1_m, d1_mu), d0), ops.mul(ops.sub(d2_m, d2_mu), u))
+    return ops.mul(scaled, z)
+
+
+def _rsqrt_tables() -> list[Callable[[int], float]]:
+    pieces = mantissa_fits("rsqrt", RSQRT_SEGMENTS, 3)
+    return [_table(pieces, lambda p, k=k: p[k]) for k in range(5)]
 
 
 def rsqrt_bounded_plan(lower: float, upper: float, tol: float = 1e-4) -> tuple[float, float, int]:
@@ -348,10 +412,13 @@ def mul_rsqrt_bounded(ops: SecureOps[T], numerator: T, x: T, lower: float, upper
 __all__ = [
     "BOUNDED_RECIPROCAL_TOL",
     "GOLDSCHMIDT_START",
-    "SPU_RSQRT_SEED",
+    "DIVIDE_SEGMENTS",
+    "RSQRT_SEGMENTS",
     "bounded_reciprocal_start",
+    "divide",
     "divide_bounded",
     "mul_rsqrt",
+    "mantissa_fits",
     "mul_rsqrt_bounded",
     "reciprocal",
     "reciprocal_bounded",

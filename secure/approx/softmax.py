@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from secure.approx.exp import EXP_CLIP, clipped_exp, poly_exp
-from secure.approx.interface import Public, SecureOps, T
-from secure.approx.reciprocal import bounded_reciprocal_start, divide_bounded, reciprocal
+from secure.approx.interface import Public, SecureOps, T, concurrently
+from secure.approx.reciprocal import bounded_reciprocal_start, divide, divide_bounded, reciprocal
 
 MASK_BIAS_FLOOR: float = -1.0e4
 """Additive mask biases are clamped to >= this value (public operation). HF models use
@@ -46,9 +46,13 @@ def puma_softmax(
     exp_order: int = 3,
     exp_form: str = "limit",
     scale: float = 1.0,
+    division: str = "goldschmidt",
+    values: T | None = None,
 ) -> T:
     """PUMA's softmax over the last dimension (PUMA sec. 4.3), by default with our
     third-order exp base and t = 6 (``t=8, exp_order=1`` is PUMA's form exactly).
+    With ``values``: ``softmax(x) @ values`` (attention's context), normalised after the
+    product, see below.
 
     Math, per row: ``z = x + clamp(mask_bias, -1e4) - max_j(x + bias) - eps`` (z < 0);
     ``e = clipped_exp(z, t, clip)`` = 0 for z < -14 else ``(1 + z/2^t)^(2^t)``;
@@ -67,6 +71,21 @@ def puma_softmax(
     by a degree-15 polynomial in blocks: 10 rounds instead of 21 (t = 6, order 3) and
     about 30% fewer bytes, max abs exp error 4.4e-7 on floats, 3.5e-5 on shares; ``t`` and
     ``exp_order`` then do not apply.
+
+    ``division="piecewise"`` (ours) divides by the row sum with
+    :func:`~secure.approx.reciprocal.divide` (a quadratic per eighth of an octave of frexp's
+    mantissa, ``e * 2^-e`` formed in frexp's own product pass): 14 rounds where the
+    Goldschmidt reciprocal and the product with e took 18, relative error 2.1e-5 instead of
+    5.4e-5; ``reciprocal_iterations`` then does not apply.
+
+    ``values`` (attention): ``(e @ values) * (1 / sum_j e)``, the same values (the reciprocal
+    is one per row), where the product with the values no longer waits for the reciprocal.
+    Under MPC ``e @ values`` runs concurrently with the reciprocal's comparison pass
+    (``division="piecewise"``: it is :func:`~secure.approx.reciprocal.divide`'s numerator, scaled
+    in frexp's product pass; 14 rounds for the division and the product with the values,
+    where the division, then the product, took 16) or with the whole Goldschmidt reciprocal
+    (PUMA's: 2 rounds fewer). The last product then runs on ``[..., n, d]`` instead of
+    ``[..., n, n]``: fewer bytes wherever the head dimension d is below the key count n.
 
     ``exp_order`` > 1 (our extension, see :func:`clipped_exp`) uses the base
     ``sum_{k<=order} y^k / k!``. Under MPC a rounding error in the base is raised to the
@@ -89,6 +108,8 @@ def puma_softmax(
     _check_last_dim(ops, x, dim)
     if exp_form not in ("limit", "poly"):
         raise ValueError(f"exp_form must be 'limit' (PUMA) or 'poly', got {exp_form!r}")
+    if division not in ("goldschmidt", "piecewise"):
+        raise ValueError(f"division must be 'goldschmidt' (PUMA) or 'piecewise', got {division!r}")
     if not scale > 0.0:
         raise ValueError(f"softmax scale must be > 0, got {scale}")
     if mask_bias is not None:
@@ -110,9 +131,16 @@ def puma_softmax(
     # every exp is at most 1 and the row's maximum gives exp(-eps) ~ 1, so the sum lies in
     # [1, n] up to the exp's error: a range the structure guarantees, where frexp needs
     # only a few comparisons
-    n = ops.shape(x)[-1]
-    inv = reciprocal(ops, total, iterations=reciprocal_iterations, bounds=(0.5, 2.0 * n))
-    return ops.mul(e, inv)
+    bounds = (0.5, 2.0 * ops.shape(x)[-1])
+    if values is None:
+        if division == "piecewise":
+            return divide(ops, e, total, bounds=bounds)
+        return ops.mul(e, reciprocal(ops, total, iterations=reciprocal_iterations, bounds=bounds))
+    if division == "piecewise":
+        return divide(ops, lambda: ops.matmul(e, values), total, bounds=bounds)
+    weighted, inv = concurrently(ops, lambda: ops.matmul(e, values),
+                                 lambda: reciprocal(ops, total, iterations=reciprocal_iterations, bounds=bounds))
+    return ops.mul(weighted, inv)
 
 
 def even_power(ops: SecureOps[T], x: T, p: int) -> T:

@@ -212,6 +212,11 @@ def _rms_norm(r: _Rules, node: Node, rank: int) -> str:
 def _softmax(r: _Rules, node: Node, rank: int) -> str:
     x = _arg(node, 0, "x")
     r.require(x, B, "the softmax input")
+    if node.op == "secure.attention":
+        values = _arg(node, 2, "values")
+        r.require(values, B, "the attention's values")
+        if r.rank(values) != r.rank(x):
+            raise BatchingError("the attention's values and scores differ in rank: their batch axes would not line up")
     for what, ref in (("mask", _arg(node, 1, "mask", None)), ("bias", node.kwargs.get("bias"))):
         if r.state(ref) != U:
             r.require(ref, B, f"the softmax {what}")
@@ -377,7 +382,8 @@ def _index(r: _Rules, node: Node, rank: int) -> str:
 
 
 _HANDLERS: dict[str, Callable[[_Rules, Node, int], str]] = {
-    "secure.layer_norm": _layer_norm, "secure.softmax": _softmax, "aten.linear.default": _linear,
+    "secure.layer_norm": _layer_norm, "secure.softmax": _softmax, "secure.attention": _softmax,
+    "aten.linear.default": _linear,
     "secure.linears": _linears, "secure.rms_norm": _rms_norm,
     "aten.matmul.default": _matmul, "aten.bmm.default": _matmul, "aten.mm.default": _matmul,
     "aten.addmm.default": _addmm, "aten.sum.dim_IntList": _reduction, "aten.mean.dim": _reduction,
@@ -488,6 +494,7 @@ _SHAPE_RULES: dict[str, Callable[[list[Any], dict[str, Any]], Any]] = {
     "secure.gelu": lambda a, k: a[0], "secure.silu": lambda a, k: a[0], "secure.tanh": lambda a, k: a[0],
     "secure.rsqrt": lambda a, k: a[0], "secure.layer_norm": lambda a, k: a[0], "secure.rms_norm": lambda a, k: a[0],
     "secure.softmax": lambda a, k: _broadcast_check(a[0], a[1] if len(a) > 1 else None, k.get("bias")),
+    "secure.attention": lambda a, k: _broadcast_check(a[0], a[1], k.get("bias")).matmul(a[2]),
     "secure.embedding": lambda a, k: _embedding_shape(a[0], a[1], k.get("shape")),
     "secure.linears": lambda a, k: [a[0].matmul(w.transpose(-1, -2)) + (0 if b is None else b)
                                     for w, b in zip(a[1::2], [*a[2::2], None]) if w is not None],

@@ -128,7 +128,7 @@ def check_he_supported(graph: Graph) -> Graph:
         if not n.secret:
             continue
         reason = None
-        if n.op == "secure.softmax" and n.kwargs.get("kind") != "power":
+        if n.op in ("secure.softmax", "secure.attention") and n.kwargs.get("kind") != "power":
             reason = "the clipped-exp softmax needs a row max (comparisons); use the power recipe"
         elif n.op == "secure.softmax":
             reason = _unguarded_power_softmax(n.kwargs)

@@ -48,6 +48,7 @@ class SoftmaxRecipe:
     t: int = 6
     exp_order: int = 3
     exp: str = "limit"  # "limit": PUMA's (1 + x/2^t)^(2^t); "poly": secure.approx.exp.poly_exp
+    division: str = "goldschmidt"  # PUMA's reciprocal; "piecewise": secure.approx.reciprocal.divide
     p: int = 4
     eps: float = 1e-6
     upper: float = 1e3
@@ -59,6 +60,9 @@ class SoftmaxRecipe:
             raise ValueError(f"softmax kind must be 'puma' or 'power', got {self.kind!r}")
         if self.exp not in ("limit", "poly"):
             raise ValueError(f"softmax exp must be 'limit' or 'poly', got {self.exp!r}")
+        if self.division not in ("goldschmidt", "piecewise"):
+            raise ValueError(f"softmax division must be 'goldschmidt' or 'piecewise', "
+                             f"got {self.division!r}")
 
 
 ACTIVATION_FORMS: tuple[str, ...] = ("puma", "even")
@@ -94,7 +98,8 @@ class Recipe:
 PUMA = Recipe("puma", softmax=SoftmaxRecipe("puma", t=8, exp_order=1))
 """PUMA's published forms: GeLU sec. 4.2, softmax with t = 8 and the (1 + x/2^t) base."""
 
-OURS = Recipe("ours", gelu="even", softmax=SoftmaxRecipe("puma", exp="poly"), silu="puma")
+OURS = Recipe("ours", gelu="even", softmax=SoftmaxRecipe("puma", exp="poly", division="piecewise"),
+              silu="puma")
 """The even GeLU (two comparisons instead of three, 27% fewer bytes, as many rounds; error
 2.6e-3 instead of 0.020) and PUMA's softmax with our degree-15 polynomial exp
 (:func:`secure.approx.exp.poly_exp`: 10 rounds where PUMA's t = 8 limit form takes 19 and
@@ -226,8 +231,10 @@ def rewrite_softmax(graph: Graph, recipe: SoftmaxRecipe) -> Graph:
 
 def decompose_attention(graph: Graph, recipe: SoftmaxRecipe) -> Graph:
     """aten.scaled_dot_product_attention(q, k, v, mask, dropout, causal, scale) ->
-    matmul(q, k^T) -> secure.softmax(mask, causal, scale) -> matmul(., v) (PUMA's softmax
-    takes the scale into its public coefficients; Power-Softmax gets ``* scale`` first)."""
+    matmul(q, k^T) -> secure.attention(scores, mask, v; causal, scale): PUMA's softmax and
+    the product with v in one node, which normalises the rows after the product
+    (:func:`secure.approx.softmax.puma_softmax` with ``values``), the scale in its public coefficients;
+    Power-Softmax: ``* scale`` -> secure.softmax(mask, causal) -> matmul(., v)."""
     def fn(n: Node) -> list[Node] | None:
         if not (n.secret and n.op == "aten.scaled_dot_product_attention.default"):
             return None
@@ -254,9 +261,9 @@ def decompose_attention(graph: Graph, recipe: SoftmaxRecipe) -> Graph:
         scores = Node(f"{base}.scores", "aten.matmul.default", [q, Ref(kt.name)], {}, score_spec, True,
                       n.origin)
         if recipe.kind == "puma":  # the scale rides in the softmax's public coefficients: no truncation
-            probs = Node(f"{base}.probs", "secure.softmax", [Ref(scores.name), mask],
-                         {**_softmax_kwargs(recipe, bool(causal), n), "scale": scale}, score_spec, True, n.origin)
-            scaled = []
+            out = Node(base, "secure.attention", [Ref(scores.name), mask, v],
+                       {**_softmax_kwargs(recipe, bool(causal), n), "scale": scale}, n.spec, True, n.origin)
+            return [kt, scores, out]
         else:
             scaled = [Node(f"{base}.scaled", "aten.mul.Tensor", [Ref(scores.name), scale], {}, score_spec, True,
                            n.origin)]
@@ -301,9 +308,9 @@ def fuse_rms_norm(graph: Graph) -> Graph:
     (aten pow, mean, add, rsqrt, mul, mul; either order of each product's factors), on a
     secret x with a weight w of the graph -> ``secure.rms_norm(x, w, eps)``, when nothing
     else reads the intermediate values. The form (``secure.approx.norms.rms_norm``) takes the
-    root of the sum with ``x^2`` and ``x w`` in one pass and no division to truncate: 20
-    rounds where the captured chain took 32 (pow, mean's truncation, frexp, SPU's seed and
-    a Newton step, two products)."""
+    root of the sum with ``x^2`` and ``x w`` in one pass and no division to truncate: 18
+    rounds where the captured chain takes 24 (pow, mean's truncation, the rsqrt form, two
+    products)."""
     by_name = {n.name: n for n in graph.nodes}
     readers: dict[str, list[Node]] = {}
     for n in graph.nodes:
@@ -447,10 +454,11 @@ def rewrite_embedding(graph: Graph) -> Graph:
     return eliminate_dead_nodes(_map_nodes(graph, fn))
 
 
-REWRITE_VERSION: int = 2
+REWRITE_VERSION: int = 3
 """Bumped whenever a pass changes the graphs it writes for a recipe (2: the polynomial exp,
-the softmax scale, fused linear layers and RMSNorm). A deal records it; a cached deal of
-another version is dealt again by the launchers instead of serving yesterday's forms."""
+the softmax scale, fused linear layers and RMSNorm; 3: ours' softmax divides piecewise). A
+deal records it; a cached deal of another version is dealt again by the launchers instead of
+serving yesterday's forms."""
 
 MAX_FUSED_LINEARS: int = 3
 """Linear layers of one input run as one ``secure.linears`` node (query, key and value)."""
@@ -525,7 +533,8 @@ ARITHMETIC_OPS = {
     "aten.neg.default", "aten.sum.dim_IntList", "aten.mean.dim", "aten.pow.Tensor_Scalar",
     "aten.cat.default", "aten.rsub.Scalar",
 }
-SECURE_OPS = {"secure.gelu", "secure.silu", "secure.softmax", "secure.layer_norm", "secure.rms_norm", "secure.rsqrt",
+SECURE_OPS = {"secure.gelu", "secure.silu", "secure.softmax", "secure.attention", "secure.layer_norm",
+              "secure.rms_norm", "secure.rsqrt",
               "secure.embedding", "secure.tanh", "secure.linears"}
 SUPPORTED_SECRET_OPS = SHAPE_OPS | ARITHMETIC_OPS | SECURE_OPS
 

@@ -108,6 +108,13 @@ def _kw(name: str, kind: Kind, required: bool = False) -> Param:
     return Param(name, kind, positional=False, required=required)
 
 
+_SOFTMAX_KWARGS: tuple[Param, ...] = (
+    _kw("bias", "ref?"), _kw("causal", "bool"), _kw("kind", "str", required=True), _kw("t", "int"),
+    _kw("exp_order", "int"), _kw("exp", "str"), _kw("division", "str"), _kw("scale", "number"), _kw("p", "int"),
+    _kw("eps", "number"), _kw("upper", "number"), _kw("iterations", "int"), _kw("normalize", "bool"))
+"""The keyword arguments of ``secure.softmax`` and ``secure.attention`` (a
+:class:`secure.graph.passes.SoftmaxRecipe`, with the attention's causal flag, scale and bias)."""
+
 _SECURE: tuple[OpSpec, ...] = (
     OpSpec("secure.gelu", None, (_x(), _kw("form", "str"), _kw("bound", "number"), _kw("degree", "int"))),
     OpSpec("secure.silu", None, (_x(), _kw("form", "str"))),
@@ -120,11 +127,8 @@ _SECURE: tuple[OpSpec, ...] = (
     OpSpec("secure.embedding", None, (_x("table"), _x("ids"), _kw("shape", "ints?"))),
     OpSpec("secure.linears", None, (_x(), _x("w0"), Param("b0", "ref?"), _x("w1"), Param("b1", "ref?"),
                                     Param("w2", "ref?"), Param("b2", "ref?"))),
-    OpSpec("secure.softmax", None, (_x(), Param("mask", "ref?"), _kw("bias", "ref?"), _kw("causal", "bool"),
-                                    _kw("kind", "str", required=True), _kw("t", "int"), _kw("exp_order", "int"),
-                                    _kw("exp", "str"), _kw("scale", "number"),
-                                    _kw("p", "int"), _kw("eps", "number"), _kw("upper", "number"),
-                                    _kw("iterations", "int"), _kw("normalize", "bool"))),
+    OpSpec("secure.softmax", None, (_x(), Param("mask", "ref?"), *_SOFTMAX_KWARGS)),
+    OpSpec("secure.attention", None, (_x(), Param("mask", "ref?"), _x("values"), *_SOFTMAX_KWARGS)),
 )
 
 _GETITEM = OpSpec("getitem", operator.getitem, (_x("value"), Param("index", "int", required=True)))

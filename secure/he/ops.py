@@ -345,6 +345,13 @@ class HeOps:
               bounds: tuple[float, float] | None = None) -> tuple[Value, Value]:
         raise HeUnsupportedError("frexp has no CKKS form; calibrate LayerNorm's variance range")
 
+    def frexp_segments(self, x: Value, exponent_fn: Callable[[int], float], segments: int = 1,
+                       tables: Sequence[Callable[[int], float]] = (),
+                       times: Value | Callable[[], Value] | None = None,
+                       bounds: tuple[float, float] | None = None,
+                       mantissa_tables: Sequence[Callable[[int], float]] = ()) -> tuple[Value, Value, list[Value]]:
+        raise HeUnsupportedError("frexp has no CKKS form; calibrate LayerNorm's variance range")
+
 
 def _aligned(x: Cipher, y: Cipher, xs: torch.Tensor, ys: torch.Tensor) -> bool:
     """Whether every element pair of x and y (slots ``xs``, ``ys`` within their ciphertexts)

@@ -106,6 +106,10 @@ class MpcOps:
     def sum_of_products(self, pairs: Sequence[tuple[AShare, AShare]]) -> AShare:
         return ar.sum_of_products(self.party, pairs)
 
+    def concurrently(self, branches: Sequence[Callable[[], object]]) -> list[object]:
+        """Independent branches of a form in merged rounds (:meth:`Party.concurrently`)."""
+        return self.party.concurrently(branches)
+
     def less_than_public(self, x: AShare, thresholds: Sequence[float]) -> list[AShare]:
         return cmp.less_than_public(self.party, x, thresholds)
 
@@ -133,3 +137,11 @@ class MpcOps:
     def frexp(self, x: AShare, exponent_fn: Callable[[int], float],
               bounds: tuple[float, float] | None = None) -> tuple[AShare, AShare]:
         return cmp.frexp(self.party, x, exponent_fn, bounds=bounds)
+
+    def frexp_segments(self, x: AShare, exponent_fn: Callable[[int], float], segments: int = 1,
+                       tables: Sequence[Callable[[int], float]] = (),
+                       times: AShare | Callable[[], AShare] | None = None,
+                       bounds: tuple[float, float] | None = None,
+                       mantissa_tables: Sequence[Callable[[int], float]] = ()) -> tuple[AShare, AShare, list[AShare]]:
+        return cmp.frexp_segments(self.party, x, exponent_fn, segments, tables, times, bounds=bounds,
+                                  mantissa_tables=mantissa_tables)

@@ -7,6 +7,8 @@ all comparisons of one step cost a single 8-round MSB pass.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -119,39 +121,76 @@ def equal(party: Party, x: AShare, y: AShare) -> AShare:
     return bit_not(party, sh.add(lt, gt))
 
 
-MAX_GROUP: int = 4
-"""Candidates compared all against all in one level of :func:`max_along`."""
+MAX_GROUP: int = 32
+"""The largest group of candidates compared all against all in one level of :func:`max_along`."""
 
 ROUND_WORTH_BYTES: int = 512 * 1024
 """Bytes per party that one round is worth when a protocol may trade one for the other: a
 40 ms / 100 Mbps WAN link carries 500 kB in a round's latency, a 1 ms / 5 Gbps LAN link
-625 kB. A level of the maximum uses groups of 4 (8 rounds fewer per two binary levels,
-about 44 more bytes per element per party) only where that trade wins, and the softmax
-clip rides in the last level (8 rounds fewer, 34 more bytes per element) likewise."""
+625 kB. :func:`max_plan` picks the maximum's group sizes, and whether the softmax clip
+rides in its last level, by this price."""
 
-_GROUP_EXTRA_BYTES = 44  # per element and party: a level of 4 against two binary levels
-_FUSED_GAP_EXTRA_BYTES = 34  # per element and party: the clip's bits against both finalists
+_COMPARISON_BYTES = 34  # per element and party (102 over the three: secure.mpc.boolean)
+_PRODUCT_BYTES = 8  # per element and party: an untruncated product's reshare
+
+
+@functools.cache
+def max_plan(rows: int, n: int, with_gap: bool, group: int = MAX_GROUP) -> tuple[tuple[int, ...], bool]:
+    """(group size of each level, whether the clip's bits ride in the last level) for the
+    maximum over rows of n candidates (``rows`` per item of the batch dimension), minimising
+    ``rounds * ROUND_WORTH_BYTES + bytes per party``.
+
+    A level with groups of g costs ``8 + ceil(log2 g)`` rounds (one comparison pass, then
+    the product trees) and, per group, ``g (g - 1) / 2`` comparisons and ``g (g - 1)``
+    products; the clip's bits cost, per element of the row and finalist, one comparison and
+    one product in the last level, or a pass of their own (8 rounds, one comparison per
+    element). For 12 x 32 x 32 scores: groups 8, 4 with the clip fused (21 rounds, about
+    4.2 MB; 4, 4, 2 took 29 rounds and 2.1 MB); for 12 x 128 x 128: 4, 4, 8 (31 rounds)."""
+    width = n
+
+    @functools.cache
+    def best(m: int) -> tuple[int, tuple[int, ...], bool]:
+        if m == 1:
+            return 0, (), False
+        options = []
+        for g in range(2, min(group, m) + 1):
+            k = -(-m // g)
+            level = (8 + math.ceil(math.log2(g))) * ROUND_WORTH_BYTES \
+                + rows * k * g * (g - 1) * (_COMPARISON_BYTES // 2 + _PRODUCT_BYTES)
+            if k == 1:
+                fused = rows * width * (g * _COMPARISON_BYTES + (g - 1) * _PRODUCT_BYTES)
+                alone = 8 * ROUND_WORTH_BYTES + rows * width * _COMPARISON_BYTES
+                if not with_gap:
+                    options.append((level, (g,), False))
+                else:
+                    options.append((level + min(fused, alone), (g,), fused <= alone))
+            else:
+                rest, plan, fuse = best(k)
+                options.append((level + rest, (g, *plan), fuse))
+        return min(options, key=lambda o: (o[0], len(o[1])))
+
+    if n == 1:
+        return (), False
+    _, plan, fuse = best(n)
+    return plan, fuse
 
 
 @protocol("max")
 def max_along(party: Party, x: AShare, dim: int = -1, keepdim: bool = True, group: int = MAX_GROUP) -> AShare:
     """Maximum along ``dim`` by a tournament of all-against-all groups.
 
-    Each level splits the row into groups of g = min(group, n) candidates (the last
-    candidate repeated to fill the last group) and, in one comparison pass (8 rounds),
-    compares every pair i < j of a group: ``c_ij = 1{x_i < x_j}``. Candidate i wins its
-    group iff every earlier candidate is strictly smaller and no later one is larger:
+    Each level splits the row into groups of g candidates (the last candidate repeated to
+    fill the last group) and, in one comparison pass (8 rounds), compares every pair
+    i < j of a group: ``c_ij = 1{x_i < x_j}``. Candidate i wins its group iff every earlier
+    candidate is strictly smaller and no later one is larger:
     ``w_i = prod_{j<i} c_ji * prod_{j>i} (1 - c_ij)``, exactly one winner per group (the
     first maximal one), so the group's maximum is ``sum_i w_i x_i``; the g - 1 bits and
     x_i are multiplied by a product tree, ``ceil(log2 g)`` rounds with no truncation (bits
-    are integers). A level costs ``8 + ceil(log2 g)`` rounds and divides n by g: for
-    g = 4, 10 rounds where two binary levels took 18 (n = 32: 29 rounds instead of 45;
-    n = 128: 39 instead of 63). Bytes: ``(g - 1) / 2`` comparisons and g - 1 bit products
-    per candidate and level (the binary tree's 1/2 and 1/2 at g = 2). A level takes groups
-    of ``group`` only while its elements (per item of the leading, batch, dimension) are
-    few enough that the rounds saved are worth the bytes (:data:`ROUND_WORTH_BYTES`), else
-    pairs: a query's 12 x 32 x 32 attention scores go 4, 4, 2 (29 rounds), its
-    12 x 128 x 128 go 2, 2, 4, 4, 2 (47 rounds).
+    are integers). A level costs ``8 + ceil(log2 g)`` rounds and divides n by g (two binary
+    levels took 18 rounds where a level of 4 takes 10). The group sizes (at most ``group``)
+    come from :func:`max_plan`, which weighs the rounds saved against the bytes by
+    :data:`ROUND_WORTH_BYTES`, per item of the leading (batch) dimension: a query's
+    12 x 32 x 32 attention scores go 8, 4 (21 rounds; 45 as a binary tree).
     """
     return _tournament(party, x, dim, keepdim, group, None)[0]
 
@@ -160,15 +199,14 @@ def max_along(party: Party, x: AShare, dim: int = -1, keepdim: bool = True, grou
 def max_and_below(party: Party, x: AShare, gap: float, dim: int = -1, keepdim: bool = True,
                   group: int = MAX_GROUP) -> tuple[AShare, AShare]:
     """(max along ``dim``, ``[1{x - max < gap}]``) for a public ``gap`` < 0, in the rounds of
-    :func:`max_along` alone.
+    :func:`max_along` alone where :func:`max_plan` finds it worth the bytes.
 
     The bits ride in the last level's comparison pass: with that level's candidates
     ``c_1 .. c_g`` (the maximum is one of them and none exceeds it),
     ``x_i - max < gap`` iff ``x_i - c_j < gap`` for some j, i.e.
     ``1 - prod_j (1 - 1{x_i - c_j < gap})``, a product tree no deeper than the winner's.
-    Bytes: g comparisons per element of the row (g = 2 for n = 2, 8, 32, 128) where a
-    pass of their own takes one; where those extra bytes are worth more than its 8 rounds
-    (:data:`ROUND_WORTH_BYTES`: beyond about 120k elements) the bits get that pass.
+    Bytes: g comparisons and g - 1 products per element of the row where a pass of their
+    own (8 more rounds) takes one comparison.
     """
     out, below = _tournament(party, x, dim, keepdim, group, gap)
     assert below is not None
@@ -189,17 +227,16 @@ def _tournament(party: Party, x: AShare, dim: int, keepdim: bool, group: int, ga
     # the plan follows one item of the leading (batch) dimension, so that a query in a batched
     # execution costs what it costs alone and its bytes do not tell that it was batched
     items = x.shape[0] if len(x.shape) > 1 and dim != 0 else 1
-    fuse_gap = gap is not None and n > 1 and row.a.numel() // items * _FUSED_GAP_EXTRA_BYTES <= 8 * ROUND_WORTH_BYTES
+    plan, fuse_gap = max_plan(row.a.numel() // items // n, n, gap is not None, group)
     cur, below = row, None
-    while n > 1:
-        g = min(group, n) if cur.a.numel() // items * _GROUP_EXTRA_BYTES <= 8 * ROUND_WORTH_BYTES else 2
+    for level, g in enumerate(plan):
         groups = -(-n // g)
         pad = groups * g - n
         if pad:
             cur = cur.map(lambda t, pad=pad: torch.cat([t, t[..., -1:].expand(*t.shape[:-1], pad)], -1))
         cur = cur.map(lambda t, g=g, k=groups: t.reshape(*t.shape[:-1], k, g))
-        last = groups == 1 and fuse_gap
-        cur, below = _group_max(party, cur, g, (row, gap) if last else None)
+        last = level == len(plan) - 1 and fuse_gap
+        cur, below = _group_max(party, cur, g, (row, gap) if last else None)  # type: ignore[arg-type]
         n = groups
     if gap is not None and not fuse_gap:  # a pass of its own: x - max - gap < 0
         below = msb_many(party, [_minus_public(party, sh.sub(row, cur), gap)])[0]
@@ -259,7 +296,6 @@ def _product_trees(party: Party, trees: list[list[AShare]]) -> list[AShare]:
     return [t[0] for t in trees]
 
 
-@protocol("frexp")
 def frexp(party: Party, x: AShare, exponent_fn: Callable[[int], float],
           extra_bits: int = scale.FREXP_EXTRA_BITS,
           bounds: tuple[float, float] | None = None) -> tuple[AShare, AShare]:
@@ -283,18 +319,60 @@ def frexp(party: Party, x: AShare, exponent_fn: Callable[[int], float],
     included) both results are 0, which cannot be detected without opening x.
     exponent_fn values are clamped to the fixed-point range.
     """
+    m, factor, _ = frexp_segments(party, x, exponent_fn, extra_bits=extra_bits, bounds=bounds)
+    return m, factor
+
+
+@protocol("frexp")
+def frexp_segments(party: Party, x: AShare, exponent_fn: Callable[[int], float], segments: int = 1,
+                   tables: Sequence[Callable[[int], float]] = (),
+                   times: AShare | Callable[[], AShare] | None = None,
+                   extra_bits: int = scale.FREXP_EXTRA_BITS, bounds: tuple[float, float] | None = None,
+                   mantissa_tables: Sequence[Callable[[int], float]] = ()) -> tuple[AShare, AShare, list[AShare]]:
+    """:func:`frexp` on finer pieces: with x = m 2^e (m in [0.5, 1)) and j the segment of m
+    (``2^(j / segments) <= 2m < 2^((j + 1) / segments)``), returns
+    ``([m], [times * exponent_fn(e)] (or [exponent_fn(e)] when times is None),
+    [table(j) for table in tables])``.
+
+    The comparison pass takes ``segments`` thresholds per octave
+    (:func:`secure.mpc.scale.frexp_intervals`), so any public function of (e, j) is a local
+    sum of the one-hot of the piece; ``times * exponent_fn(e)`` is formed in the same product
+    pass as m. Rounds as :func:`frexp` (10); comparisons ``segments`` times as many. Domain
+    and zero outside it as :func:`frexp`; table values are encoded at f. ``times`` may be a
+    function computing it, run :meth:`~secure.mpc.party.Party.concurrently` with the
+    comparison pass (attention's ``e @ v``, ready for the product pass at no round of its own).
+
+    ``mantissa_tables`` append ``[m * table(j)]`` to the tables' values, formed in the same
+    product pass as m: X times the one-hot sum of ``table(j) 2^-e``, held with f extra bits
+    (:func:`secure.mpc.scale.frexp_mantissa_products`), which fits only a narrow window:
+    they need ``bounds``.
+    """
     f = party.fp.frac_bits
     if x.frac_bits < f:
         x = sh.lift(x, f)
     first, last = scale.frexp_window(f, x.frac_bits, extra_bits, bounds)
-    diffs = [sh.add_ring_public(x, torch.tensor(-(1 << k), device=x.device), party.id)
-             for k in range(first, last + 2)]
-    below = msb_many(party, diffs)  # 1{X < 2^k}
-    inv = _onehot_sum(party, below, scale.frexp_inverse_powers(first, last, x.device), last + 1 - x.frac_bits)
-    factor = _onehot_sum(party, below, scale.frexp_factors(party.fp, exponent_fn, x.frac_bits, first, last,
-                                                           x.device), f)
-    (m,) = mul_many(party, [(x, inv)])
-    return m, factor
+    thresholds, octave, segment = scale.frexp_intervals(first, last, segments)
+    diffs = [sh.add_ring_public(x, torch.tensor(-t, device=x.device), party.id) for t in thresholds]
+    if callable(times):
+        below, times = party.concurrently([lambda: msb_many(party, diffs), times])
+    else:
+        below = msb_many(party, diffs)  # 1{X < T_i}
+    piece_octave = torch.tensor(octave, device=x.device) - first
+    inv = _onehot_sum(party, below, scale.frexp_inverse_powers(first, last, x.device)[piece_octave],
+                      last + 1 - x.frac_bits)
+    factors = scale.frexp_factors(party.fp, exponent_fn, x.frac_bits, first, last, x.device)[piece_octave]
+    factor = _onehot_sum(party, below, factors, f)
+    values = [_onehot_sum(party, below, party.fp.encode(torch.tensor([float(table(j)) for j in segment],
+                                                                     dtype=torch.float64), x.device), f)
+              for table in tables]
+    for table in mantissa_tables:
+        ring, frac = scale.frexp_mantissa_products([float(table(j)) for j in segment], octave, first, last,
+                                                   x.frac_bits, f, x.device)
+        values.append(_onehot_sum(party, below, ring, frac))  # times X below
+    pairs = [(x, inv)] + [(x, v) for v in values[len(tables):]] + ([(times, factor)] if times is not None else [])
+    m, *products = mul_many(party, pairs)
+    values[len(tables):] = products[:len(mantissa_tables)]
+    return m, (products[-1] if times is not None else factor), values
 
 
 def _onehot_sum(party: Party, below: Sequence[AShare], values: torch.Tensor, frac_bits: int) -> AShare:

@@ -7,12 +7,18 @@ for a party that neither sends nor receives in it, so the three round counters a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
 import torch
 
+from secure.mpc.concurrent import Merger, run_concurrently
 from secure.mpc.randomness import PairwiseKeys, PrfStream, random_key
 from secure.mpc.ring import FixedPoint
 from secure.profile.profiler import Profiler
 from secure.transport.base import Transport
+
+R = TypeVar("R")
 
 
 class ShareOwnershipError(PermissionError):
@@ -38,6 +44,7 @@ class Party:
         self.profiler = profiler
         self.rounds = 0
         self._keys: PairwiseKeys | None = None
+        self._merger: Merger | None = None
 
     @property
     def next(self) -> int:
@@ -53,6 +60,9 @@ class Party:
 
     @property
     def keys(self) -> PairwiseKeys:
+        merger = self._merger
+        if merger is not None and merger.owns_current_thread():
+            return merger.current_keys()
         if self._keys is None:
             raise RuntimeError(f"party {self.id}: call setup_keys() before drawing randomness")
         return self._keys
@@ -74,13 +84,41 @@ class Party:
     def exchange(
         self, send: dict[int, list[torch.Tensor]], recv_from: list[int]
     ) -> dict[int, list[torch.Tensor]]:
-        """One communication round: send to some peers, then receive from some peers."""
+        """One communication round: send to some peers, then receive from some peers (inside
+        :meth:`concurrently`, a branch's round, merged with the other branches')."""
+        merger = self._merger
+        if merger is not None and merger.owns_current_thread():
+            return merger.exchange(send, recv_from)
+        return self._exchange_now(send, recv_from)
+
+    def _exchange_now(
+        self, send: dict[int, list[torch.Tensor]], recv_from: list[int]
+    ) -> dict[int, list[torch.Tensor]]:
+        got = self._exchange_messages(list(send.items()), recv_from)
+        return dict(zip(recv_from, got))
+
+    def _exchange_messages(
+        self, sends: Sequence[tuple[int, list[torch.Tensor]]], recv_from: Sequence[int]
+    ) -> list[list[torch.Tensor]]:
+        """One round of messages in order (several to one peer allowed): send them all, then
+        receive one message per entry of ``recv_from``, in order."""
         self.rounds += 1
-        for to, tensors in send.items():
+        for to, tensors in sends:
             self.transport.send(to, [t.contiguous() for t in tensors])
-        return {
-            frm: [t.to(self.device) for t in self.transport.recv(frm)] for frm in recv_from
-        }
+        return [[t.to(self.device) for t in self.transport.recv(frm)] for frm in recv_from]
+
+    def concurrently(self, branches: Sequence[Callable[[], R]]) -> list[R]:
+        """Run independent protocol branches with their k-th rounds merged into one
+        (:mod:`secure.mpc.concurrent`): the rounds of the longest branch instead of the sum,
+        plus an 8-byte header per branch in each merged message. Results in order. Inside a
+        branch, a further call runs its branches one after the other."""
+        if self._merger is not None or len(branches) <= 1:
+            return [b() for b in branches]
+        keys = [self.keys.fork() for _ in branches]
+        return run_concurrently(branches, self._exchange_messages, self._install_merger, keys)
+
+    def _install_merger(self, merger: Merger | None) -> None:
+        self._merger = merger
 
     def check_owner(self, owner: int, what: str) -> None:
         """Raise ShareOwnershipError unless the share was made for this party."""

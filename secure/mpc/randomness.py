@@ -63,6 +63,14 @@ class PrfStream:
         encryptor = Cipher(algorithms.AES(self.key), modes.CTR(nonce)).encryptor()
         return _bytes_to_words(encryptor.update(bytes(8 * n)), n, device)
 
+    def fork(self) -> PrfStream:
+        """A stream of its own under a fresh key F(key, calls) (one nonce of this stream): the
+        other holder forking at the same point gets the same stream."""
+        nonce = self.calls.to_bytes(8, "big") + bytes(8)
+        self.calls += 1
+        encryptor = Cipher(algorithms.AES(self.key), modes.CTR(nonce)).encryptor()
+        return PrfStream(encryptor.update(bytes(KEY_BYTES)))
+
 
 @dataclass
 class PairwiseKeys:
@@ -70,6 +78,12 @@ class PairwiseKeys:
 
     with_prev: PrfStream
     with_next: PrfStream
+
+    def fork(self) -> PairwiseKeys:
+        """Keys of their own for a protocol branch that runs interleaved with others
+        (:mod:`secure.mpc.concurrent`): each pairwise stream forked, so the draws of one
+        branch never shift the other's."""
+        return PairwiseKeys(with_prev=self.with_prev.fork(), with_next=self.with_next.fork())
 
     def draw(self, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu"
              ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -151,11 +151,52 @@ def frexp_window(f: int, s: int, extra_bits: int = FREXP_EXTRA_BITS,
     return first, last
 
 
+def frexp_intervals(first: int, last: int, segments: int = 1) -> tuple[list[int], list[int], list[int]]:
+    """The pieces ``frexp`` tells apart within its window [first, last]: thresholds
+    ``T_0 < T_1 < ... < T_P`` (ring values) and, for each piece ``[T_i, T_(i+1))``, its
+    octave k (the highest set bit of X) and its segment j in [0, segments): the octave's
+    ``2^(k + j / segments)``, rounded up to an integer. A piece that rounding empties (small
+    k) is dropped, the next one keeping its labels; ``T_P = 2^(last + 1)``."""
+    if segments < 1:
+        raise ValueError(f"frexp: segments must be >= 1, got {segments}")
+    thresholds: list[int] = []
+    octave: list[int] = []
+    segment: list[int] = []
+    for k in range(first, last + 1):
+        for j in range(segments):
+            t = 1 << k if j == 0 else math.ceil(2.0 ** (k + j / segments))
+            if thresholds and t <= thresholds[-1]:  # the previous piece is empty
+                octave[-1], segment[-1] = k, j
+                continue
+            thresholds.append(t)
+            octave.append(k)
+            segment.append(j)
+    thresholds.append(1 << (last + 1))
+    return thresholds, octave, segment
+
+
 def frexp_inverse_powers(first: int, last: int, device: torch.device | str | None = None) -> torch.Tensor:
     """For each highest set bit k of X in [first, last]: the ring value 2^(last - k), i.e.
     2^-e at the scale that puts the mantissa X * 2^-e at scale ``last + 1`` (truncated once
     to f afterwards)."""
     return torch.tensor([1 << (last - k) for k in range(first, last + 1)], dtype=RING_DTYPE, device=device)
+
+
+def frexp_mantissa_products(values: Sequence[float], octave: Sequence[int], first: int, last: int, s: int,
+                            f: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, int]:
+    """For each piece i (octave ``octave[i]``, value ``c_i``): the ring value of
+    ``c_i 2^(last - k_i)`` with p extra bits of precision, and its scale, so that X times it
+    is ``c_i m`` at scale ``last + 1 + p`` (truncated to f afterwards). p is f where the
+    product stays below 2^FREXP_MAX_POSITIONS, i.e. for a narrow window (``bounds``);
+    raises ValueError where fewer than f/2 bits would be left."""
+    top = max((abs(float(c)) for c in values), default=1.0)
+    room = FREXP_MAX_POSITIONS - 1 - (last + 1) - max(0, math.ceil(math.log2(top)) if top > 0 else 0)
+    p = min(f, room)
+    if p < f // 2:
+        raise ValueError(f"frexp: products of the mantissa with a table need a narrow window (bounds); "
+                         f"only {p} bits of precision are left at window end 2^{last + 1}")
+    ring = [round(float(c) * 2.0 ** (last - k + p)) for c, k in zip(values, octave)]
+    return torch.tensor(ring, dtype=RING_DTYPE, device=device), last + 1 - s + p
 
 
 def frexp_factors(fp: FixedPoint, exponent_fn: Callable[[int], float], s: int, first: int, last: int,

@@ -90,17 +90,6 @@ class Fixed:
         return self.ring.device
 
 
-def _highest_bit(x: torch.Tensor) -> torch.Tensor:
-    """Index of the highest set bit of each positive int64 entry (exact, 6 shift steps).
-
-    Entries <= 0 give 0; callers mask them out.
-    """
-    k = torch.zeros_like(x)
-    for s in (32, 16, 8, 4, 2, 1):
-        k = k + s * ((x >> (k + s)) > 0).to(x.dtype)
-    return k
-
-
 class FixedPointOps:
     """SecureOps over plain fixed-point ring values with MpcOps' arithmetic.
 
@@ -330,19 +319,47 @@ class FixedPointOps:
         x 2^-e); the factor is ``clamp(exponent_fn(e), +-fp.max_abs/4)`` encoded at f.
         Outside the window (x <= 0 included) both outputs are exactly 0, as in the protocol.
         """
+        m, factor, _ = self.frexp_segments(x, exponent_fn, bounds=bounds)
+        return m, factor
+
+    def frexp_segments(self, x: Fixed, exponent_fn: Callable[[int], float], segments: int = 1,
+                       tables: Sequence[Callable[[int], float]] = (),
+                       times: Fixed | Callable[[], Fixed] | None = None,
+                       bounds: tuple[float, float] | None = None,
+                       mantissa_tables: Sequence[Callable[[int], float]] = ()) -> tuple[Fixed, Fixed, list[Fixed]]:
+        """As ``secure.mpc.compare.frexp_segments``: the piece of X among the thresholds of
+        ``scale.frexp_intervals`` gives the octave (m, the factor) and the segment (the
+        tables' values, encoded at f); ``times * factor`` is a product truncated to f, and
+        so is each mantissa table's X times its scaled power. All outputs exactly 0 outside
+        the window."""
         f = self.frac_bits
+        if callable(times):
+            times = times()
         x = self._lift(x, max(x.frac_bits, f))
         first, last = scale.frexp_window(f, x.frac_bits, FREXP_EXTRA_BITS, bounds)
-        inverse_powers = scale.frexp_inverse_powers(first, last, x.device)
-        factors = scale.frexp_factors(self.fp, exponent_fn, x.frac_bits, first, last, x.device)
+        thresholds, octave, segment = scale.frexp_intervals(first, last, segments)
+        piece_octave = torch.tensor(octave, device=x.device) - first
+        inverse_powers = scale.frexp_inverse_powers(first, last, x.device)[piece_octave]
+        factors = scale.frexp_factors(self.fp, exponent_fn, x.frac_bits, first, last, x.device)[piece_octave]
 
         ring = x.ring
-        in_domain = (ring >= (1 << first)) & (ring < (1 << (last + 1)))
-        k = torch.where(in_domain, _highest_bit(ring) - first, torch.zeros_like(ring))
-        scaled = torch.where(in_domain, ring * inverse_powers[k], torch.zeros_like(ring))
-        m = self._to_scale(Fixed(scaled, last + 1))
-        factor = torch.where(in_domain, factors[k], torch.zeros_like(ring))
-        return m, Fixed(factor, f)
+        bounds_ring = torch.tensor(thresholds, dtype=ring.dtype, device=ring.device)
+        in_domain = (ring >= bounds_ring[0]) & (ring < bounds_ring[-1])
+        piece = (torch.searchsorted(bounds_ring, ring, right=True) - 1).clamp(0, len(octave) - 1)
+        piece = torch.where(in_domain, piece, torch.zeros_like(piece))
+        zero = torch.zeros_like(ring)
+        m = self._to_scale(Fixed(torch.where(in_domain, ring * inverse_powers[piece], zero), last + 1))
+        factor = Fixed(torch.where(in_domain, factors[piece], zero), f)
+        values = []
+        for table in tables:
+            encoded = self.fp.encode(torch.tensor([float(table(j)) for j in segment], dtype=torch.float64), x.device)
+            values.append(Fixed(torch.where(in_domain, encoded[piece], zero), f))
+        for table in mantissa_tables:
+            powers, frac = scale.frexp_mantissa_products([float(table(j)) for j in segment], octave, first, last,
+                                                         x.frac_bits, f, x.device)
+            product = Fixed(torch.where(in_domain, ring * powers[piece], zero), x.frac_bits + frac)
+            values.append(self._to_scale(product))
+        return m, (self.mul(times, factor) if times is not None else factor), values
 
 
 __all__ = ["FREXP_EXTRA_BITS", "TRUNCATION_MODES", "Fixed", "FixedPointOps", "FixedPointOverflowError"]
