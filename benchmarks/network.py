@@ -26,7 +26,7 @@ query's rounds and its busiest party's bytes:
 
 Prints measured seconds beside the model's and their ratio, checks every answer against the
 plaintext model (cosine), and writes JSON (default benchmarks/results/network_minilm.json).
-The WAN run pays about 1200 rounds x 40 ms = 48 s of delay per query at length 32, more
+The WAN run pays about 650 rounds x 40 ms = 26 s of delay per query at length 32, more
 bytes at 128: a few minutes with its warm-up (``--warmup once`` warms up once per link).
 """
 

@@ -124,10 +124,14 @@ def equal(party: Party, x: AShare, y: AShare) -> AShare:
 MAX_GROUP: int = 32
 """The largest group of candidates compared all against all in one level of :func:`max_along`."""
 
-ROUND_WORTH_BYTES: int = 512 * 1024
-"""Bytes per party that one round is worth when a protocol may trade one for the other: a
-40 ms / 100 Mbps WAN link carries 500 kB in a round's latency, a 1 ms / 5 Gbps LAN link
-625 kB. :func:`max_plan` picks the maximum's group sizes, and whether the softmax clip
+ROUND_WORTH_BYTES: int = 352 * 1024
+"""Bytes per party that one round is worth when a protocol may trade one for the other. On
+a 40 ms / 100 Mbps WAN link a round's latency carries 500 kB, but every byte also costs
+the parties compute: about 33 ms per MB per party on this project's 2-core reference
+machine (MiniLM at 32 tokens: 120 MB per party in about 4 s on loopback), so a round is
+worth 40 ms / (80 + 33) ns per byte ~ 352 kB. (A 1 ms / 5 Gbps LAN round carries 625 kB of
+link time but is worth only about 30 kB of compute; the WAN, where rounds decide, sets
+the price.) :func:`max_plan` picks the maximum's group sizes, and whether the softmax clip
 rides in its last level, by this price."""
 
 _COMPARISON_BYTES = 34  # per element and party (102 over the three: secure.mpc.boolean)
