@@ -17,6 +17,7 @@ from secure.mpc import scale
 from secure.mpc import shares as sh
 from secure.mpc.arithmetic import mul_many, mul_untruncated_many, open_many
 from secure.mpc.boolean import msb_many
+from secure.mpc.matmul import ring_matmul
 from secure.mpc.party import Party
 from secure.mpc.shares import AShare
 from secure.profile.profiler import protocol
@@ -268,15 +269,17 @@ def _group_max(party: Party, x: AShare, g: int, gap_of: tuple[AShare, float] | N
         # [..., n, g]: row_i - c_j - gap, the candidates broadcast over the row
         diffs.append(_minus_public(party, sh.sub(row.map(lambda t: t.unsqueeze(-1)), x), gap))
     bits = msb_many(party, diffs)
-    c = bits[0]
-    factors: list[list[AShare]] = [[] for _ in range(g)]
-    for p, (i, j) in enumerate(pairs):
-        bit = c.map(lambda t, p=p: t[..., p])
-        factors[j].append(bit)  # x_i < x_j: j beats the earlier i
-        factors[i].append(bit_not(party, bit))  # x_i >= x_j: i beats the later j
-    for i in range(g):
-        factors[i].append(x.map(lambda t, i=i: t[..., i]))
-    trees = [[sh.cat([f[k].map(lambda t: t.unsqueeze(-1)) for f in factors], -1) for k in range(g)]]
+    # candidate i's factors, over the other candidates j in order: c_ji for j < i (x_j < x_i:
+    # i beats the earlier j), 1 - c_ij for j > i (x_i >= x_j: i beats the later j)
+    index = {pair: p for p, pair in enumerate(pairs)}
+    others = [[j for j in range(g) if j != i] for i in range(g)]
+    which = torch.tensor([[index[(min(i, j), max(i, j))] for j in row] for i, row in enumerate(others)],
+                         device=x.device)
+    later = torch.tensor([[int(j > i) for j in row] for i, row in enumerate(others)], device=x.device)
+    chosen = bits[0].map(lambda t: t.index_select(-1, which.reshape(-1)).reshape(*t.shape[:-1], g, g - 1))
+    signed = chosen.map(lambda t: t * (1 - 2 * later))
+    factors = sh.add_ring_public(signed, later, party.id)  # [..., k, g, g - 1]
+    trees = [[factors.map(lambda t, q=q: t[..., q]) for q in range(g - 1)] + [x]]
     if gap_of is not None:
         trees.append([bit_not(party, bits[1].map(lambda t, j=j: t[..., j])) for j in range(g)])
     winners, *rest = _product_trees(party, trees)
@@ -356,34 +359,41 @@ def frexp_segments(party: Party, x: AShare, exponent_fn: Callable[[int], float],
         x = sh.lift(x, f)
     first, last = scale.frexp_window(f, x.frac_bits, extra_bits, bounds)
     thresholds, octave, segment = scale.frexp_intervals(first, last, segments)
-    diffs = [sh.add_ring_public(x, torch.tensor(-t, device=x.device), party.id) for t in thresholds]
+    ring_thresholds = torch.tensor(thresholds, dtype=torch.int64, device=x.device).view(-1, *[1] * x.a.dim())
+    stacked = x.map(lambda t: t.unsqueeze(0).expand(len(thresholds), *t.shape))
+    diffs = [sh.add_ring_public(stacked, -ring_thresholds, party.id)]
     if callable(times):
-        below, times = party.concurrently([lambda: msb_many(party, diffs), times])
+        (below,), times = party.concurrently([lambda: msb_many(party, diffs), times])
     else:
-        below = msb_many(party, diffs)  # 1{X < T_i}
+        (below,) = msb_many(party, diffs)  # 1{X < T_i}, stacked on a new first dim
     piece_octave = torch.tensor(octave, device=x.device) - first
-    inv = _onehot_sum(party, below, scale.frexp_inverse_powers(first, last, x.device)[piece_octave],
-                      last + 1 - x.frac_bits)
-    factors = scale.frexp_factors(party.fp, exponent_fn, x.frac_bits, first, last, x.device)[piece_octave]
-    factor = _onehot_sum(party, below, factors, f)
-    values = [_onehot_sum(party, below, party.fp.encode(torch.tensor([float(table(j)) for j in segment],
-                                                                     dtype=torch.float64), x.device), f)
-              for table in tables]
+    encode = party.fp.encode
+    tables_ring = [scale.frexp_inverse_powers(first, last, x.device)[piece_octave],
+                   scale.frexp_factors(party.fp, exponent_fn, x.frac_bits, first, last, x.device)[piece_octave]]
+    tables_ring += [encode(torch.tensor([float(table(j)) for j in segment], dtype=torch.float64), x.device)
+                    for table in tables]
+    frac_bits = [last + 1 - x.frac_bits, f] + [f] * len(tables)
     for table in mantissa_tables:
         ring, frac = scale.frexp_mantissa_products([float(table(j)) for j in segment], octave, first, last,
                                                    x.frac_bits, f, x.device)
-        values.append(_onehot_sum(party, below, ring, frac))  # times X below
+        tables_ring.append(ring)  # times X below
+        frac_bits.append(frac)
+    inv, factor, *values = _onehot_sums(party, below, tables_ring, frac_bits)
     pairs = [(x, inv)] + [(x, v) for v in values[len(tables):]] + ([(times, factor)] if times is not None else [])
     m, *products = mul_many(party, pairs)
     values[len(tables):] = products[:len(mantissa_tables)]
     return m, (products[-1] if times is not None else factor), values
 
 
-def _onehot_sum(party: Party, below: Sequence[AShare], values: torch.Tensor, frac_bits: int) -> AShare:
-    """sum_k (b_(k+1) - b_k) * values[k] for monotone bits b (one-hot of the interval each
-    element falls in), as the local sum sum_j b_j * (values[j-1] - values[j])."""
-    zero = values.new_zeros(1)
-    coeffs = torch.cat([zero, values]) - torch.cat([values, zero])
-    a = sum(b.a * c for b, c in zip(below, coeffs.tolist()))
-    bb = sum(b.b * c for b, c in zip(below, coeffs.tolist()))
-    return AShare(a, bb, party.id, frac_bits)
+def _onehot_sums(party: Party, below: AShare, tables: Sequence[torch.Tensor],
+                 frac_bits: Sequence[int]) -> list[AShare]:
+    """For each table v (ring values, one per piece): ``sum_k (b_(k+1) - b_k) v[k]`` for
+    monotone bits b stacked on the first dim of ``below`` (the value of the piece each
+    element falls in), as the local sum ``sum_j b_j (v[j-1] - v[j])``; all tables in one
+    ring product with the bits."""
+    zero = tables[0].new_zeros(1)
+    coeffs = torch.stack([torch.cat([zero, v]) - torch.cat([v, zero]) for v in tables])  # [tables, bits]
+    shape = below.shape[1:]
+    a = ring_matmul(coeffs, below.a.reshape(below.shape[0], -1))
+    b = ring_matmul(coeffs, below.b.reshape(below.shape[0], -1))
+    return [AShare(a[t].reshape(shape), b[t].reshape(shape), party.id, fb) for t, fb in enumerate(frac_bits)]
