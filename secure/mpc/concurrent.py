@@ -9,18 +9,20 @@ Why the three parties stay in step: the branches never run at the same time. Bet
 exchanges the coordinator resumes them one after the other, in the order given, so they
 read the round counter in the same order on every party, and each branch's k-th exchange
 is the k-th of that branch on every party (every protocol calls :meth:`Party.exchange`
-equally often on all three parties). A merged round sends each live branch's messages as messages of their
-own, in branch order, and receives them likewise: a link delivers in order, and branch i
-of one party sends to a peer exactly when branch i of that peer receives from it, so the
-k-th message on a link in a round is the same branch's at both ends, with no framing and
-no byte beyond the branches' own. Each branch draws from pairwise PRF streams of its
-own (:meth:`secure.mpc.randomness.PairwiseKeys.fork`, forked in branch order before they
+equally often on all three parties).
+
+A merged round sends each live branch's messages as messages of their own, in branch
+order, and receives them likewise: a link delivers in order, and branch i of one party
+sends to a peer exactly when branch i of that peer receives from it, so the k-th message
+on a link in a round is the same branch's at both ends, with no framing and no byte beyond
+the branches' own.
+
+Each branch draws from pairwise PRF streams of its own
+(:meth:`secure.mpc.randomness.PairwiseKeys.fork`, forked in branch order before they
 start): the two holders of a key may draw from it in different segments of a protocol (a
 party that draws before an exchange where its peer draws after it), which is harmless in
 one program order but would shift one branch's draws by the other's if they shared one
-stream. When more than one branch is live, a merged message to a peer starts
-with one int64 tensor holding each live branch's tensor count, which the receiver checks
-and splits by: 8 bytes per live branch and message.
+stream.
 """
 
 from __future__ import annotations
