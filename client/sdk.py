@@ -116,6 +116,8 @@ class SecureClient:
         self._retired: list[grpc.Channel] = []
         self._infos: list[Any] | None = None
         self._tokenizers: dict[str, Any] = {}
+        # a fast tokenizer sets its padding and truncation on every call: threads sharing it must take turns
+        self._tokenize_lock = threading.Lock()
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         self.model = model or cfg.model
 
@@ -236,9 +238,10 @@ class SecureClient:
         _require_encoder(entry)
         lengths = sorted(entry.seq_lens)
         tok = self.tokenizer(entry.model)
-        n = len(tok(text, truncation=True, max_length=lengths[-1])["input_ids"])
-        seq = bucket_for(n, lengths)
-        enc = tok([text], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+        with self._tokenize_lock:
+            n = len(tok(text, truncation=True, max_length=lengths[-1])["input_ids"])
+            seq = bucket_for(n, lengths)
+            enc = tok([text], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def embed(self, text: str, trace: bool = False, progress: Callable[[int, int], None] | None = None,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,6 +175,25 @@ def test_an_encoder_is_queried_by_name(nodes: LocalNodes, folders: tuple[Path, P
         result = client.embed(TEXT, model=ENCODER)
     assert list(inputs["input_ids"].shape) == [1, SEQ] and int(inputs["attention_mask"].sum()) == SEQ
     assert _cosine(result.embedding, _plain_embedding(folders[0], inputs)) > 0.99
+
+
+def test_threads_sharing_a_client_get_padded_inputs(nodes: LocalNodes) -> None:
+    """A fast tokenizer sets its padding on each call; threads sharing one client (the
+    batching benchmark's clients) once got an unpadded row, which the parties refused."""
+    words = TEXT.split()
+    texts = [" ".join(words[:k]) for k in range(1, len(words) + 1)] * 4
+    shapes: list[list[int]] = []
+    with local_client(nodes) as client:
+        def encode(text: str) -> None:
+            for _ in range(20):
+                shapes.append(list(client.encode_text(text, model=ENCODER)["input_ids"].shape))
+
+        threads = [threading.Thread(target=encode, args=(t,)) for t in texts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert shapes and all(shape == [1, SEQ] for shape in shapes)
 
 
 def test_the_command_line_picks_a_model(nodes: LocalNodes, monkeypatch: pytest.MonkeyPatch,

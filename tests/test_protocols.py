@@ -221,6 +221,19 @@ def test_max_plan_prices_rounds_against_bytes():
     assert max(cmp.max_plan(20000, 128, False)[0]) < max(cmp.max_plan(12, 128, False)[0])
 
 
+@given(st.sampled_from([16, 32]), st.data())
+def test_msb_on_the_low_bits_when_the_range_allows(runner, width, data):
+    """x mod 2^width has x's sign for |x| < 2^(width - 1): 6 or 7 rounds instead of 8."""
+    from secure.mpc.boolean import msb_many
+
+    lim = 2 ** (width - 1) - 1
+    vals = torch.tensor(data.draw(st.lists(st.integers(-lim, lim), min_size=1, max_size=40)), dtype=torch.int64)
+    x = sh.deal_shares(vals, 0)
+    out = runner.run(lambda p, a: msb_many(p, [a], width)[0], x)
+    assert torch.equal(out, (vals < 0).double())
+    assert runner.rounds_of(lambda p, a: msb_many(p, [a], width), x) == {16: 6, 32: 7}[width]
+
+
 @given(st.lists(st.floats(1e-4, 1e7), min_size=1, max_size=30))
 def test_frexp_recovers_mantissa_and_exponent_function(runner, values):
     x = torch.tensor(values, dtype=torch.float64)

@@ -345,7 +345,10 @@ def frexp_segments(party: Party, x: AShare, exponent_fn: Callable[[int], float],
     (:func:`secure.mpc.scale.frexp_intervals`), so any public function of (e, j) is a local
     sum of the one-hot of the piece; ``times * exponent_fn(e)`` is formed in the same product
     pass as m. Rounds as :func:`frexp` (10); comparisons ``segments`` times as many. Domain
-    and zero outside it as :func:`frexp`; table values are encoded at f. ``times`` may be a
+    and zero outside it as :func:`frexp`; table values are encoded at f. With ``bounds`` the
+    window ends at 2^(last + 1), so every difference X - T_i is below it in magnitude and the
+    comparisons look at the low 16 or 32 bits only (:func:`msb_many`'s ``width``): 9 rounds
+    for a softmax row sum (X < 2^25 at f = 18). ``times`` may be a
     function computing it, run :meth:`~secure.mpc.party.Party.concurrently` with the
     comparison pass (attention's ``e @ v``, ready for the product pass at no round of its own).
 
@@ -362,10 +365,12 @@ def frexp_segments(party: Party, x: AShare, exponent_fn: Callable[[int], float],
     ring_thresholds = torch.tensor(thresholds, dtype=torch.int64, device=x.device).view(-1, *[1] * x.a.dim())
     stacked = x.map(lambda t: t.unsqueeze(0).expand(len(thresholds), *t.shape))
     diffs = [sh.add_ring_public(stacked, -ring_thresholds, party.id)]
+    # with bounds, |X - T_i| < 2^(last + 1): the sign of the low bits is the sign
+    width = next((w for w in (16, 32) if bounds is not None and last + 2 <= w), 64)
     if callable(times):
-        (below,), times = party.concurrently([lambda: msb_many(party, diffs), times])
+        (below,), times = party.concurrently([lambda: msb_many(party, diffs, width), times])
     else:
-        (below,) = msb_many(party, diffs)  # 1{X < T_i}, stacked on a new first dim
+        (below,) = msb_many(party, diffs, width)  # 1{X < T_i}, stacked on a new first dim
     piece_octave = torch.tensor(octave, device=x.device) - first
     encode = party.fp.encode
     tables_ring = [scale.frexp_inverse_powers(first, last, x.device)[piece_octave],
