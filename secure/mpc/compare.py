@@ -150,7 +150,8 @@ def max_plan(rows: int, n: int, with_gap: bool, group: int = MAX_GROUP) -> tuple
     products; the clip's bits cost, per element of the row and finalist, one comparison and
     one product in the last level, or a pass of their own (8 rounds, one comparison per
     element). For 12 x 32 x 32 scores: groups 8, 4 with the clip fused (21 rounds, about
-    4.2 MB; 4, 4, 2 took 29 rounds and 2.1 MB); for 12 x 128 x 128: 4, 4, 8 (31 rounds)."""
+    4.2 MB; 4, 4, 2 took 29 rounds and 2.1 MB); for 12 x 128 x 128: 2, 2, 4, 8 and the clip
+    in a pass of its own (47 rounds); for one decode row per head, one group of up to 32."""
     width = n
 
     @functools.cache
@@ -361,7 +362,9 @@ def frexp_segments(party: Party, x: AShare, exponent_fn: Callable[[int], float],
     if x.frac_bits < f:
         x = sh.lift(x, f)
     first, last = scale.frexp_window(f, x.frac_bits, extra_bits, bounds)
-    thresholds, octave, segment = scale.frexp_intervals(first, last, segments)
+    pieces = scale.frexp_pieces(party.fp, exponent_fn, x.frac_bits, first, last, segments, tables, mantissa_tables,
+                                x.device)
+    thresholds = pieces.thresholds
     ring_thresholds = torch.tensor(thresholds, dtype=torch.int64, device=x.device).view(-1, *[1] * x.a.dim())
     stacked = x.map(lambda t: t.unsqueeze(0).expand(len(thresholds), *t.shape))
     diffs = [sh.add_ring_public(stacked, -ring_thresholds, party.id)]
@@ -371,19 +374,7 @@ def frexp_segments(party: Party, x: AShare, exponent_fn: Callable[[int], float],
         (below,), times = party.concurrently([lambda: msb_many(party, diffs, width), times])
     else:
         (below,) = msb_many(party, diffs, width)  # 1{X < T_i}, stacked on a new first dim
-    piece_octave = torch.tensor(octave, device=x.device) - first
-    encode = party.fp.encode
-    tables_ring = [scale.frexp_inverse_powers(first, last, x.device)[piece_octave],
-                   scale.frexp_factors(party.fp, exponent_fn, x.frac_bits, first, last, x.device)[piece_octave]]
-    tables_ring += [encode(torch.tensor([float(table(j)) for j in segment], dtype=torch.float64), x.device)
-                    for table in tables]
-    frac_bits = [last + 1 - x.frac_bits, f] + [f] * len(tables)
-    for table in mantissa_tables:
-        ring, frac = scale.frexp_mantissa_products([float(table(j)) for j in segment], octave, first, last,
-                                                   x.frac_bits, f, x.device)
-        tables_ring.append(ring)  # times X below
-        frac_bits.append(frac)
-    inv, factor, *values = _onehot_sums(party, below, tables_ring, frac_bits)
+    inv, factor, *values = _onehot_sums(party, below, pieces.values, pieces.frac_bits)
     pairs = [(x, inv)] + [(x, v) for v in values[len(tables):]] + ([(times, factor)] if times is not None else [])
     m, *products = mul_many(party, pairs)
     values[len(tables):] = products[:len(mantissa_tables)]

@@ -34,8 +34,10 @@ Pure functions of scales and public values: no shares, no rounds. Imports only t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -151,7 +153,9 @@ def frexp_window(f: int, s: int, extra_bits: int = FREXP_EXTRA_BITS,
     return first, last
 
 
-def frexp_intervals(first: int, last: int, segments: int = 1) -> tuple[list[int], list[int], list[int]]:
+@functools.cache
+def frexp_intervals(first: int, last: int, segments: int = 1
+                    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """The pieces ``frexp`` tells apart within its window [first, last]: thresholds
     ``T_0 < T_1 < ... < T_P`` (ring values) and, for each piece ``[T_i, T_(i+1))``, its
     octave k (the highest set bit of X) and its segment j in [0, segments): the octave's
@@ -172,7 +176,7 @@ def frexp_intervals(first: int, last: int, segments: int = 1) -> tuple[list[int]
             octave.append(k)
             segment.append(j)
     thresholds.append(1 << (last + 1))
-    return thresholds, octave, segment
+    return tuple(thresholds), tuple(octave), tuple(segment)
 
 
 def frexp_inverse_powers(first: int, last: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -180,6 +184,42 @@ def frexp_inverse_powers(first: int, last: int, device: torch.device | str | Non
     2^-e at the scale that puts the mantissa X * 2^-e at scale ``last + 1`` (truncated once
     to f afterwards)."""
     return torch.tensor([1 << (last - k) for k in range(first, last + 1)], dtype=RING_DTYPE, device=device)
+
+
+@dataclass(frozen=True)
+class FrexpPieces:
+    """What ``frexp_segments`` tells apart and what it returns for each piece: the
+    thresholds ``T_0 < ... < T_P`` (ring values) and, per table, its ring value for each
+    piece and the scale it is held at. Tables in order: ``2^-e`` (the ring value
+    2^(last - k) at scale ``last + 1 - s``, so that X times it is m at scale last + 1),
+    ``exponent_fn(e)`` (at f), each of ``tables`` (at f), each of ``mantissa_tables`` (X
+    times it is ``m * table(j)``: :func:`frexp_mantissa_products`)."""
+
+    thresholds: tuple[int, ...]
+    values: list[torch.Tensor]
+    frac_bits: list[int]
+
+
+def frexp_pieces(fp: FixedPoint, exponent_fn: Callable[[int], float], s: int, first: int, last: int,
+                 segments: int, tables: Sequence[Callable[[int], float]],
+                 mantissa_tables: Sequence[Callable[[int], float]],
+                 device: torch.device | str | None = None) -> FrexpPieces:
+    """The pieces of ``frexp_segments`` on the window [first, last] at input scale s (see
+    :class:`FrexpPieces`): one description for the protocol and its simulation."""
+    f = fp.frac_bits
+    thresholds, octave, segment = frexp_intervals(first, last, segments)
+    piece_octave = torch.tensor(octave, device=device) - first
+    values = [frexp_inverse_powers(first, last, device)[piece_octave],
+              frexp_factors(fp, exponent_fn, s, first, last, device)[piece_octave]]
+    frac_bits = [last + 1 - s, f]
+    for table in tables:
+        values.append(fp.encode(torch.tensor([float(table(j)) for j in segment], dtype=torch.float64), device))
+        frac_bits.append(f)
+    for table in mantissa_tables:
+        ring, frac = frexp_mantissa_products([float(table(j)) for j in segment], octave, first, last, s, f, device)
+        values.append(ring)
+        frac_bits.append(frac)
+    return FrexpPieces(thresholds, values, frac_bits)
 
 
 def frexp_mantissa_products(values: Sequence[float], octave: Sequence[int], first: int, last: int, s: int,

@@ -328,8 +328,8 @@ class FixedPointOps:
                        bounds: tuple[float, float] | None = None,
                        mantissa_tables: Sequence[Callable[[int], float]] = ()) -> tuple[Fixed, Fixed, list[Fixed]]:
         """As ``secure.mpc.compare.frexp_segments``: the piece of X among the thresholds of
-        ``scale.frexp_intervals`` gives the octave (m, the factor) and the segment (the
-        tables' values, encoded at f); ``times * factor`` is a product truncated to f, and
+        ``scale.frexp_pieces`` picks each table's value (m's power of two, the factor, the
+        tables' values at f); ``times * factor`` is a product truncated to f, and
         so is each mantissa table's X times its scaled power. All outputs exactly 0 outside
         the window."""
         f = self.frac_bits
@@ -337,29 +337,22 @@ class FixedPointOps:
             times = times()
         x = self._lift(x, max(x.frac_bits, f))
         first, last = scale.frexp_window(f, x.frac_bits, FREXP_EXTRA_BITS, bounds)
-        thresholds, octave, segment = scale.frexp_intervals(first, last, segments)
-        piece_octave = torch.tensor(octave, device=x.device) - first
-        inverse_powers = scale.frexp_inverse_powers(first, last, x.device)[piece_octave]
-        factors = scale.frexp_factors(self.fp, exponent_fn, x.frac_bits, first, last, x.device)[piece_octave]
-
+        pieces = scale.frexp_pieces(self.fp, exponent_fn, x.frac_bits, first, last, segments, tables,
+                                    mantissa_tables, x.device)
         ring = x.ring
-        bounds_ring = torch.tensor(thresholds, dtype=ring.dtype, device=ring.device)
+        bounds_ring = torch.tensor(pieces.thresholds, dtype=ring.dtype, device=ring.device)
         in_domain = (ring >= bounds_ring[0]) & (ring < bounds_ring[-1])
-        piece = (torch.searchsorted(bounds_ring, ring, right=True) - 1).clamp(0, len(octave) - 1)
+        piece = (torch.searchsorted(bounds_ring, ring, right=True) - 1).clamp(0, len(bounds_ring) - 2)
         piece = torch.where(in_domain, piece, torch.zeros_like(piece))
         zero = torch.zeros_like(ring)
-        m = self._to_scale(Fixed(torch.where(in_domain, ring * inverse_powers[piece], zero), last + 1))
-        factor = Fixed(torch.where(in_domain, factors[piece], zero), f)
-        values = []
-        for table in tables:
-            encoded = self.fp.encode(torch.tensor([float(table(j)) for j in segment], dtype=torch.float64), x.device)
-            values.append(Fixed(torch.where(in_domain, encoded[piece], zero), f))
-        for table in mantissa_tables:
-            powers, frac = scale.frexp_mantissa_products([float(table(j)) for j in segment], octave, first, last,
-                                                         x.frac_bits, f, x.device)
-            product = Fixed(torch.where(in_domain, ring * powers[piece], zero), x.frac_bits + frac)
-            values.append(self._to_scale(product))
-        return m, (self.mul(times, factor) if times is not None else factor), values
+        picked = [torch.where(in_domain, v[piece], zero) for v in pieces.values]
+        inv, factor, *plain = picked[:2 + len(tables)]
+        m = self._to_scale(Fixed(ring * inv, x.frac_bits + pieces.frac_bits[0]))
+        values = [Fixed(v, f) for v in plain]
+        values += [self._to_scale(Fixed(ring * v, x.frac_bits + fb))  # X times the scaled table: m * table(j)
+                   for v, fb in zip(picked[2 + len(tables):], pieces.frac_bits[2 + len(tables):])]
+        factor_f = Fixed(factor, f)
+        return m, (self.mul(times, factor_f) if times is not None else factor_f), values
 
 
 __all__ = ["FREXP_EXTRA_BITS", "TRUNCATION_MODES", "Fixed", "FixedPointOps", "FixedPointOverflowError"]
