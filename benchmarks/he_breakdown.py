@@ -1,7 +1,7 @@
 """HE (CKKS) query breakdown, and the same graph on the three-party engine.
 
     python benchmarks/he_breakdown.py [--model tiny | DISTILLED_DIR | minilm-power] [--seq 16 32] [--no-mpc]
-                                      [--queries 2] [--cache-mib 4096]
+                                      [--queries 2] [--cache-mib 4096] [--workers N]
 
 For each sequence length: one HE query in process (client and server exchange bytes
 only), the per-layer table in the MPC breakdown's format, the CKKS-primitive and form
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -24,10 +25,12 @@ import torch
 from secure.evaluate.he_model import HeModel, distilled_he_model, tiny_he_model
 from secure.he.breakdown import operation_table
 from secure.he.plain_cache import PlainCache
+from secure.he.pool import HePool
 from secure.mpc.engine import LocalCluster
 from secure.runtime.breakdown import aggregate, breakdown_table, chrome_trace, write_chart
 from secure.runtime.execute import deal_inputs, deal_weights, run_float, run_mpc
 from secure.runtime.execute_he import run_he
+from secure.runtime.he_planner import plan
 
 QUERY = "Secure inference lets a client ask a question of a model it may not see, and the owner keeps its weights."
 
@@ -62,17 +65,25 @@ def cosine(a: torch.Tensor | None, b: torch.Tensor) -> float | None:
     return None if a is None else float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
 
-def one_length(model: HeModel, out: Path, mpc: bool, queries: int = 2, cache_mib: int = 4096) -> dict:
-    """``queries`` HE queries in a row sharing one plaintext cache of ``cache_mib`` MiB, as
-    an HE node serves them; the figures and tables are the last query's."""
+def one_length(model: HeModel, out: Path, mpc: bool, queries: int = 2, cache_mib: int = 4096,
+               workers: int = 0) -> dict:
+    """``queries`` HE queries in a row sharing one plan, one plaintext cache of ``cache_mib``
+    MiB (split between this process and ``workers`` worker processes) and the workers, as an
+    HE node serves them; the figures and tables are the last query's."""
     inputs = query(model)
     (ref,), _ = run_float(model.graph, model.weights, inputs)
-    cache = PlainCache(cache_mib << 20)
+    share = (cache_mib << 20) // (workers + 1)
+    cache = PlainCache(share)
+    pool = HePool(workers, share)
+    t0 = time.perf_counter()
+    the_plan = plan(model.graph, model.weights, inputs)
+    plan_seconds = time.perf_counter() - t0
     walls = []
     for _ in range(queries):
         t0 = time.perf_counter()
-        run = run_he(model.graph, model.weights, inputs, plain_cache=cache)
+        run = run_he(model.graph, model.weights, inputs, plain_cache=cache, the_plan=the_plan, pool=pool)
         walls.append(time.perf_counter() - t0)
+    pool.close()
     he_wall = walls[-1]
     got = run.outputs[0]
     cos = cosine(ref, got)
@@ -83,7 +94,8 @@ def one_length(model: HeModel, out: Path, mpc: bool, queries: int = 2, cache_mib
               "client_ops": run.client_stats, "forms": run.forms,
               "cosine_vs_original_minilm": cosine(original, got),
               "float_form_cosine_vs_original_minilm": cosine(original, ref),
-              "query_walls_seconds": walls, "plaintext_cache": cache.summary()}
+              "query_walls_seconds": walls, "plan_seconds": plan_seconds, "workers": workers,
+              "plaintext_cache": cache.summary()}
     parts = aggregate(run.spans)
     table = breakdown_table(run.spans, "part (HE, server; rounds = client trips)")
     ops = operation_table(run.server_stats, run.client_stats, run.forms, run.bytes)
@@ -93,7 +105,9 @@ def one_length(model: HeModel, out: Path, mpc: bool, queries: int = 2, cache_mib
              + ("" if result["cosine_vs_original_minilm"] is None else
                 f"; vs the original all-MiniLM-L6-v2: HE {result['cosine_vs_original_minilm']:.4f}, polynomial "
                 f"model in float {result['float_form_cosine_vs_original_minilm']:.4f}"),
-             f"queries in a row sharing the plaintext cache ({cache_mib} MiB budget): "
+             f"plan {plan_seconds:.2f} s, made once and kept as the HE node keeps it; {workers} worker "
+             f"process(es) for the linear layers; queries in a row sharing the plaintext cache "
+             f"({cache_mib} MiB budget, this process's share): "
              + ", ".join(f"{w:.1f} s" for w in walls) + f"; cache {cache.summary()}",
              table, "", ops]
     if mpc:
@@ -129,13 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-mpc", action="store_true", help="skip the three-party comparison")
     ap.add_argument("--queries", type=int, default=2,
                     help="HE queries in a row (the first fills the plaintext cache; the tables are the last's)")
-    ap.add_argument("--cache-mib", type=int, default=4096, help="plaintext cache budget (0: none)")
+    ap.add_argument("--cache-mib", type=int, default=4096,
+                    help="plaintext cache budget, split between the processes (0: none)")
+    ap.add_argument("--workers", type=int, default=max(0, (os.cpu_count() or 1) - 1),
+                    help="worker processes for the linear layers (default: CPUs - 1; 0: none)")
     args = ap.parse_args(argv)
     label = "tiny" if args.model == "tiny" else Path(args.model).name
     for seq in args.seq:
         model = tiny_he_model(seq) if args.model == "tiny" else distilled_he_model(args.model, seq)
         one_length(model, Path(f"benchmarks/results/he_breakdown_{label}_{seq}"), not args.no_mpc, args.queries,
-                   args.cache_mib)
+                   args.cache_mib, args.workers)
     return 0
 
 

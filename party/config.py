@@ -42,14 +42,23 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from secure.he.plain_cache import DEFAULT_BUDGET_BYTES
 
 TOKEN_METADATA_KEY = "x-client-token"
+MAX_LINEAR_WORKERS = 64
+
+
+def default_linear_workers() -> int:
+    """Worker processes an HE node starts for its linear layers: one per CPU beyond the first."""
+    return max(0, min((os.cpu_count() or 1) - 1, MAX_LINEAR_WORKERS))
+
+
 DEFAULT_METRICS_BIND = "127.0.0.1"  # metrics are exposed beyond the host only deliberately
 
 
@@ -251,6 +260,7 @@ class HeNodeConfig(_ConfigFile):
           "receive_timeout_s": 120,              // each message the node waits for (refresh replies too)
           "flood_bits": 10,                      // optional: noise flooding of the outputs, 2^-k
           "plaintext_cache_mib": 4096,           // encoded weight diagonals kept between queries
+          "linear_workers": 1,                   // worker processes for the linear layers (default: CPUs - 1)
           "metrics_port": 9100,                  // optional: Prometheus endpoint (party.metrics)
           "metrics_bind": "127.0.0.1",           // where it listens (default 127.0.0.1)
           "log_json": false                      // optional: JSON log lines (also: --log-json)
@@ -272,6 +282,7 @@ class HeNodeConfig(_ConfigFile):
     receive_timeout_s: float = 120.0
     flood_bits: int | None = None
     plaintext_cache_mib: int = DEFAULT_BUDGET_BYTES >> 20
+    linear_workers: int = field(default_factory=lambda: default_linear_workers())
     path: Path | None = None
     metrics_port: int | None = None  # Prometheus metrics endpoint (party.metrics); None: none
     metrics_bind: str = DEFAULT_METRICS_BIND
@@ -301,12 +312,15 @@ class HeNodeConfig(_ConfigFile):
                 max_concurrent_queries=int(raw.get("max_concurrent_queries", 2)),
                 receive_timeout_s=float(raw.get("receive_timeout_s", 120.0)),
                 flood_bits=None if raw.get("flood_bits") is None else int(raw["flood_bits"]),
-                plaintext_cache_mib=int(raw.get("plaintext_cache_mib", DEFAULT_BUDGET_BYTES >> 20)), path=path,
+                plaintext_cache_mib=int(raw.get("plaintext_cache_mib", DEFAULT_BUDGET_BYTES >> 20)),
+                linear_workers=int(raw.get("linear_workers", default_linear_workers())), path=path,
                 log_json=_flag(raw, "log_json"), **_metrics_setting(raw, "the HE node"))
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"bad HE configuration{f' in {path}' if path else ''}: {type(e).__name__}: {e}") from None
         if not cfg.models:
             raise ConfigError("the HE configuration serves no model ('models' is empty)")
+        if not 0 <= cfg.linear_workers <= MAX_LINEAR_WORKERS:
+            raise ConfigError(f"linear_workers must be 0 to {MAX_LINEAR_WORKERS} (0: none), got {cfg.linear_workers}")
         if cfg.plaintext_cache_mib < 0:
             raise ConfigError(f"plaintext_cache_mib must be >= 0 (0: no cache), got {cfg.plaintext_cache_mib}")
         if tls and (cfg.ca is None or cfg.cert is None or cfg.key is None):

@@ -52,6 +52,7 @@ from secure.he.engine import HeFormatError, SealEngine
 from secure.he.layout import Cipher, Plain, canonical
 from secure.he.ops import HeOps
 from secure.he.plain_cache import PlainCache
+from secure.he.pool import HePool, HeWorkerError
 from secure.he.refresh import REFRESH_BOUNDS_META, RefreshSession, Sent
 from secure.runtime.he_planner import HePlan, plan
 from secure.runtime.interpreter import Interpreter, InterpreterError
@@ -72,13 +73,15 @@ class HeNode:
     ``token_sha256`` lists the accepted client tokens' digests; ``limits`` bounds the
     admitted queries and the receive deadline; ``flood_bits = k`` floods the outputs with
     uniform noise in [-2^-k, 2^-k] (``HeOps.finish_outputs``; None: off); ``plain_cache``
-    keeps encoded weight diagonals for every later query (:mod:`secure.he.plain_cache`).
+    keeps encoded weight diagonals for every later query (:mod:`secure.he.plain_cache`);
+    ``pool`` shares the linear layers with worker processes (:mod:`secure.he.pool`).
     """
 
     def __init__(self, models: dict[tuple[str, int], HeModel], token_sha256: list[str],
                  limits: serving.ServingLimits | None = None, flood_bits: int | None = None,
-                 plain_cache: PlainCache | None = None) -> None:
+                 plain_cache: PlainCache | None = None, pool: HePool | None = None) -> None:
         self.models = models
+        self.pool = pool
         self.flood_bits = flood_bits
         self.plain_cache = plain_cache
         self.tokens = serving.TokenCheck(token_sha256)
@@ -123,6 +126,7 @@ class HeNode:
         the_plan = self.plan_for(m)
         engine = _query_engine(wire.read_context(), the_plan)
         engine.plain_cache = self.plain_cache
+        engine.pool = self.pool
         embeds = _input_cipher(wire, engine, m, start.input_ciphertexts)
         if record is not None:
             record.running()
@@ -162,6 +166,8 @@ class HeNode:
         self.metrics.stop()
         if self.server is not None:
             self.server.stop(0.5)
+        if self.pool is not None:
+            self.pool.close()
 
 
 def _query_engine(context: bytes, the_plan: HePlan) -> SealEngine:
@@ -255,6 +261,8 @@ class _Servicer(pb2_grpc.HeInferenceServicer):
             serving.abort_with(context, Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
         except InterpreterError as e:
             code = (grpc.StatusCode.INVALID_ARGUMENT if isinstance(e.__cause__, HeFormatError)
+                    # a worker that died: fresh workers serve the next query
+                    else grpc.StatusCode.UNAVAILABLE if isinstance(e.__cause__, HeWorkerError)
                     else grpc.StatusCode.INTERNAL)
             serving.abort_with(context, Rejected(code, str(e)))
         except Exception as e:  # noqa: BLE001 - the node must keep serving whatever one query did
@@ -285,10 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.log_json and not args.log_json:
             configure_logging("he-node", logging.INFO, json_lines=True)
         cfg.require_tls(args.insecure)
+        # the cache budget is split between this process and the workers: each keeps its parts' diagonals
+        share = (cfg.plaintext_cache_mib << 20) // (cfg.linear_workers + 1)
         node = HeNode(load_models(cfg), list(cfg.client_token_sha256),
                       serving.ServingLimits(max_streams=cfg.max_concurrent_queries,
                                             receive_timeout_s=cfg.receive_timeout_s), cfg.flood_bits,
-                      PlainCache(cfg.plaintext_cache_mib << 20))
+                      PlainCache(share), HePool(cfg.linear_workers, share) if cfg.linear_workers else None)
         creds = serving.server_credentials(cfg.cert, cfg.key) if cfg.cert and cfg.key else None
         port = node.start(cfg.bind_address, creds)
         if cfg.metrics_port is not None:

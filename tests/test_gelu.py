@@ -364,3 +364,70 @@ def test_pass_functions_name_unknown_forms(mlp_graphs) -> None:
         rewrite_gelu(graph, "cubic")
     with pytest.raises(ValueError, match="unknown SiLU form"):
         rewrite_silu(mlp_graphs["silu"][0], "cubic")
+
+
+# ---- the HE form's series by baby and giant steps (issue 11, item 4) -----------------------
+
+class _DepthCounter:
+    """Values are their multiplicative depth; counts the ciphertext products."""
+
+    def __init__(self) -> None:
+        self.products = 0
+
+    def mul(self, a: int, b: int) -> int:
+        self.products += 1
+        return max(a, b) + 1
+
+    def mul_many(self, pairs):
+        return [self.mul(a, b) for a, b in pairs]
+
+    def add(self, a: int, b: int) -> int:
+        return max(a, b)
+
+    sub = add
+
+    def add_public(self, a: int, c: float) -> int:
+        return a
+
+    def mul_public(self, a: int, c: float) -> int:
+        return a + 1
+
+    def dot_public(self, terms, coeffs, bias: float = 0.0) -> int:
+        return max(terms) + 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(coeffs=st.lists(st.floats(-2.0, 2.0), min_size=2, max_size=66))
+def test_chebyshev_series_equals_the_whole_basis_on_floats(coeffs: list[float]) -> None:
+    from secure.approx.gelu import chebyshev_basis, chebyshev_series
+
+    v = torch.linspace(-1.0, 1.0, 2001, dtype=torch.float64)
+    degree = len(coeffs) - 1
+    basis = chebyshev_basis(FloatOps(), v, degree)
+    whole = coeffs[0] + sum(c * basis[k] for k, c in enumerate(coeffs) if k)
+    assert float((chebyshev_series(FloatOps(), v, coeffs) - whole).abs().max()) < 1e-12 * (1 + degree**2)
+
+
+@pytest.mark.parametrize(("degree", "products"), [(8, 4), (12, 5), (16, 7), (24, 9), (32, 11), (64, 16)])
+def test_chebyshev_series_products_pinned_at_the_basis_depth(degree: int, products: int) -> None:
+    """Fewer products than the degree - 1 of the whole basis, and no deeper than the basis
+    followed by its dot product (what CKKS pays in levels)."""
+    from secure.approx.gelu import chebyshev_series
+
+    ops = _DepthCounter()
+    depth = chebyshev_series(ops, 0, [(-1) ** k * (1 + k / 7) for k in range(degree + 1)])
+    assert ops.products == products < degree - 1
+    assert depth == math.ceil(math.log2(degree)) + 1  # T_degree's depth, then the public dot
+
+
+def test_chebyshev_split_is_exact_division() -> None:
+    from secure.approx.gelu import chebyshev_split
+
+    c = [0.3, -1.0, 0.5, 2.0, -0.25, 1.5, 0.75, -2.0, 1.0]  # degree 8
+    q, r = chebyshev_split(c, 4)
+    v = np.linspace(-1, 1, 101)
+    t = np.polynomial.chebyshev.chebval
+    assert np.abs(t(v, q) * t(v, [0, 0, 0, 0, 1]) + t(v, r) - t(v, c)).max() < 1e-12
+    assert len(r) <= 4
+    with pytest.raises(ValueError, match="below the giant step"):
+        chebyshev_split([1.0, 2.0], 4)

@@ -190,4 +190,6 @@ def server_engine(public_context: bytes) -> SealEngine:
     ctx = SealContext(params)
     keys = PublicKeys(ctx.load("PublicKey", sections["public"]), ctx.load("RelinKeys", sections["relin"]),
                       ctx.load("GaloisKeys", sections["galois"]) if "galois" in sections else None)
-    return SealEngine(ctx, keys)
+    engine = SealEngine(ctx, keys)
+    engine.public_context = public_context
+    return engine

@@ -174,6 +174,10 @@ class SealEngine:
         self.floor = ctx.params.floor_level
         self.plain_cache: PlainCache | None = None
         """Encoded weight diagonals kept across queries (:mod:`secure.he.plain_cache`), set by the server."""
+        self.public_context: bytes | None = None
+        """The client's public context this engine was made from (what a worker process loads)."""
+        self.pool: Any = None
+        """Worker processes for the linear layers (:class:`secure.he.pool.HePool`), set by the server."""
 
     def level(self, ct: Any) -> int:
         return self.ctx.level(ct)
@@ -195,6 +199,20 @@ class SealEngine:
         while self.level(ct) > level:
             ct = self.mul_plain(ct, 1.0)
         return ct
+
+    def drop_to(self, ct: Any, level: int) -> Any:
+        """The same value at a lower level by a bare modulus switch: no product, no noise,
+        but the scale stays the one of ct's level, so only a plaintext product may follow
+        (:meth:`mul_plain_sum` encodes against ct's actual scale and lands on the standard
+        one). Used where a whole linear layer would otherwise run at a higher level: a
+        product at level ``l`` costs about ``l + 1`` NTTs' worth of words (measured at
+        N = 8192: 236 us at level 4, 92 us at level 1; rotations 4.4 ms and 1.3 ms)."""
+        if self.level(ct) <= level:
+            return ct
+        out = self._new()
+        with self.stats.timed("mod switch"):
+            self.ev.mod_switch_to(ct, self.ctx.parms_ids[level], out)
+        return out
 
     def align(self, a: Any, b: Any) -> tuple[Any, Any]:
         la, lb = self.level(a), self.level(b)
@@ -251,8 +269,10 @@ class SealEngine:
             self.ev.relinearize_inplace(out, self.keys.relin)
         return self._rescale(out, level)
 
-    def _plain_scale(self, level: int) -> float:
-        return self.ctx.scales[level - 1] * self.ctx.primes[level] / self.ctx.scales[level]
+    def _plain_scale(self, level: int, ct_scale: float) -> float:
+        """The plaintext's scale that makes a product with a ciphertext of scale ``ct_scale``
+        at ``level`` land exactly on the next level's scale after the rescale."""
+        return self.ctx.scales[level - 1] * self.ctx.primes[level] / ct_scale
 
     def mul_plain(self, a: Any, values: np.ndarray | float) -> Any:
         """a * values, one level."""
@@ -269,12 +289,12 @@ class SealEngine:
         level = self.level(terms[0][0])
         if level <= self.floor:
             raise OutOfLevelsError(f"plaintext product at level {level} (floor {self.floor})")
-        scale = self._plain_scale(level)
+        scale = self._plain_scale(level, terms[0][0].scale)
         size = self.ctx.params.poly_degree * (level + 1) * 8
         acc = None
         for t, (a, v) in enumerate(terms):
-            if self.level(a) != level:
-                raise ValueError("mul_plain_sum terms must share one level")
+            if self.level(a) != level or a.scale != terms[0][0].scale:
+                raise ValueError("mul_plain_sum terms must share one level and scale")
             if not (np.any(v) if isinstance(v, np.ndarray) else v != 0.0):
                 continue
             key = None if keys is None or self.plain_cache is None else keys[t]
@@ -349,6 +369,9 @@ class GhostEngine:
         return GhostCt(self.top_level)
 
     def lower_to(self, ct: GhostCt, level: int) -> GhostCt:
+        return GhostCt(min(ct.level, level))
+
+    def drop_to(self, ct: GhostCt, level: int) -> GhostCt:
         return GhostCt(min(ct.level, level))
 
     def align(self, a: GhostCt, b: GhostCt) -> tuple[GhostCt, GhostCt]:

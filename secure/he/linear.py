@@ -88,19 +88,40 @@ def _column_products(engine: SealEngine | GhostEngine, cts: list[Any], wn: np.nd
 
 def _diagonal_products(engine: SealEngine | GhostEngine, cts: list[Any], wn: np.ndarray, stride: int,
                        count: int) -> list[Any]:
+    """The diagonal method on blocks of ``stride`` slots (see :func:`diagonal_products`), on the
+    engine's worker processes when it has them (``engine.pool``, :mod:`secure.he.pool`)."""
+    pool = getattr(engine, "pool", None)
+    if pool is not None:
+        return pool.diagonal_products(engine, cts, wn, stride, count)
+    return diagonal_products(engine, cts, wn, stride, count)
+
+
+def diagonal_products(engine: SealEngine | GhostEngine, cts: Sequence[Any], wn: np.ndarray, stride: int,
+                      count: int, inputs: Sequence[int] | None = None,
+                      outputs: Sequence[int] | None = None) -> list[Any]:
     """The diagonal method on blocks of ``stride`` slots: output ciphertext ``go`` sums, over the
     input ciphertexts and the ``blocks`` diagonals of w's padded block matrix, each rotated input
     times its diagonal; baby steps rotate the inputs (``baby`` rotations each), giant steps the
-    partial sums (``blocks / baby`` rotations per output)."""
+    partial sums (``blocks / baby`` rotations per output).
+
+    ``inputs`` / ``outputs`` (default: all) restrict the work to a part: the result has one
+    ciphertext per output in ``outputs``, summed over the input ciphertexts in ``inputs`` only
+    (``cts`` holds those, in that order), so parts over disjoint inputs add up to the whole."""
+    inputs = list(range(len(cts))) if inputs is None else list(inputs)
+    outputs = list(range(count)) if outputs is None else list(outputs)
+    if len(cts) != len(inputs):
+        raise ValueError(f"{len(cts)} ciphertexts for the {len(inputs)} inputs of this part")
     blocks = engine.slots // stride
-    wp = np.zeros((len(cts) * blocks, count * blocks))
+    n_in = -(-wn.shape[0] // blocks)
+    wp = np.zeros((n_in * blocks, count * blocks))
     wp[:wn.shape[0], :wn.shape[1]] = wn
     baby = 1 << math.ceil(math.log2(blocks) / 2)
     # the diagonals' cache key, by content and layout; None where the engine keeps no cache (the planner's)
-    key = weight_key(wn, stride, count, len(cts)) if getattr(engine, "plain_cache", None) is not None else None
-    rotated = [[ct if i == 0 else engine.rotate(ct, i * stride) for i in range(min(baby, blocks))] for ct in cts]
+    key = weight_key(wn, stride, count, n_in) if getattr(engine, "plain_cache", None) is not None else None
+    rotated = {g: [ct if i == 0 else engine.rotate(ct, i * stride) for i in range(min(baby, blocks))]
+               for g, ct in zip(inputs, cts)}
     out = []
-    for go in range(count):
+    for go in outputs:
         total = None
         for j in range(blocks // baby):
             part = _giant_step(engine, rotated, wp[:, go * blocks:(go + 1) * blocks], j, baby, stride,
@@ -111,7 +132,7 @@ def _diagonal_products(engine: SealEngine | GhostEngine, cts: list[Any], wn: np.
     return out
 
 
-def _giant_step(engine: SealEngine | GhostEngine, rotated: list[list[Any]], wcol: np.ndarray, j: int,
+def _giant_step(engine: SealEngine | GhostEngine, rotated: dict[int, list[Any]], wcol: np.ndarray, j: int,
                 baby: int, stride: int, key: tuple[bytes, int] | None = None) -> Any | None:
     """Giant step j of one output ciphertext (``wcol``: its block columns of w): the sum over
     input ciphertexts g and baby steps i of ``rotated[g][i]`` times diagonal ``j baby + i``
@@ -120,7 +141,7 @@ def _giant_step(engine: SealEngine | GhostEngine, rotated: list[list[Any]], wcol
     blocks = wcol.shape[1]
     b = np.arange(blocks)
     terms, keys = [], []
-    for g, rots in enumerate(rotated):
+    for g, rots in rotated.items():
         for i in range(baby):
             diag = wcol[g * blocks + (b + j * baby + i) % blocks, b]
             if diag.any():

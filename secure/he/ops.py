@@ -289,6 +289,12 @@ class HeOps:
                                      "matrices (linear layers) are supported")
         x = self._one_level(self._canonical(x))
         self.session.ensure_levels([x])
+        if self.session.allow_refresh:
+            # the whole layer at the lowest level that still allows a product (its thousands of
+            # products and rotations cost about half what they cost at the top level); the
+            # levels given up come back by a refresh, where one is allowed
+            low = self.engine.floor + 1
+            x = Cipher([self.engine.drop_to(c, low) for c in x.cts], x.index, x.period, x.clean)
         return matmul_plain(self.engine, x, w)
 
     def _matmul_cipher(self, x: Cipher, y: Cipher) -> Cipher:
