@@ -25,7 +25,7 @@ import torch
 from secure.evaluate.he_model import HeModel, distilled_he_model, tiny_he_model
 from secure.he.breakdown import operation_table
 from secure.he.plain_cache import PlainCache
-from secure.he.pool import HePool
+from secure.he.pool import ClientPool, HePool
 from secure.mpc.engine import LocalCluster
 from secure.runtime.breakdown import aggregate, breakdown_table, chrome_trace, write_chart
 from secure.runtime.execute import deal_inputs, deal_weights, run_float, run_mpc
@@ -69,21 +69,24 @@ def one_length(model: HeModel, out: Path, mpc: bool, queries: int = 2, cache_mib
                workers: int = 0) -> dict:
     """``queries`` HE queries in a row sharing one plan, one plaintext cache of ``cache_mib``
     MiB (split between this process and ``workers`` worker processes) and the workers, as an
-    HE node serves them; the figures and tables are the last query's."""
+    HE node serves them; the client gets as many workers of its own for its refreshes (they
+    never run while the server's do). The figures and tables are the last query's."""
     inputs = query(model)
     (ref,), _ = run_float(model.graph, model.weights, inputs)
     share = (cache_mib << 20) // (workers + 1)
     cache = PlainCache(share)
-    pool = HePool(workers, share)
+    pool, client_pool = HePool(workers, share), ClientPool(workers)
     t0 = time.perf_counter()
     the_plan = plan(model.graph, model.weights, inputs)
     plan_seconds = time.perf_counter() - t0
     walls = []
     for _ in range(queries):
         t0 = time.perf_counter()
-        run = run_he(model.graph, model.weights, inputs, plain_cache=cache, the_plan=the_plan, pool=pool)
+        run = run_he(model.graph, model.weights, inputs, plain_cache=cache, the_plan=the_plan, pool=pool,
+                     client_pool=client_pool)
         walls.append(time.perf_counter() - t0)
     pool.close()
+    client_pool.close()
     he_wall = walls[-1]
     got = run.outputs[0]
     cos = cosine(ref, got)
@@ -106,7 +109,8 @@ def one_length(model: HeModel, out: Path, mpc: bool, queries: int = 2, cache_mib
                 f"; vs the original all-MiniLM-L6-v2: HE {result['cosine_vs_original_minilm']:.4f}, polynomial "
                 f"model in float {result['float_form_cosine_vs_original_minilm']:.4f}"),
              f"plan {plan_seconds:.2f} s, made once and kept as the HE node keeps it; {workers} worker "
-             f"process(es) for the linear layers; queries in a row sharing the plaintext cache "
+             f"process(es) for the linear layers, as many for the client's refreshes; queries in a row "
+             f"sharing the plaintext cache "
              f"({cache_mib} MiB budget, this process's share): "
              + ", ".join(f"{w:.1f} s" for w in walls) + f"; cache {cache.summary()}",
              table, "", ops]
@@ -146,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-mib", type=int, default=4096,
                     help="plaintext cache budget, split between the processes (0: none)")
     ap.add_argument("--workers", type=int, default=max(0, (os.cpu_count() or 1) - 1),
-                    help="worker processes for the linear layers (default: CPUs - 1; 0: none)")
+                    help="worker processes for the server's linear layers and as many for the client's "
+                         "refreshes (default: CPUs - 1; 0: none)")
     args = ap.parse_args(argv)
     label = "tiny" if args.model == "tiny" else Path(args.model).name
     for seq in args.seq:

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                          "model); HE mode: the model name on the HE node: tiny (default), minilm-power or a "
                          "distilled folder")
     ap.add_argument("--seq", type=int, default=16, help="padded length the HE node serves (HE mode)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="HE mode: worker processes of this client for its refreshes (each starts in about "
+                         "a second; worth it for MiniLM, not for the tiny model)")
     ap.add_argument("--token-file", type=Path, required=True)
     ap.add_argument("--tokenizer", type=Path, default=None,
                     help="the queried model's tokenizer folder (MPC mode; default: tokenizers/MODEL/ or tokenizer/ "
@@ -120,7 +123,8 @@ def _he(args: argparse.Namespace) -> int:
     args.model = args.model or "tiny"
     try:
         token = args.token_file.read_text().strip()
-        client = HeSecureClient.from_config(HeNodeConfig.load(args.config), token, args.timeout, args.insecure)
+        client = HeSecureClient.from_config(HeNodeConfig.load(args.config), token, args.timeout, args.insecure,
+                                            args.workers)
     except (ConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,8 +29,9 @@ from secure.runtime.he_planner import HeDepthError, plan
 
 P = PARAM_SETS[0]
 STRIDE = 16  # every tensor below has 16 rows: columns 16 slots apart, 256 per ciphertext
+# baby and giant steps, column sums, and the right moves that make a narrow input periodic
 STEPS = sorted({i * STRIDE for i in range(1, 16)} | {j * 256 for j in range(1, 16)}
-               | {STRIDE << k for k in range(8)})
+               | {STRIDE << k for k in range(8)} | {P.slots - (STRIDE << k) for k in range(8)})
 
 
 class Spy:
@@ -43,7 +44,7 @@ class Spy:
 
     def refresh(self, items, check):
         for blobs, _, _ in items:
-            self.seen.append(np.concatenate([self.client._decrypt_vec(b) for b in blobs]))
+            self.seen.append(np.concatenate([self.client.decrypt_vector(b) for b in blobs]))
         self.checks.append(check)
         return self.client.refresh(items, check)
 
@@ -100,6 +101,40 @@ def test_linear_by_the_diagonal_method_matches_plaintext(he, k_in, n_out, seed):
     x, w = _r(16, k_in, seed=seed), _r(k_in, n_out, scale=k_in**-0.5, seed=seed + 1)
     got = dec(ops.matmul(enc(x), Plain(w)))
     assert (got - x @ w).abs().max() < 1e-3
+
+
+def test_linear_layers_of_one_input_run_as_one_with_fewer_rotations(he):
+    """Query, key and value of one input: one layer on the concatenated weights, each result a
+    column slice of it, equal to the layers apart, with the input's rotations done once."""
+    ops, enc, dec, _, engine = he
+    x = _r(16, 300, seed=21)
+    ws = [_r(300, n, scale=300**-0.5, seed=22 + n) for n in (300, 300, 100)]
+    cx = enc(x)
+    before = engine.stats.count["rotation"]
+    fused = ops.matmul_many([(cx, Plain(w)) for w in ws])
+    fused_rotations = engine.stats.count["rotation"] - before
+    before = engine.stats.count["rotation"]
+    apart = [ops.matmul(cx, Plain(w)) for w in ws]
+    apart_rotations = engine.stats.count["rotation"] - before
+    for f, a, w in zip(fused, apart, ws):
+        assert f.shape == a.shape and (dec(f) - x @ w).abs().max() < 1e-3
+    assert fused_rotations < apart_rotations
+
+
+def test_a_public_dot_of_terms_at_several_levels_takes_one_rescale_per_ciphertext(he):
+    """Terms of one layout at different levels (a Chebyshev basis): moved down by a modulus
+    switch, multiplied and summed with one rescale; the same value as term by term."""
+    ops, enc, dec, _, engine = he
+    x = _r(16, 40, seed=31) * 0.5
+    t1 = enc(x)
+    t2 = ops.mul(t1, t1)  # one level below t1
+    t3 = ops.mul(t2, t1)  # two levels below
+    coeffs = [0.5, -1.25, 2.0]
+    before = engine.stats.count["rescale"]
+    got = ops.dot_public([t1, t2, t3], coeffs, bias=0.1)
+    assert engine.stats.count["rescale"] - before == len(got.cts)
+    want = 0.1 + 0.5 * x - 1.25 * x**2 + 2.0 * x**3
+    assert (dec(got) - want).abs().max() < 1e-4
 
 
 def test_ciphertext_matmul_and_sum_over_a_middle_dim(he):

@@ -10,15 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secure.he.client import HeClient, server_engine
+from secure.he.engine import HeFormatError
 from secure.he.layout import Cipher, Plain
 from secure.he.ops import HeOps
 from secure.he.params import PARAM_SETS
-from secure.he.pool import HePool, HeWorkerError, split
+from secure.he.pool import ClientPool, HePool, HeWorkerError, split
 from secure.he.refresh import RefreshSession
 
 P = PARAM_SETS[0]
 STRIDE = 16
-STEPS = sorted({i * STRIDE for i in range(1, 16)} | {j * 256 for j in range(1, 16)})
+STEPS = sorted({i * STRIDE for i in range(1, 16)} | {j * 256 for j in range(1, 16)}
+               | {P.slots - (STRIDE << k) for k in range(8)})
 
 
 @given(n=st.integers(1, 40), parts=st.integers(1, 9))
@@ -50,26 +52,32 @@ def pool():
         yield p
 
 
+@pytest.fixture(scope="module")
+def query(pool):
+    return Query(pool)
+
+
 def _r(*shape: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * scale
 
 
 @settings(max_examples=4, deadline=None)
-@given(k_in=st.integers(1, 700), n_out=st.integers(1, 700), seed=st.integers(0, 99))
-def test_a_linear_layer_split_with_a_worker_matches_plaintext(pool, k_in, n_out, seed):
+@given(k_in=st.integers(1, 600), n_out=st.integers(1, 600), seed=st.integers(0, 99))
+def test_a_linear_layer_split_with_a_worker_matches_plaintext(query, k_in, n_out, seed):
     """By outputs (as many outputs as inputs) or by inputs (the parts' partial sums added):
     either way the layer's value, and the worker really did a part."""
-    q = Query(pool)
+    q = query
+    before = q.engine.stats.count["ct-pt product (worker)"]
     x, w = _r(16, k_in, seed=seed), _r(k_in, n_out, scale=k_in**-0.5, seed=seed + 1)
     got = q.linear(x, w)
     assert (got - x @ w).abs().max() < 1e-3
     ciphertexts_in, ciphertexts_out = -(-k_in // 256), -(-n_out // 256)
     if max(ciphertexts_in, ciphertexts_out) > 1:  # something to split
-        assert q.engine.stats.count["ct-pt product (worker)"] > 0
+        assert q.engine.stats.count["ct-pt product (worker)"] > before
 
 
-def test_both_ways_of_splitting_and_a_second_querys_keys(pool):
-    first, second = Query(pool), Query(pool)
+def test_both_ways_of_splitting_and_a_second_querys_keys(pool, query):
+    first, second = query, Query(pool)
     x, w_out = _r(16, 300, seed=1), _r(300, 700, scale=300**-0.5, seed=2)  # 2 inputs, 3 outputs
     x_in, w_in = _r(16, 700, seed=3), _r(700, 40, scale=700**-0.5, seed=4)  # 3 inputs, 1 output
     for q in (first, second, first):  # the worker keeps both queries' keys
@@ -87,6 +95,24 @@ def test_a_dead_worker_fails_the_layer_and_the_next_one_runs_on_fresh_workers():
         with pytest.raises(HeWorkerError, match="worker 0"):
             q.linear(x, w)
         assert (q.linear(x, w) - x @ w).abs().max() < 1e-3
+
+
+def test_a_client_pool_encrypts_decrypts_and_refreshes_like_the_client_alone():
+    """The client's workers hold its secret key (its own processes); a server refuses that
+    key material as a public context."""
+    with ClientPool(workers=1) as client_pool:
+        q = Query(HePool(workers=0))
+        q.client.pool = client_pool
+        x = _r(16, 1000, seed=7)  # 4 ciphertexts
+        blobs, index = q.client.encrypt(x)
+        assert q.client.stats.count["encrypt (worker)"] > 0
+        assert (q.client.decrypt(blobs, index) - x).abs().max() < 1e-4
+        cipher = Cipher([q.engine.deserialize(b) for b in blobs], index)
+        (fresh,) = q.ops.session.refresh([cipher])
+        back = q.client.decrypt([q.engine.serialize(ct) for ct in fresh.cts], fresh.index)
+        assert (back - x).abs().max() < 1e-4 and q.client.stats.count["decrypt (worker)"] > 0
+        with pytest.raises(HeFormatError, match="secret key"):
+            server_engine(q.client.key_material())
 
 
 def test_a_pool_refuses_a_negative_worker_count():

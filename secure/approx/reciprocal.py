@@ -393,8 +393,13 @@ def mul_rsqrt_bounded(ops: SecureOps[T], numerator: T, x: T, lower: float, upper
     outside it below ``lower``, divergence far above ``upper``. ``check=True`` raises
     RangeError for x outside ``[lower, upper]`` (``ops.check_range``) instead.
 
-    Cost: 1 ``dot_public`` (seed), 1 ``mul_public`` (h), 3 product calls per Newton step
-    (``y^2``, ``h y^2``, the update), 1 final product; depth ``2 + 3 steps + 1`` under CKKS.
+    Each step is written ``y <- 1.5 y - (h y)(y^2)``: ``h y`` and ``y^2`` in one product
+    pass, then their product, so a step is 2 levels deep under CKKS where ``y (1.5 - h y^2)``
+    was 3, and a refresh's 3 levels carry one and a half steps instead of one (MiniLM's
+    LayerNorms, 8 to 14 steps each: 147 client trips a query before).
+
+    Cost: 1 ``dot_public`` (seed), 1 ``mul_public`` (h), per Newton step 3 products in 2
+    passes and 1 ``mul_public``, 1 final product; depth ``2 + 2 steps + 1`` under CKKS.
     For a range ratio of 100: 7 steps at tol 1e-4.
     """
     c0, c1, steps = rsqrt_bounded_plan(lower, upper, tol)
@@ -403,9 +408,8 @@ def mul_rsqrt_bounded(ops: SecureOps[T], numerator: T, x: T, lower: float, upper
     y = ops.dot_public([x], [c1], bias=c0)
     h = ops.mul_public(x, 0.5)
     for _ in range(steps):
-        y2 = ops.mul(y, y)
-        hy2 = ops.mul(h, y2)
-        y = ops.mul(y, ops.add_public(ops.neg(hy2), 1.5))
+        hy, y2 = ops.mul_many([(h, y), (y, y)])
+        y = ops.sub(ops.mul_public(y, 1.5), ops.mul(hy, y2))
     return ops.mul(numerator, y)
 
 

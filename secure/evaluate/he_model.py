@@ -125,7 +125,7 @@ def compile_he(name: str, model: torch.nn.Module, recipe: Recipe,
     LayerNorm ranges on ``samples``, split off the client's embedding lookup, and calibrate
     the refresh bounds on ``samples`` (:func:`refresh_bounds`)."""
     graph, weights = capture(model, samples[0])
-    g = calibrate_for_he(rewrite(graph, recipe, fuse_linears=False), weights, samples)
+    g = calibrate_for_he(rewrite(graph, recipe), weights, samples)
     g, lookup = client_embedding_input(g)
     check_he_supported(g)
     used = {k: v for k, v in weights.items() if k in g.weights}

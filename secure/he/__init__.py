@@ -11,6 +11,9 @@
 * :mod:`secure.he.refresh` -- one query's trips through the client: masked refreshes,
   re-layouts, bounds, the outputs' finishing and flooding;
 * :mod:`secure.he.client` -- the client's side: keys, encryption, refreshes, decryption;
+* :mod:`secure.he.pool` -- worker processes: the server's linear layers split between
+  them, the client's refresh decryptions and encryptions;
+* :mod:`secure.he.plain_cache` -- encoded weight diagonals kept between queries;
 * :mod:`secure.runtime.he_planner` -- depth, parameters and rotation keys before running (HeOps on
   level counters, with a level-counting refresh session);
 * :mod:`secure.he.breakdown` -- per-node spans and the CKKS operation table.

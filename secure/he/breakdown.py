@@ -23,6 +23,7 @@ FORM_OF_OP = {
     "secure.gelu": "GeLU polynomial (form)",
     "secure.layer_norm": "LayerNorm + inverse sqrt (form)",
     "aten.linear.default": "plaintext-matrix products (linear layers)",
+    "secure.linears": "plaintext-matrix products (linear layers)",
     "aten.matmul.default": "ciphertext matmuls (attention)",
 }
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -278,10 +278,13 @@ class SealEngine:
         """a * values, one level."""
         return self.mul_plain_sum([(a, values)])
 
-    def mul_plain_sum(self, terms: Sequence[tuple[Any, np.ndarray | float]],
+    def mul_plain_sum(self, terms: Sequence[tuple[Any, np.ndarray | float | Callable[[], np.ndarray]]],
                       keys: Sequence[Hashable | None] | None = None) -> Any:
-        """sum_i a_i * v_i with one rescale (all a_i at one level). ``keys[i]`` (not None)
+        """sum_i a_i * v_i with one rescale (all a_i at one level, at any scale: each v_i is
+        encoded so that its product lands on the same one). ``keys[i]`` (not None)
         names v_i for :attr:`plain_cache`: the same key must always mean the same values.
+        A callable v_i (never all zero) makes its values only when they must be encoded: a
+        cached diagonal costs no vector at all.
 
         Terms whose v_i is all zero are skipped (SEAL refuses a product that comes out as a
         transparent ciphertext, e.g. a padded block of masked attention scores); when every
@@ -289,21 +292,22 @@ class SealEngine:
         level = self.level(terms[0][0])
         if level <= self.floor:
             raise OutOfLevelsError(f"plaintext product at level {level} (floor {self.floor})")
-        scale = self._plain_scale(level, terms[0][0].scale)
         size = self.ctx.params.poly_degree * (level + 1) * 8
         acc = None
         for t, (a, v) in enumerate(terms):
-            if self.level(a) != level or a.scale != terms[0][0].scale:
-                raise ValueError("mul_plain_sum terms must share one level and scale")
-            if not (np.any(v) if isinstance(v, np.ndarray) else v != 0.0):
+            if self.level(a) != level:
+                raise ValueError("mul_plain_sum terms must share one level")
+            scale = self._plain_scale(level, a.scale)  # every product lands on the same scale
+            if not callable(v) and not (np.any(v) if isinstance(v, np.ndarray) else v != 0.0):
                 continue
             key = None if keys is None or self.plain_cache is None else keys[t]
             with self.stats.timed("encode"):
                 if key is None:
-                    pt = self.ctx.encode(v, level, scale)
+                    pt = self.ctx.encode(v() if callable(v) else v, level, scale)
                 else:
                     pt = self.plain_cache.get((self.ctx.params, key), level, scale, size,
-                                              lambda v=v: self.ctx.encode(v, level, scale))
+                                              lambda v=v, scale=scale: self.ctx.encode(v() if callable(v) else v,
+                                                                                       level, scale))
             with self.stats.timed("ct-pt product"):
                 prod = self._new()
                 self.ev.multiply_plain(a, pt, prod)

@@ -106,7 +106,14 @@ def diagonal_products(engine: SealEngine | GhostEngine, cts: Sequence[Any], wn: 
 
     ``inputs`` / ``outputs`` (default: all) restrict the work to a part: the result has one
     ciphertext per output in ``outputs``, summed over the input ciphertexts in ``inputs`` only
-    (``cts`` holds those, in that order), so parts over disjoint inputs add up to the whole."""
+    (``cts`` holds those, in that order), so parts over disjoint inputs add up to the whole.
+
+    An input ciphertext holding at most half its ``blocks`` columns (the last one of MiniLM's
+    384 = 1.5 x 256 at 16 tokens) is first made periodic: its ``P = next_pow2(columns)``
+    columns copied over the whole ciphertext (``log2(blocks / P)`` rotations and adds; the
+    unused columns are 0, the input being clean), so that ``P`` diagonals cover all its rows
+    instead of ``blocks`` (:func:`_input_period`): MiniLM's query-key-value, output and FFN-up
+    layers take a quarter fewer plaintext products, a whole query 16% fewer (60 856 -> 50 884)."""
     inputs = list(range(len(cts))) if inputs is None else list(inputs)
     outputs = list(range(count)) if outputs is None else list(outputs)
     if len(cts) != len(inputs):
@@ -118,13 +125,16 @@ def diagonal_products(engine: SealEngine | GhostEngine, cts: Sequence[Any], wn: 
     baby = 1 << math.ceil(math.log2(blocks) / 2)
     # the diagonals' cache key, by content and layout; None where the engine keeps no cache (the planner's)
     key = weight_key(wn, stride, count, n_in) if getattr(engine, "plain_cache", None) is not None else None
-    rotated = {g: [ct if i == 0 else engine.rotate(ct, i * stride) for i in range(min(baby, blocks))]
-               for g, ct in zip(inputs, cts)}
+    periods = {g: _input_period(wn.shape[0], g, blocks) for g in inputs}
+    rotated = {}
+    for g, ct in zip(inputs, cts):
+        ct = _periodic(engine, ct, periods[g], blocks, stride)
+        rotated[g] = [ct if i == 0 else engine.rotate(ct, i * stride) for i in range(min(baby, periods[g]))]
     out = []
     for go in outputs:
         total = None
         for j in range(blocks // baby):
-            part = _giant_step(engine, rotated, wp[:, go * blocks:(go + 1) * blocks], j, baby, stride,
+            part = _giant_step(engine, rotated, periods, wp[:, go * blocks:(go + 1) * blocks], j, baby, stride,
                                None if key is None else (key, go))
             if part is not None:
                 total = part if total is None else engine.add(total, part)
@@ -132,20 +142,38 @@ def diagonal_products(engine: SealEngine | GhostEngine, cts: Sequence[Any], wn: 
     return out
 
 
-def _giant_step(engine: SealEngine | GhostEngine, rotated: dict[int, list[Any]], wcol: np.ndarray, j: int,
-                baby: int, stride: int, key: tuple[bytes, int] | None = None) -> Any | None:
+def _input_period(rows: int, g: int, blocks: int) -> int:
+    """The column period input ciphertext g is given: ``next_pow2`` of the columns it holds
+    when that is at most half of ``blocks``, else ``blocks`` (left as it is)."""
+    period = next_pow2(max(1, min(blocks, rows - g * blocks)))
+    return period if 2 * period <= blocks else blocks
+
+
+def _periodic(engine: SealEngine | GhostEngine, ct: Any, period: int, blocks: int, stride: int) -> Any:
+    """ct's first ``period`` columns repeated over all ``blocks`` (its other columns are 0):
+    each step adds the ciphertext moved right by the columns filled so far."""
+    filled = period
+    while filled < blocks:
+        ct = engine.add(ct, engine.rotate(ct, engine.slots - filled * stride))
+        filled *= 2
+    return ct
+
+
+def _giant_step(engine: SealEngine | GhostEngine, rotated: dict[int, list[Any]], periods: dict[int, int],
+                wcol: np.ndarray, j: int, baby: int, stride: int, key: tuple[bytes, int] | None = None) -> Any | None:
     """Giant step j of one output ciphertext (``wcol``: its block columns of w): the sum over
-    input ciphertexts g and baby steps i of ``rotated[g][i]`` times diagonal ``j baby + i``
-    (pre-rotated back), rotated by ``j baby stride``; None when all those diagonals are 0.
-    ``key``: (weight key, output ciphertext) for the engine's plaintext cache."""
+    input ciphertexts g and baby steps i of ``rotated[g][i]`` times diagonal ``d = j baby + i``
+    (pre-rotated back), rotated by ``j baby stride``; None when all those diagonals are 0. An
+    input of column period ``P = periods[g]`` has diagonals ``d < P`` only, slot b reading its
+    row ``(b + d) mod P``. ``key``: (weight key, output ciphertext) for the plaintext cache."""
     blocks = wcol.shape[1]
     b = np.arange(blocks)
     terms, keys = [], []
     for g, rots in rotated.items():
-        for i in range(baby):
-            diag = wcol[g * blocks + (b + j * baby + i) % blocks, b]
-            if diag.any():
-                terms.append((rots[i], np.roll(np.repeat(diag, stride), j * baby * stride)))
+        for i in range(min(baby, periods[g] - j * baby)):
+            diag = wcol[g * blocks + (b + j * baby + i) % periods[g], b]
+            if diag.any():  # the slot vector is made only if the cache lacks it
+                terms.append((rots[i], lambda diag=diag: np.roll(np.repeat(diag, stride), j * baby * stride)))
                 keys.append(None if key is None else (*key, j, g, i))
     if not terms:
         return None

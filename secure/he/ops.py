@@ -229,6 +229,9 @@ class HeOps:
         if len(terms) != len(coeffs):
             raise ValueError(f"dot_public: {len(terms)} terms but {len(coeffs)} coefficients")
         self.session.ensure_levels([t for t, c in zip(terms, coeffs) if c not in (0.0, 1.0, -1.0)])  # one trip
+        fused = self._dot_one_level(terms, coeffs)
+        if fused is not None:
+            return self.add_public(fused, bias) if bias else fused
         out: Value | None = None
         for t, c in zip(terms, coeffs):
             if c == 0.0:
@@ -238,6 +241,26 @@ class HeOps:
         if out is None:
             out = self.mul_public(terms[0], 0.0)
         return self.add_public(out, bias) if bias else out
+
+    def _dot_one_level(self, terms: Sequence[Value], coeffs: Sequence[float]) -> Cipher | None:
+        """``sum_i c_i t_i`` as one plaintext product sum per ciphertext (one rescale), when
+        every term is a cipher of one layout: the terms are moved to the lowest level among
+        them by a modulus switch (free) instead of products with 1, and a Chebyshev piece of
+        GeLU costs one rescale where it cost one per term. None where that does not apply."""
+        live = [(t, float(c)) for t, c in zip(terms, coeffs) if c != 0.0]
+        if len(live) < 2 or not all(isinstance(t, Cipher) for t, _ in live):
+            return None
+        first = live[0][0]
+        for t, _ in live[1:]:
+            if (len(t.cts) != len(first.cts) or t.period != first.period or t.index.shape != first.index.shape
+                    or not torch.equal(t.index, first.index)):
+                return None
+        low = min(self.engine.level(ct) for t, _ in live for ct in t.cts)
+        if low <= self.engine.floor:  # a +-1 term at the floor: the term-wise way needs no trip for it
+            return None
+        cts = [self.engine.mul_plain_sum([(self.engine.drop_to(t.cts[k], low), c) for t, c in live])
+               for k in range(len(first.cts))]
+        return Cipher(cts, first.index, first.period, all(t.clean for t, _ in live))
 
     def mul(self, x: Value, y: Value) -> Value:
         return self._binary(x, y, "mul")
@@ -268,7 +291,27 @@ class HeOps:
         return out if keepdim else self.map_shape(out, lambda t: t.squeeze(-1))
 
     def matmul_many(self, pairs: Sequence[tuple[Value, Value]]) -> list[Value]:
-        return [self.matmul(x, y) for x, y in pairs]
+        """Each ``x @ y``; linear layers of one encrypted input (attention's query, key and
+        value: a ``secure.linears`` node) run as one layer on the concatenated weights, so
+        the input's baby-step rotations happen once and the outputs fill whole ciphertexts
+        (MiniLM at 16 tokens: 1920 plaintext products and 106 rotations per layer instead
+        of 2304 and 183 apart); each result is a column slice of the shared ciphertexts."""
+        out: list[Value | None] = [None] * len(pairs)
+        groups: dict[int, list[int]] = {}
+        for i, (x, y) in enumerate(pairs):
+            if isinstance(x, Cipher) and isinstance(y, Plain) and y.value.dim() == 2:
+                groups.setdefault(id(x), []).append(i)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            weights = [pairs[i][1].value for i in members]
+            fused = self._matmul_plain(pairs[members[0]][0], torch.cat(weights, dim=1))
+            start = 0
+            for i, w in zip(members, weights):
+                # the other slices' values sit in the unreferenced slots: not clean
+                out[i] = Cipher(fused.cts, fused.index[..., start:start + w.shape[1]], None, False)
+                start += w.shape[1]
+        return [done if done is not None else self.matmul(x, y) for done, (x, y) in zip(out, pairs)]
 
     def matmul(self, x: Value, y: Value) -> Value:
         if isinstance(x, Plain) and isinstance(y, Plain):

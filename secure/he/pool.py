@@ -1,25 +1,26 @@
-"""Worker processes that share the linear layers of an HE query.
+"""Worker processes for an HE query: the server's linear layers, the client's refreshes.
 
 SEAL's Python bindings (``tenseal.sealapi``) hold the GIL through every primitive, so two
 threads run a linear layer's thousands of plaintext products no faster than one (measured:
-2000 products, 0.27 s in one thread, 0.28 s in two). Processes do: :class:`HePool` keeps
-``workers`` processes, each with its own SEAL context, the query's public keys and its own
-plaintext cache, and splits each layer's diagonal method (:func:`~secure.he.linear.diagonal_products`)
-between them and the calling process:
+2000 products, 0.27 s in one thread, 0.28 s in two). Processes do. :class:`WorkerProcesses`
+keeps ``workers`` interpreters, each joined to the caller by a socket pair, each holding
+the keys of the last :data:`KEYS_KEPT` queries it served (sent once, when it first meets a
+query: the caller mirrors what each worker holds). A worker that dies or stops answering
+within ``timeout_s`` fails the call with :class:`HeWorkerError`; the pool then stops all
+workers and starts fresh ones at the next call.
 
-* by output ciphertexts when the layer has at least as many outputs as inputs (each part
-  rotates every input, its baby steps, and owns whole outputs), else by input ciphertexts
-  (each part rotates only its inputs; the caller adds the parts' partial outputs);
-* the caller sends each worker the serialised inputs of its part (after the level drop,
-  so the smallest blobs), the weight matrix and the part's indices, computes its own part,
-  then collects the workers' ciphertexts: one message each way per worker and layer.
-
-A worker holds the keys of the last :data:`KEYS_KEPT` public contexts (by digest; a query's
-context is sent once, when the worker first meets it) and the diagonals of its parts only,
-so the cache budget is split between the processes, not copied. Nothing secret crosses: the
-workers see what the server sees (ciphertexts, public keys, weights). A worker that dies or
-stops answering within ``timeout_s`` fails the layer with :class:`HeWorkerError`; the pool
-then stops all workers and starts fresh ones for the next query.
+* :class:`HePool` (the server's): each linear layer's diagonal method
+  (:func:`~secure.he.linear.diagonal_products`) is split between the workers and the
+  caller, by output ciphertexts when the layer has at least as many outputs as inputs
+  (each part rotates every input and owns whole outputs), else by input ciphertexts (each
+  part rotates only its inputs; the caller adds the partial outputs). One message each
+  way per worker and layer: the part's serialised inputs, the weights and the indices,
+  then its ciphertexts. A worker sees what the server sees (ciphertexts, public keys,
+  weights) and keeps the diagonals of its parts only, so the plaintext cache budget is
+  split between the processes, not copied.
+* :class:`ClientPool` (the client's, on the client's machine): a refresh's decryptions and
+  re-encryptions split between the workers and the caller. These workers hold the
+  client's secret key: they are the client's own processes and nothing else talks to them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -41,11 +42,11 @@ from secure.he.linear import diagonal_products
 from secure.he.plain_cache import PlainCache
 
 KEYS_KEPT: int = 4
-"""Public contexts a worker keeps loaded: the HE node admits two queries at a time."""
+"""Queries' keys a worker keeps loaded: the HE node admits two queries at a time."""
 
 
 class HeWorkerError(RuntimeError):
-    """A worker process died, refused a part, or did not answer in time."""
+    """A worker process died, refused a job, or did not answer in time."""
 
 
 def split(n: int, parts: int) -> list[list[int]]:
@@ -60,16 +61,13 @@ def split(n: int, parts: int) -> list[list[int]]:
     return out
 
 
-def context_digest(public_context: bytes) -> bytes:
-    return hashlib.blake2b(public_context, digest_size=16).digest()
+def context_digest(blob: bytes) -> bytes:
+    return hashlib.blake2b(blob, digest_size=16).digest()
 
 
-class HePool:
-    """``workers`` processes for the linear layers (0: everything in the caller).
-
-    ``cache_bytes``: each worker's plaintext cache budget (the caller keeps its own, the
-    engine's ``plain_cache``). Thread-safe: parts of concurrent queries go one at a time.
-    """
+class WorkerProcesses:
+    """``workers`` worker interpreters and the jobs sent to them (module docstring).
+    Thread-safe: the jobs of concurrent queries go one call at a time."""
 
     def __init__(self, workers: int, cache_bytes: int = 0, timeout_s: float = 600.0) -> None:
         if workers < 0:
@@ -77,16 +75,14 @@ class HePool:
         self.workers = workers
         self.cache_bytes = cache_bytes
         self.timeout_s = timeout_s
-        self._procs: list[Any] = []
+        self._procs: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
-        self._known: list[OrderedDict[bytes, None]] = []  # the contexts each worker holds, as it evicts them
+        self._known: list[OrderedDict[bytes, None]] = []  # the keys each worker holds, as it evicts them
         self._lock = threading.Lock()
 
-    # ---- life cycle ----------------------------------------------------------------
     def _start(self) -> None:
         """A fresh interpreter per worker (no fork of a threaded server, and unlike
-        multiprocessing's spawn no re-import of the caller's main script), joined by a
-        socket pair."""
+        multiprocessing's spawn no re-import of the caller's main script)."""
         if self._procs or not self.workers:
             return
         for _ in range(self.workers):
@@ -99,7 +95,7 @@ class HePool:
             self._known.append(OrderedDict())
 
     def close(self) -> None:
-        """Stop the workers (they also end with this process)."""
+        """Stop the workers (they also end when this process closes its sockets)."""
         for conn in self._conns:
             try:
                 conn.send(("close",))
@@ -115,91 +111,129 @@ class HePool:
             conn.close()
         self._procs, self._conns, self._known = [], [], []
 
-    def __enter__(self) -> HePool:
+    def __enter__(self) -> WorkerProcesses:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- one layer -------------------------------------------------------------------
-    def diagonal_products(self, engine: SealEngine, cts: Sequence[Any], wn: np.ndarray, stride: int,
-                          count: int) -> list[Any]:
-        """:func:`~secure.he.linear.diagonal_products` on all of ``cts`` and every output,
-        split between the workers and the caller (module docstring)."""
-        public = getattr(engine, "public_context", None)
-        if not self.workers or public is None:
-            return diagonal_products(engine, cts, wn, stride, count)
-        by_outputs = count >= len(cts)
-        runs = split(count if by_outputs else len(cts), self.workers + 1)
-        if len(runs) == 1:
-            return diagonal_products(engine, cts, wn, stride, count)
+    def _spread(self, kind: str, keys: bytes, payloads: list[Any], local: Callable[[], Any]) -> tuple[Any, list]:
+        """Send ``payloads[w]`` to worker w (with ``keys``, the query's key material, where
+        it does not hold them yet), run ``local()`` here meanwhile, then collect the
+        workers' results, in order; a worker's failure stops the pool and raises."""
         with self._lock:
             try:
-                return self._run(engine, public, list(cts), wn, stride, count, by_outputs, runs)
+                self._start()
+                digest = context_digest(keys)
+                for w, payload in enumerate(payloads):
+                    known = self._known[w]
+                    self._send(w, ("job", kind, digest, None if digest in known else keys, payload))
+                    known[digest] = None
+                    known.move_to_end(digest)
+                    while len(known) > KEYS_KEPT:
+                        known.popitem(last=False)
+                mine = local()
+                return mine, [self._receive(w) for w in range(len(payloads))]
             except HeWorkerError:
                 self.close()
                 raise
-
-    def _run(self, engine: SealEngine, public: bytes, cts: list[Any], wn: np.ndarray, stride: int, count: int,
-             by_outputs: bool, runs: list[list[int]]) -> list[Any]:
-        self._start()
-        digest = context_digest(public)
-        everything = list(range(len(cts)))
-        blobs = [engine.serialize(ct) for ct in cts] if by_outputs else None
-        for w, run in enumerate(runs[1:]):
-            inputs, outputs = (everything, run) if by_outputs else (run, list(range(count)))
-            sent = blobs if blobs is not None else [engine.serialize(cts[g]) for g in run]
-            known = self._known[w]
-            context = None if digest in known else public
-            self._send(w, ("part", digest, context, sent, wn, stride, count, inputs, outputs))
-            known[digest] = None
-            known.move_to_end(digest)
-            while len(known) > KEYS_KEPT:
-                known.popitem(last=False)
-        mine = runs[0]
-        if by_outputs:
-            local = diagonal_products(engine, cts, wn, stride, count, everything, mine)
-        else:
-            local = diagonal_products(engine, [cts[g] for g in mine], wn, stride, count, mine, None)
-        results = [self._receive(w, engine) for w in range(len(runs) - 1)]
-        if by_outputs:
-            return local + [ct for part in results for ct in part]
-        total = local
-        for part in results:
-            total = [engine.add(a, b) for a, b in zip(total, part)]
-        return total
 
     def _send(self, w: int, message: tuple) -> None:
         try:
             self._conns[w].send(message)
         except (OSError, ValueError) as e:
-            raise HeWorkerError(f"HE worker {w} is gone ({e}); the pool restarts for the next query") from e
+            raise HeWorkerError(f"HE worker {w} is gone ({e}); the pool restarts at the next call") from e
 
-    def _receive(self, w: int, engine: SealEngine) -> list[Any]:
+    def _receive(self, w: int) -> tuple[Any, dict[str, tuple[int, float]]]:
         conn, proc = self._conns[w], self._procs[w]
         try:
             if not conn.poll(self.timeout_s):
                 raise HeWorkerError(f"HE worker {w} did not answer within {self.timeout_s:g} s")
             reply = conn.recv()
         except (EOFError, OSError) as e:
-            raise HeWorkerError(f"HE worker {w} exited (code {proc.poll()}) during a linear layer") from e
+            raise HeWorkerError(f"HE worker {w} exited (code {proc.poll()}) during its job") from e
         if reply[0] == "error":
-            raise HeWorkerError(f"HE worker {w} failed its part: {reply[1]}")
-        _, blobs, stats = reply
-        for name, (n, seconds) in stats.items():
-            engine.stats.count[f"{name} (worker)"] += n
-            engine.stats.seconds[f"{name} (worker)"] += seconds
-        return [engine.deserialize(b) for b in blobs]
+            raise HeWorkerError(f"HE worker {w} failed its job: {reply[1]}")
+        return reply[1], reply[2]
+
+
+def _add_stats(target: Any, stats: dict[str, tuple[int, float]]) -> None:
+    for name, (n, seconds) in stats.items():
+        target.count[f"{name} (worker)"] += n
+        target.seconds[f"{name} (worker)"] += seconds
+
+
+class HePool(WorkerProcesses):
+    """The server's workers for the linear layers (0 workers: everything in the caller).
+    ``cache_bytes``: each worker's plaintext cache budget (the caller keeps its own, the
+    engine's ``plain_cache``)."""
+
+    def diagonal_products(self, engine: SealEngine, cts: Sequence[Any], wn: np.ndarray, stride: int,
+                          count: int) -> list[Any]:
+        """:func:`~secure.he.linear.diagonal_products` on all of ``cts`` and every output,
+        split between the workers, which take the longer runs, and the caller, which takes
+        the last (it has the serialisation and the rest of the query besides)."""
+        public = engine.public_context
+        by_outputs = count >= len(cts)
+        runs = split(count if by_outputs else len(cts), self.workers + 1)
+        if not self.workers or public is None or len(runs) == 1:
+            return diagonal_products(engine, cts, wn, stride, count)
+        cts = list(cts)
+        everything = list(range(len(cts)))
+        theirs, mine = runs[:-1], runs[-1]
+        blobs = [engine.serialize(ct) for ct in cts] if by_outputs else None
+        payloads = []
+        for run in theirs:
+            if by_outputs:
+                payloads.append((blobs, wn, stride, count, everything, run))
+            else:
+                payloads.append(([engine.serialize(cts[g]) for g in run], wn, stride, count, run, list(range(count))))
+
+        def local() -> list[Any]:
+            if by_outputs:
+                return diagonal_products(engine, cts, wn, stride, count, everything, mine)
+            return diagonal_products(engine, [cts[g] for g in mine], wn, stride, count, mine, None)
+
+        here, results = self._spread("linear", public, payloads, local)
+        parts = []
+        for out, stats in results:
+            _add_stats(engine.stats, stats)
+            parts.append([engine.deserialize(b) for b in out])
+        if by_outputs:
+            return [ct for part in parts for ct in part] + here
+        total = here
+        for part in parts:
+            total = [engine.add(a, b) for a, b in zip(total, part)]
+        return total
+
+
+class ClientPool(WorkerProcesses):
+    """The client's workers for the decryptions and re-encryptions of a refresh."""
+
+    def map(self, client: Any, kind: str, items: Sequence[Any], one: Callable[[Any], Any]) -> list[Any]:
+        """``[one(item) for item in items]`` ("decrypt": blobs to slot vectors, "encrypt":
+        slot vectors to blobs), the items split between the workers and the caller."""
+        runs = split(len(items), self.workers + 1)
+        if not self.workers or len(runs) == 1:
+            return [one(item) for item in items]
+        theirs, mine = runs[:-1], runs[-1]
+        here, results = self._spread(kind, client.key_material(), [[items[i] for i in run] for run in theirs],
+                                     lambda: [one(items[i]) for i in mine])
+        out = []
+        for part, stats in results:
+            _add_stats(client.stats, stats)
+            out += part
+        return out + here
 
 
 # ---- the worker process ------------------------------------------------------------------
 def _worker_main(fd: int, cache_bytes: int) -> None:
-    """Serve parts on the socket ``fd`` until "close" or the caller's end closes."""
-    from secure.he.client import server_engine
+    """Serve jobs on the socket ``fd`` until "close" or the caller's end closes."""
+    from secure.he.client import HeClient, server_engine
 
     conn = Connection(fd)
     cache = PlainCache(cache_bytes) if cache_bytes else None
-    engines: OrderedDict[bytes, SealEngine] = OrderedDict()
+    holders: OrderedDict[bytes, Any] = OrderedDict()  # a query's SealEngine (server) or HeClient (client)
     while True:
         try:
             message = conn.recv()
@@ -208,22 +242,34 @@ def _worker_main(fd: int, cache_bytes: int) -> None:
         if message[0] == "close":
             return
         try:
-            _, digest, context, blobs, wn, stride, count, inputs, outputs = message
-            if context is not None:
-                engines[digest] = server_engine(context)
-                engines[digest].plain_cache = cache
-                while len(engines) > KEYS_KEPT:
-                    engines.popitem(last=False)
-            engine = engines.get(digest)
-            if engine is None:
-                raise KeyError("a part for a public context this worker does not hold")
-            engines.move_to_end(digest)
-            engine.stats = type(engine.stats)()
-            cts = [engine.deserialize(b) for b in blobs]
-            out = diagonal_products(engine, cts, wn, stride, count, inputs, outputs)
-            reply = ("ok", [engine.serialize(ct) for ct in out],
-                     {k: (engine.stats.count[k], engine.stats.seconds[k]) for k in engine.stats.count})
-        except Exception as e:  # noqa: BLE001 - reported to the caller, which fails the layer
+            _, kind, digest, keys, payload = message
+            if keys is not None:
+                if kind == "linear":
+                    holder = server_engine(keys)
+                    holder.plain_cache = cache
+                else:
+                    holder = HeClient.from_key_material(keys)
+                holders[digest] = holder
+                while len(holders) > KEYS_KEPT:
+                    holders.popitem(last=False)
+            holder = holders.get(digest)
+            if holder is None:
+                raise KeyError("a job for keys this worker does not hold")
+            holders.move_to_end(digest)
+            holder.stats = type(holder.stats)()
+            if kind == "linear":
+                blobs, wn, stride, count, inputs, outputs = payload
+                out = diagonal_products(holder, [holder.deserialize(b) for b in blobs], wn, stride, count,
+                                        inputs, outputs)
+                result: Any = [holder.serialize(ct) for ct in out]
+            elif kind == "decrypt":
+                result = [holder.decrypt_vector(b) for b in payload]
+            elif kind == "encrypt":
+                result = [holder.encrypt_vector(v) for v in payload]
+            else:
+                raise ValueError(f"unknown job {kind!r}")
+            reply = ("ok", result, {k: (holder.stats.count[k], holder.stats.seconds[k]) for k in holder.stats.count})
+        except Exception as e:  # noqa: BLE001 - reported to the caller, which fails the call
             reply = ("error", f"{type(e).__name__}: {e}")
         try:
             conn.send(reply)

@@ -24,7 +24,7 @@ from secure.he.engine import SealEngine
 from secure.he.layout import Cipher, Plain
 from secure.he.ops import HeOps
 from secure.he.plain_cache import PlainCache
-from secure.he.pool import HePool
+from secure.he.pool import ClientPool, HePool
 from secure.he.refresh import REFRESH_BOUNDS_META, RefreshSession, Sent
 from secure.profile.profiler import Span
 from secure.runtime.he_planner import HePlan, plan
@@ -99,7 +99,7 @@ def run_he(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, tor
            observe: Iterable[str] = (), allow_refresh: bool = True,
            on_event: Callable[[str, dict], None] | None = None, flood_bits: int | None = None,
            plain_cache: PlainCache | None = None, the_plan: HePlan | None = None,
-           pool: HePool | None = None) -> HeRun:
+           pool: HePool | None = None, client_pool: ClientPool | None = None) -> HeRun:
     """Plan, generate keys, encrypt the client inputs, evaluate (every secret node traced
     for the breakdown; refreshes bounded by ``graph.meta[REFRESH_BOUNDS_META]``), finish the
     outputs as the HE node does (:meth:`HeOps.finish_outputs`: unused slots cleared,
@@ -107,13 +107,15 @@ def run_he(graph: Graph, weights: dict[str, torch.Tensor], inputs: dict[str, tor
     diagonals, kept across runs as the HE node keeps them (None: encode every time).
     ``the_plan``: a plan made earlier for this graph and these input shapes (the HE node
     keeps one per model and length); None plans here (``seconds["plan"]``). ``pool``: worker
-    processes for the linear layers (:class:`~secure.he.pool.HePool`; None: all in this one)."""
+    processes for the linear layers (:class:`~secure.he.pool.HePool`; None: all in this one);
+    ``client_pool``: the client's, for its refreshes (:class:`~secure.he.pool.ClientPool`)."""
     seconds: dict[str, float] = {}
     if the_plan is None:
         with _timed(seconds, "plan"):
             the_plan = plan(graph, weights, inputs, allow_refresh=allow_refresh)
     with _timed(seconds, "keygen"):
         client = HeClient(the_plan.params, the_plan.steps)
+        client.pool = client_pool
         public = client.public_context()
     engine = server_engine(public)
     engine.plain_cache = plain_cache
