@@ -138,9 +138,15 @@ def test_a_public_dot_of_terms_at_several_levels_takes_one_rescale_per_ciphertex
 
 
 def test_ciphertext_matmul_and_sum_over_a_middle_dim(he):
-    ops, enc, dec, _, _ = he
+    ops, enc, dec, _, engine = he
     q, k = _r(1, 2, 8, 4), _r(1, 2, 4, 8, seed=3)
     assert (dec(ops.matmul(enc(q), enc(k))) - q @ k).abs().max() < 1e-3
+    # the slab products are summed before one key switch per output ciphertext
+    q, k = _r(12, 16, 32, seed=5) * 0.3, _r(12, 32, 16, seed=6) * 0.3  # attention's shape: 24 products
+    before = {name: engine.stats.count[name] for name in ("ct-ct product", "relinearize")}
+    assert (dec(ops.matmul(enc(q), enc(k))) - q @ k).abs().max() < 1e-3
+    products = engine.stats.count["ct-ct product"] - before["ct-ct product"]
+    assert engine.stats.count["relinearize"] - before["relinearize"] == 1 < products
     z = _r(2, 8, 5, seed=4)
     assert (dec(ops.sum(enc(z), 1, keepdim=True)) - z.sum(1, keepdim=True)).abs().max() < 1e-3
 

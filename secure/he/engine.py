@@ -256,6 +256,12 @@ class SealEngine:
         return ct
 
     def mul(self, a: Any, b: Any) -> Any:
+        return self.finish_product(self.mul_lazy(a, b))
+
+    def mul_lazy(self, a: Any, b: Any) -> Any:
+        """a * b not yet relinearised nor rescaled (three polynomials, scale ``s_l^2``): such
+        products may be added, then :meth:`finish_product` makes their sum an ordinary
+        ciphertext, one key switch and one rescale for the whole sum."""
         a, b = self.align(a, b)
         level = self.level(a)
         if level <= self.floor:
@@ -266,8 +272,13 @@ class SealEngine:
                 self.ev.square(a, out)
             else:
                 self.ev.multiply(a, b, out)
-            self.ev.relinearize_inplace(out, self.keys.relin)
-        return self._rescale(out, level)
+        return out
+
+    def finish_product(self, ct: Any) -> Any:
+        """A product (or a sum of products) of :meth:`mul_lazy`, relinearised and rescaled."""
+        with self.stats.timed("relinearize"):
+            self.ev.relinearize_inplace(ct, self.keys.relin)
+        return self._rescale(ct, self.level(ct))
 
     def _plain_scale(self, level: int, ct_scale: float) -> float:
         """The plaintext's scale that makes a product with a ciphertext of scale ``ct_scale``
@@ -401,6 +412,14 @@ class GhostEngine:
 
     def mul(self, a: GhostCt, b: GhostCt) -> GhostCt:
         return self._down(min(a.level, b.level), "ct-ct product")
+
+    def mul_lazy(self, a: GhostCt, b: GhostCt) -> GhostCt:
+        level = min(a.level, b.level)
+        self._down(level, "ct-ct product")  # the floor check and the count
+        return GhostCt(level)
+
+    def finish_product(self, ct: GhostCt) -> GhostCt:
+        return GhostCt(ct.level - 1)
 
     def mul_plain(self, a: GhostCt, values: Any) -> GhostCt:
         return self._down(a.level, "ct-pt product")

@@ -222,13 +222,17 @@ def slab_layout(x: Cipher, y: Cipher, slots: int) -> SlabLayout:
 
 
 def sum_slabs(engine: SealEngine | GhostEngine, prods: list[Any], layout: SlabLayout) -> Cipher:
-    """The products of the slab layout summed over k: whole ciphertexts when a slab spans
-    them (canonical, clean), else adds and rotations within one ciphertext (periodic by the slab)."""
+    """The products of the slab layout (:meth:`~secure.he.engine.SealEngine.mul_lazy`: not yet
+    relinearised nor rescaled) summed over k, each sum then finished once (one key switch and
+    one rescale per output ciphertext instead of one per product): whole ciphertexts when a
+    slab spans them (canonical, clean), else adds and rotations within one ciphertext
+    (periodic by the slab)."""
     slots = engine.slots
     index, out_count = canonical(layout.out_shape, slots)
     if layout.slab >= slots:
         per = layout.slab // slots
-        sums = [add_all(engine, [prods[kk * per + j] for kk in range(layout.k_pad)]) for j in range(per)]
-        return Cipher(sums[:out_count], index, None, True)
-    total = rotate_sum(engine, add_all(engine, prods), layout.slab)
+        sums = [engine.finish_product(add_all(engine, [prods[kk * per + j] for kk in range(layout.k_pad)]))
+                for j in range(min(per, out_count))]
+        return Cipher(sums, index, None, True)
+    total = rotate_sum(engine, engine.finish_product(add_all(engine, prods)), layout.slab)
     return Cipher([total], index, layout.slab, False)

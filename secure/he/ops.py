@@ -347,7 +347,7 @@ class HeOps:
         x_rep, y_rep = self.session.relayout([(x, layout.target), (y, layout.target)],
                                              counts=[layout.count, layout.count],
                                              sources=[layout.x_source, layout.y_source])
-        prods = [self.engine.mul(a, b) for a, b in zip(x_rep.cts, y_rep.cts)]
+        prods = [self.engine.mul_lazy(a, b) for a, b in zip(x_rep.cts, y_rep.cts)]
         return sum_slabs(self.engine, prods, layout)
 
     # ---- outputs ---------------------------------------------------------------------
