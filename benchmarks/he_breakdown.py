@@ -25,7 +25,7 @@ import torch
 from secure.evaluate.he_model import HeModel, distilled_he_model, tiny_he_model
 from secure.he.breakdown import operation_table
 from secure.he.plain_cache import PlainCache
-from secure.he.pool import ClientPool, HePool
+from secure.he.pool import ClientPool, HePool, cache_share
 from secure.mpc.engine import LocalCluster
 from secure.runtime.breakdown import aggregate, breakdown_table, chrome_trace, write_chart
 from secure.runtime.execute import deal_inputs, deal_weights, run_float, run_mpc
@@ -73,20 +73,18 @@ def one_length(model: HeModel, out: Path, mpc: bool, queries: int = 2, cache_mib
     never run while the server's do). The figures and tables are the last query's."""
     inputs = query(model)
     (ref,), _ = run_float(model.graph, model.weights, inputs)
-    share = (cache_mib << 20) // (workers + 1)
+    share = cache_share(cache_mib << 20, workers)
     cache = PlainCache(share)
-    pool, client_pool = HePool(workers, share), ClientPool(workers)
     t0 = time.perf_counter()
     the_plan = plan(model.graph, model.weights, inputs)
     plan_seconds = time.perf_counter() - t0
     walls = []
-    for _ in range(queries):
-        t0 = time.perf_counter()
-        run = run_he(model.graph, model.weights, inputs, plain_cache=cache, the_plan=the_plan, pool=pool,
-                     client_pool=client_pool)
-        walls.append(time.perf_counter() - t0)
-    pool.close()
-    client_pool.close()
+    with HePool(workers, share) as pool, ClientPool(workers) as client_pool:
+        for _ in range(queries):
+            t0 = time.perf_counter()
+            run = run_he(model.graph, model.weights, inputs, plain_cache=cache, the_plan=the_plan, pool=pool,
+                         client_pool=client_pool)
+            walls.append(time.perf_counter() - t0)
     he_wall = walls[-1]
     got = run.outputs[0]
     cos = cosine(ref, got)

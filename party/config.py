@@ -282,7 +282,7 @@ class HeNodeConfig(_ConfigFile):
     receive_timeout_s: float = 120.0
     flood_bits: int | None = None
     plaintext_cache_mib: int = DEFAULT_BUDGET_BYTES >> 20
-    linear_workers: int = field(default_factory=lambda: default_linear_workers())
+    linear_workers: int = field(default_factory=default_linear_workers)
     path: Path | None = None
     metrics_port: int | None = None  # Prometheus metrics endpoint (party.metrics); None: none
     metrics_bind: str = DEFAULT_METRICS_BIND

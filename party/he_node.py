@@ -52,7 +52,7 @@ from secure.he.engine import HeFormatError, SealEngine
 from secure.he.layout import Cipher, Plain, canonical
 from secure.he.ops import HeOps
 from secure.he.plain_cache import PlainCache
-from secure.he.pool import HePool, HeWorkerError
+from secure.he.pool import HePool, HeWorkerError, cache_share
 from secure.he.refresh import REFRESH_BOUNDS_META, RefreshSession, Sent
 from secure.runtime.he_planner import HePlan, plan
 from secure.runtime.interpreter import Interpreter, InterpreterError
@@ -293,8 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.log_json and not args.log_json:
             configure_logging("he-node", logging.INFO, json_lines=True)
         cfg.require_tls(args.insecure)
-        # the cache budget is split between this process and the workers: each keeps its parts' diagonals
-        share = (cfg.plaintext_cache_mib << 20) // (cfg.linear_workers + 1)
+        share = cache_share(cfg.plaintext_cache_mib << 20, cfg.linear_workers)
         node = HeNode(load_models(cfg), list(cfg.client_token_sha256),
                       serving.ServingLimits(max_streams=cfg.max_concurrent_queries,
                                             receive_timeout_s=cfg.receive_timeout_s), cfg.flood_bits,

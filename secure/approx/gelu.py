@@ -451,8 +451,8 @@ def chebyshev_series(ops: SecureOps[T], v: T, coeffs: Sequence[float]) -> T:
     its degree, ``p = q T_g + r`` (:func:`chebyshev_split`), recursively, down to pieces of
     degree below m, which are public dot products of the baby steps. Products: about
     ``m + log2(degree / m) + degree / m`` instead of ``degree - 1`` for the whole basis
-    (11 instead of 31 at degree 32), at the same depth (``ceil(log2(degree + 1))`` products
-    plus one scalar level); under CKKS far fewer values reach the last level, so far fewer
+    (11 instead of 31 at degree 32), at the same depth (``ceil(log2 degree)`` products plus
+    one scalar level); under CKKS far fewer values reach the last level, so far fewer
     ciphertexts go back to the client for a refresh. Measured, GeLU at bound 28 and degree
     32 on 16 x 1536 values (6 ciphertexts, N = 8192): 60 ciphertexts refreshed instead of
     180, 72 ciphertext products instead of 192, 2.0 s instead of 4.9 s, in 6 client trips
@@ -503,8 +503,8 @@ def poly_gelu(ops: SecureOps[T], x: T, bound: float, degree: int = POLY_GELU_DEG
 
     Cost: 1 ``mul_public``, 1 product for ``v``, the series by baby and giant steps
     (:func:`chebyshev_series`: 11 products at degree 32, 6 at degree 8), 1 ``mul_public``
-    for ``0.5 x``. Depth under CKKS: 1 + 1 + ``ceil(log2(degree + 1))`` + 1 (8 at degree
-    32, 7 at degree 8).
+    for ``0.5 x``. Depth under CKKS: 1 + 1 + ``ceil(log2 degree)`` + 1 (8 at degree 32, 6
+    at degree 8).
     """
     coeffs = poly_gelu_coefficients(bound, degree)
     if check:

@@ -68,6 +68,16 @@ class Stats:
             self.seconds[name] += time.perf_counter() - t
             self.count[name] += n
 
+    def pairs(self) -> dict[str, tuple[int, float]]:
+        """(count, seconds) per primitive: what a worker process reports."""
+        return {k: (self.count[k], self.seconds[k]) for k in self.count}
+
+    def merge(self, pairs: dict[str, tuple[int, float]], suffix: str = "") -> None:
+        """Add another process's :meth:`pairs`, each name followed by ``suffix``."""
+        for name, (n, seconds) in pairs.items():
+            self.count[name + suffix] += n
+            self.seconds[name + suffix] += seconds
+
     def as_dict(self) -> dict[str, dict[str, float]]:
         return {k: {"count": self.count[k], "seconds": self.seconds[k]} for k in sorted(self.count)}
 
@@ -312,13 +322,13 @@ class SealEngine:
             if not callable(v) and not (np.any(v) if isinstance(v, np.ndarray) else v != 0.0):
                 continue
             key = None if keys is None or self.plain_cache is None else keys[t]
+
+            def encode(v: Any = v, scale: float = scale) -> Any:
+                return self.ctx.encode(v() if callable(v) else v, level, scale)
+
             with self.stats.timed("encode"):
-                if key is None:
-                    pt = self.ctx.encode(v() if callable(v) else v, level, scale)
-                else:
-                    pt = self.plain_cache.get((self.ctx.params, key), level, scale, size,
-                                              lambda v=v, scale=scale: self.ctx.encode(v() if callable(v) else v,
-                                                                                       level, scale))
+                pt = encode() if key is None else self.plain_cache.get((self.ctx.params, key), level, scale, size,
+                                                                       encode)
             with self.stats.timed("ct-pt product"):
                 prod = self._new()
                 self.ev.multiply_plain(a, pt, prod)
