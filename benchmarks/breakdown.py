@@ -72,7 +72,7 @@ def in_process(model_name: str, seq: int, recipe: str) -> dict:
     protocol calls, totals."""
     model, inputs = _inputs(model_name, seq)
     graph, weights = capture(model, inputs)
-    secure_graph = rewrite(graph, RECIPES[recipe])
+    secure_graph = rewrite(graph, RECIPES[recipe], weights=weights)
     cluster = LocalCluster()
     shares = deal_weights(weights, cluster.fp)
     run_mpc(cluster, secure_graph, shares, deal_inputs(secure_graph, inputs, cluster.fp))  # warm-up

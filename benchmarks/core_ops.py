@@ -115,9 +115,9 @@ class ComparisonCount:
         counter = self
 
         class Counting(MpcOps):
-            def less_than_public(self, x, thresholds):
+            def less_than_public(self, x, thresholds, magnitude=None):
                 counter.compared += len(thresholds) * x.a.numel()
-                return super().less_than_public(x, thresholds)
+                return super().less_than_public(x, thresholds, magnitude)
 
         return Counting(party)
 

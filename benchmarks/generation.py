@@ -175,8 +175,8 @@ def compile_causal(lm: torch.nn.Module, recipe: str, buckets: Sequence[int], cap
                    ) -> CausalGraphs:
     """The generation graphs, each rewritten with the recipe (as the dealer does)."""
     graphs = capture_causal(lm, buckets, capacities)
-    graphs.prefill = {k: rewrite(g, RECIPES[recipe]) for k, g in graphs.prefill.items()}
-    graphs.decode = {k: rewrite(g, RECIPES[recipe]) for k, g in graphs.decode.items()}
+    graphs.prefill = {k: rewrite(g, RECIPES[recipe], weights=graphs.weights) for k, g in graphs.prefill.items()}
+    graphs.decode = {k: rewrite(g, RECIPES[recipe], weights=graphs.weights) for k, g in graphs.decode.items()}
     return graphs
 
 
@@ -257,7 +257,7 @@ def perplexities(model: LoadedLM, recipe: str, cluster: LocalCluster, texts: int
         batch = {"input_ids": ids, "attention_mask": mask}
         if bucket not in graphs:
             graph, weights = capture(wrapped, batch)
-            graphs[bucket] = rewrite(graph, RECIPES[recipe])
+            graphs[bucket] = rewrite(graph, RECIPES[recipe], weights=weights)
         if shares is None:
             shares = deal_weights(weights, cluster.fp)
         secure = graphs[bucket]

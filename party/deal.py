@@ -181,7 +181,7 @@ def compile_model(model: torch.nn.Module, make_inputs: MakeInputs, model_name: s
     weights: dict[str, torch.Tensor] = {}
     for seq in tqdm(seq_lens, desc="capture and rewrite", disable=not progress):
         graph, w = capture(model, make_inputs(seq), meta={"model": model_name, "seq_len": seq})
-        graphs[seq] = rewrite_graph(graph, recipe)
+        graphs[seq] = rewrite_graph(graph, recipe, weights=w)
         weights = weights or w
     compiled = CompiledModel(model_name, recipe, tuple(seq_lens), graphs, weights,
                              _client_inputs(graphs[seq_lens[0]]), float("nan"))
@@ -248,8 +248,8 @@ def compile_causal(lm: torch.nn.Module, model_name: str, recipe: Recipe,
     (``secure.graph.causal.capture_causal``), rewrite every prefill and decode graph with
     ``recipe`` and check it (:func:`check_causal`, on ``prompt``'s token ids)."""
     graphs = capture_causal(lm, prompt_buckets, capacities, meta={"model": model_name})
-    graphs.prefill = {b: rewrite_graph(g, recipe) for b, g in graphs.prefill.items()}
-    graphs.decode = {c: rewrite_graph(g, recipe) for c, g in graphs.decode.items()}
+    graphs.prefill = {b: rewrite_graph(g, recipe, weights=graphs.weights) for b, g in graphs.prefill.items()}
+    graphs.decode = {c: rewrite_graph(g, recipe, weights=graphs.weights) for c, g in graphs.decode.items()}
     _check_graphs(graphs.prefill, f"prefill graph of {model_name}")
     _check_graphs(graphs.decode, f"decode graph of {model_name}")
     first = graphs.prefill[min(graphs.prefill)]

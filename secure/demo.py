@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # model owner: capture, rewrite, deal weight shares
     graph, weights = capture(model, inputs)
-    secure_graph = rewrite(graph, RECIPES[args.recipe])
+    secure_graph = rewrite(graph, RECIPES[args.recipe], weights=weights)
     cluster = LocalCluster()
     weight_shares = deal_weights(weights, cluster.fp)
     # client: one-hot token shares

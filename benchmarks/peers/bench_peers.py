@@ -6,10 +6,13 @@ ours again) so a load change on the machine hits all three alike.
     bash benchmarks/peers/setup_peers.sh                     # once: the peers' own venvs
     PYTHONPATH=. python benchmarks/peers/bench_peers.py      # about 4-10 minutes on 2 cores
     PYTHONPATH=. python benchmarks/peers/bench_peers.py --shapes bert-tiny --no-crypten
+    PYTHONPATH=. python benchmarks/peers/bench_peers.py --recipe ours --no-crypten  # our forms
 
 * ours: a randomly initialised ``transformers.BertLayer`` captured with
   ``secure.graph.capture.capture`` (hidden states secret, additive mask public), rewritten
-  with PUMA's forms (``RECIPES["puma"]``), weights and input dealt, run with ``run_mpc`` on a
+  with PUMA's forms (``RECIPES["puma"]``; ``--recipe ours``: our forms, whose error the
+  table sets beside SPU's), with the bounds the weights give the activations' inputs
+  (``rewrite(..., weights=)``), weights and input dealt, run with ``run_mpc`` on a
   ``LocalCluster(profile=False)``; wall time of ``run_mpc`` after one warm-up run, bytes sent
   per party (mean over the three parties: their roles rotate, so party 0's share moves) and
   rounds (deltas of ``cluster.bytes_sent()`` / ``cluster.rounds``).
@@ -113,12 +116,13 @@ def save_layer(path: Path, model: EncoderLayer, inputs: dict[str, torch.Tensor],
 # ---- ours ---------------------------------------------------------------------------------
 
 class Ours:
-    """Our engine: one LocalCluster for all shapes."""
+    """Our engine: one LocalCluster for all shapes, the layer rewritten with ``recipe``."""
 
-    def __init__(self) -> None:
+    def __init__(self, recipe: str = "puma") -> None:
         from secure.mpc.engine import LocalCluster
 
         self.cluster = LocalCluster(profile=False)
+        self.recipe = recipe
 
     def prepare(self, model: EncoderLayer, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         from secure.graph.capture import capture
@@ -126,7 +130,7 @@ class Ours:
         from secure.runtime.execute import deal_inputs, deal_weights
 
         graph, weights = capture(model, dict(inputs), secret_inputs=["hidden_states"])
-        secure = rewrite(graph, RECIPES["puma"])
+        secure = rewrite(graph, RECIPES[self.recipe], weights=weights)
         return {"graph": secure, "weights": deal_weights(weights, self.cluster.fp),
                 "client": deal_inputs(secure, dict(inputs), self.cluster.fp)}
 
@@ -238,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             notes.append(why)
         else:
             usable.append(p)
-    ours = Ours()
+    ours = Ours(args.recipe)
     rows: list[dict[str, Any]] = []
     last_scale: dict[str, tuple[float, float]] = {}  # peer -> (peer s, ours s) on the last shape
     tmp = Path(tempfile.mkdtemp(prefix="peer_bench_"))
@@ -329,6 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "crypten": c.get("max_abs_error")},
         })
     return {
+        "recipe": args.recipe,
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
                     "cpus": os.cpu_count(), "torch": torch.__version__,
                     "loadavg_start_end": [_loadavg_at_start, _loadavg()]},
@@ -389,8 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-timeout-s", type=float, default=420.0, help="limit for one peer run on one shape")
     ap.add_argument("--budget-s", type=float, default=1200.0, help="the whole benchmark")
     ap.add_argument("--reserve-s", type=float, default=60.0, help="budget kept back for our own runs")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peers.json"))
+    ap.add_argument("--recipe", choices=["puma", "ours"], default="puma",
+                    help="our side's forms: PUMA's (as SPU runs them; the default) or ours")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/peers.json (peers_ours.json for ours)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        name = "peers.json" if args.recipe == "puma" else f"peers_{args.recipe}.json"
+        args.out = str(ROOT / "benchmarks" / "results" / name)
     result = run(args)
     print_table(result)
     out = Path(args.out)

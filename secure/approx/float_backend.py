@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from secure.approx.interface import Public, RangeError, check_range_arguments
+from secure.approx.interface import Public, RangeError, check_magnitude, check_range_arguments
 
 
 class FloatOps:
@@ -75,13 +75,17 @@ class FloatOps:
     def matmul_many(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         return [x @ y for x, y in pairs]
 
-    def sum_of_products(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def sum_of_products(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                        dim: int | None = None) -> torch.Tensor:
         out = _product(*pairs[0])
         for x, y in pairs[1:]:
             out = out + _product(x, y)
-        return out
+        return out if dim is None else out.sum(dim=dim, keepdim=True)
 
-    def less_than_public(self, x: torch.Tensor, thresholds: Sequence[float]) -> list[torch.Tensor]:
+    def less_than_public(self, x: torch.Tensor, thresholds: Sequence[float],
+                         magnitude: float | None = None) -> list[torch.Tensor]:
+        if magnitude is not None and x.numel():
+            check_magnitude(float(x.abs().max()), magnitude)
         return [(x < c).to(x.dtype) for c in thresholds]
 
     def less_than(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -123,6 +127,7 @@ class FloatOps:
         tables: Sequence[Callable[[int], float]] = (),
         times: torch.Tensor | Callable[[], torch.Tensor] | None = None,
         bounds: tuple[float, float] | None = None, mantissa_tables: Sequence[Callable[[int], float]] = (),
+        factor_tables: Sequence[Callable[[int], float]] = (), times_table: Callable[[int], float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Exact: the segment of m is ``floor(segments * log2(2m))``."""
         if segments < 1:
@@ -131,9 +136,14 @@ class FloatOps:
         if callable(times):
             times = times()
         piece = torch.floor(segments * torch.log2(2.0 * mantissa.to(torch.float64))).clamp(0, segments - 1).long()
-        values = [torch.tensor([float(table(j)) for j in range(segments)], dtype=x.dtype)[piece] for table in tables]
-        values += [mantissa * torch.tensor([float(table(j)) for j in range(segments)], dtype=x.dtype)[piece]
-                   for table in mantissa_tables]
+        def picked(table: Callable[[int], float]) -> torch.Tensor:
+            return torch.tensor([float(table(j)) for j in range(segments)], dtype=x.dtype)[piece]
+
+        values = [picked(table) for table in tables]
+        values += [_product(factor, picked(table)) for table in factor_tables]
+        values += [mantissa * picked(table) for table in mantissa_tables]
+        if times_table is not None:
+            factor = _product(factor, picked(times_table))
         return mantissa, (factor if times is None else _product(times, factor)), values
 
 

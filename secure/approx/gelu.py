@@ -17,12 +17,14 @@ That is 3 product calls (``mul``, ``mul_many``, ``mul``), 1 ``sum_of_products``,
 run :func:`~secure.approx.interface.concurrently` with them. Under MPC with the default
 exact truncation: the comparison pass (8 rounds) overlaps the three power steps (2 rounds
 each), then 2 for the sum: 10 rounds (16 one after the other) and 606 bytes per element
-over the three parties (306 of them for the three comparisons).
+over the three parties (306 of them for the three comparisons). With a ``magnitude``
+bound on |x| the structure guarantees (:mod:`secure.graph.bounds`) the comparisons read
+32 bits: 9 rounds and 534 bytes.
 Coefficients: PUMA (Dong et al. 2023), sec. 4.2, as quoted in ``shared/DESIGN.md`` sec. 4.
 
 **The even forms** (:func:`even_gelu`, :func:`even_silu`, the ``ours`` recipe): two
-comparisons instead of three, under a seventh of PUMA's GeLU error, 25% fewer bytes, 9
-rounds; see :func:`even_activation`.
+comparisons instead of three, under a seventh of PUMA's GeLU error, 32% fewer bytes, 9
+rounds (8 with a bounded input); see :func:`even_activation`.
 
 **The HE form** (:func:`poly_gelu`): one polynomial on a calibrated range, no comparison.
 """
@@ -98,11 +100,13 @@ def _zero_poly_poly_identity(
     breaks: Sequence[float],
     left: Sequence[float],
     middle: Sequence[float],
+    magnitude: float | None = None,
 ) -> T:
     """0 | left(x) | middle(x) | x on (-inf,b0) | [b0,b1) | [b1,b2) | [b2,inf).
 
     ``left`` has degree <= 3, ``middle`` degree <= 6 with no x^5 term: the powers computed
-    here are x, x^2, x^3, x^4 and x^6.
+    here are x, x^2, x^3, x^4 and x^6. ``magnitude``: a bound on |x| the structure
+    guarantees, for the comparisons (:meth:`SecureOps.less_than_public`).
     """
     if len(breaks) != 3:
         raise ValueError(f"expected three breakpoints, got {len(breaks)}")
@@ -121,7 +125,8 @@ def _zero_poly_poly_identity(
 
     # One comparison pass for all three thresholds (b_k = 1{x < breaks[k]}), overlapped
     # with the powers: neither reads the other.
-    bits, (f_left, f_middle) = concurrently(ops, lambda: ops.less_than_public(x, list(breaks)), pieces)
+    bits, (f_left, f_middle) = concurrently(ops, lambda: ops.less_than_public(x, list(breaks), magnitude=magnitude),
+                                            pieces)
     b0, b1, b2 = bits
     # Indicators as differences of bits (still exactly 0/1): free.
     ind_left = ops.sub(b1, b0)  # b0 <= x < b1
@@ -130,7 +135,7 @@ def _zero_poly_poly_identity(
     return ops.sum_of_products([(ind_left, f_left), (ind_middle, f_middle), (above, x)])
 
 
-def puma_gelu(ops: SecureOps[T], x: T) -> T:
+def puma_gelu(ops: SecureOps[T], x: T, magnitude: float | None = None) -> T:
     """PUMA's piecewise GeLU (PUMA sec. 4.2).
 
     Computes::
@@ -150,10 +155,10 @@ def puma_gelu(ops: SecureOps[T], x: T) -> T:
     (erf) GeLU 0.01991, approached as x -> 3 from below (F1(3) = 3.016 vs GeLU(3) = 2.996);
     by piece: 1.3e-4 (x < -4), 7.5e-4 (F0), 0.0199 (F1), 4.0e-3 (x >= 3).
     """
-    return _zero_poly_poly_identity(ops, x, PUMA_GELU_BREAKS, PUMA_GELU_F0, PUMA_GELU_F1)
+    return _zero_poly_poly_identity(ops, x, PUMA_GELU_BREAKS, PUMA_GELU_F0, PUMA_GELU_F1, magnitude)
 
 
-def puma_silu(ops: SecureOps[T], x: T) -> T:
+def puma_silu(ops: SecureOps[T], x: T, magnitude: float | None = None) -> T:
     """Piecewise SiLU (x * sigmoid(x)) for LLaMA-style models (DESIGN.md sec. 4).
 
     Computes::
@@ -171,7 +176,7 @@ def puma_silu(ops: SecureOps[T], x: T) -> T:
     by piece: 2.7e-3 (x < -8), 4.4e-3 (Q), 9.7e-3 (P), 0.0719 (x >= 4). The identity piece
     dominates: its error is 0.072 at 4, 0.034 at 5, 0.015 at 6.
     """
-    return _zero_poly_poly_identity(ops, x, SILU_BREAKS, SILU_Q, SILU_P)
+    return _zero_poly_poly_identity(ops, x, SILU_BREAKS, SILU_Q, SILU_P, magnitude)
 
 
 # ---- the even forms: ReLU outside [-T, T], x/2 + an even polynomial inside -------------------
@@ -276,7 +281,7 @@ EVEN_SILU = EvenForm("silu", 6.03, (1.8212141899063283, 1.3914743431737226, -0.2
 where it meets the error of ReLU beyond 6.03 (``x / (1 + e^x)`` <= 0.01447)."""
 
 
-def even_activation(ops: SecureOps[T], x: T, form: EvenForm) -> T:
+def even_activation(ops: SecureOps[T], x: T, form: EvenForm, magnitude: float | None = None) -> T:
     """``ReLU(x)`` outside ``[-T, T]``, ``x/2 + P(x^2)`` inside (T = ``form.bound``).
 
     ``x/2 + E(x)`` with ``E`` even and ``E(x) - |x|/2 -> 0``: outside the bound the form is
@@ -285,8 +290,9 @@ def even_activation(ops: SecureOps[T], x: T, form: EvenForm) -> T:
     1. one ``less_than_public`` with the two thresholds ``-T, T`` (2 comparisons per element):
        ``below = 1{x < -T}``, ``inside = 1{x < T} - below``, ``above = 1 - 1{x < T}``;
     2. at the same time (:func:`~secure.approx.interface.concurrently`: neither reads the
-       other), the polynomial on x unmasked: ``xs = kappa x``, ``z = xs^2``,
-       ``q = z (z + alpha)``, then one ``sum_of_products``
+       other), the polynomial on x unmasked: ``z = (kappa^2 x) x`` (the public factor
+       untruncated, so it rides in the product's truncation), ``q = z (z + alpha)``, then
+       one ``sum_of_products``
        ``inner = q (sign q + gamma) + linear z + x/2`` (+ ``constant``), one truncation;
     3. ``inside * inner + above * x``: products with 0/1 bits of values at scale f, so one
        ``sum_of_products`` with no truncation.
@@ -299,19 +305,29 @@ def even_activation(ops: SecureOps[T], x: T, form: EvenForm) -> T:
     it at scale 3f + k, where the probabilistic truncation fails once in a few hundred);
     ``linear`` and ``1/2`` ride in the same sum as public factors (trivial sharings).
 
-    Cost: 1 comparison call (2 thresholds), 2 ``mul``, 1 ``dot_public``, 2
+    Cost: 1 comparison call (2 thresholds), 1 ``mul``, 1 ``dot_public`` (untruncated), 3
     ``sum_of_products``. Under MPC with exact truncation: the comparison pass (8 rounds)
-    overlaps the four truncated steps of the polynomial (2 + 2 + 2 + 2), then 1 round for the
+    overlaps the three truncated steps of the polynomial (2 + 2 + 2), then 1 round for the
     bit products: 9 rounds (16 when the steps followed the comparisons) and
-    2 * 102 + 44 + 3 * 60 + 24 = 452 bytes per element over the three parties (PUMA's form:
-    10 rounds, 606 bytes). Input range: every x whose fixed-point encoding the comparisons
-    accept (``above * x`` is exact at scale f). On floats, every finite x.
+    2 * 102 + 64 + 60 + 60 + 24 = 412 bytes per element over the three parties (the first
+    product, truncated by 2f + k bits, sends its top bit's share in 8 bytes, not 4; PUMA's
+    form: 10 rounds, 606 bytes). With a ``magnitude`` (a bound on |x| the structure
+    guarantees, :mod:`secure.graph.bounds`) the comparisons read 32 bits: 7 rounds, so 8 in
+    all, and 364 bytes. The first product holds ``z`` at scale 3f + k before its
+    truncation (k = 3 for GeLU's kappa^2, 4 for SiLU's): exact under the default
+    truncation, since inside the bound z <= 1.1 (GeLU), 1.5 (SiLU) keeps ``z 2^(3f + k)``
+    under its 2^62 (outside, ``inside`` drops whatever comes out); the optional
+    probabilistic truncation would fail there about ``z 2^(3f + k - 63)`` of the time, so
+    under it MPC truncates ``kappa^2 x`` first (a one-round truncation; the polynomial
+    stays the shorter branch). Input range: every x whose fixed-point encoding the
+    comparisons accept (``above * x`` is exact at scale f). On floats, every finite x.
     """
     steps = even_steps(form.bound, form.chebyshev)
 
     def polynomial() -> T:
-        xs = ops.dot_public([x], [steps.kappa])
-        z = ops.mul(xs, xs)
+        # z = (kappa x)^2 as (kappa^2 x) x: the public factor rides in the product's own
+        # truncation (one product pass, where truncating kappa x first took two)
+        z = ops.sum_of_products([(ops.dot_public([x], [steps.kappa**2], truncate=False), x)])
         q = ops.mul(z, ops.add_public(z, steps.alpha))
         top = ops.add_public(q if steps.sign > 0 else ops.neg(q), steps.gamma)
         constants = ops.from_public(torch.tensor([steps.linear, 0.5], dtype=torch.float64))
@@ -319,14 +335,14 @@ def even_activation(ops: SecureOps[T], x: T, form: EvenForm) -> T:
         half = ops.map_shape(constants, lambda t: t[1])
         return ops.add_public(ops.sum_of_products([(q, top), (z, linear), (x, half)]), steps.constant)
 
-    (below, under), inner = concurrently(ops, lambda: ops.less_than_public(x, [-form.bound, form.bound]),
-                                         polynomial)
+    (below, under), inner = concurrently(
+        ops, lambda: ops.less_than_public(x, [-form.bound, form.bound], magnitude=magnitude), polynomial)
     inside = ops.sub(under, below)
     above = ops.add_public(ops.neg(under), 1.0)
     return ops.sum_of_products([(inside, inner), (above, x)])
 
 
-def even_gelu(ops: SecureOps[T], x: T) -> T:
+def even_gelu(ops: SecureOps[T], x: T, magnitude: float | None = None) -> T:
     """GeLU with two comparisons: ReLU outside [-3.15, 3.15], ``x/2`` plus a degree-4
     polynomial in ``x^2`` inside (:func:`even_activation`, :data:`EVEN_GELU`).
 
@@ -336,10 +352,10 @@ def even_gelu(ops: SecureOps[T], x: T) -> T:
     parties, which differ from the float form by at most 2.2e-5 away from +-3.15. RMS error
     on N(0, s^2) inputs: 1.8e-3 (s = 0.5 to 2), 1.6e-3 (s = 3); PUMA's 6.1e-3 to 5.3e-3, 4.6e-3.
     """
-    return even_activation(ops, x, EVEN_GELU)
+    return even_activation(ops, x, EVEN_GELU, magnitude)
 
 
-def even_silu(ops: SecureOps[T], x: T) -> T:
+def even_silu(ops: SecureOps[T], x: T, magnitude: float | None = None) -> T:
     """SiLU with two comparisons: ReLU outside [-6.03, 6.03], ``x/2`` plus a degree-4
     polynomial in ``x^2`` inside (:func:`even_activation`, :data:`EVEN_SILU`).
 
@@ -351,7 +367,7 @@ def even_silu(ops: SecureOps[T], x: T) -> T:
     5.9e-3 (1), 9.2e-3 (2), 1.29e-2 (3). Smaller worst case and fewer bytes, larger typical
     error for activations mostly inside [-2, 2].
     """
-    return even_activation(ops, x, EVEN_SILU)
+    return even_activation(ops, x, EVEN_SILU, magnitude)
 
 
 # ---- one polynomial on a calibrated range (HE: no comparison) ----------------------------

@@ -76,6 +76,20 @@ def check_range_arguments(lower: float | None, upper: float | None) -> list[floa
     return [float(c) for c in (lower, upper) if c is not None]
 
 
+class MagnitudeError(ValueError):
+    """A value exceeded a bound its structure was said to guarantee (a wrong bound: under
+    MPC its comparisons would have read the wrong bits)."""
+
+
+def check_magnitude(largest: float, magnitude: float | None, what: str = "a comparison's input") -> None:
+    """MagnitudeError if ``largest`` (the largest |x| seen) exceeds ``magnitude`` (None: no bound).
+    The plaintext backends call it, so a wrong bound shows on floats and in the fixed-point
+    simulation before any query runs on shares."""
+    if magnitude is not None and not largest <= magnitude:
+        raise MagnitudeError(f"{what} reached |x| = {largest:.6g}, beyond the bound {magnitude:.6g} its structure "
+                             "was said to guarantee (secure.graph.bounds)")
+
+
 class SecureOps(Protocol[T]):
     """Operations a secure form may use. All shapes follow torch broadcasting."""
 
@@ -126,7 +140,9 @@ class SecureOps(Protocol[T]):
         """bias + sum_k coeffs[k] * terms[k] (one truncation for the whole sum under MPC).
 
         ``truncate=False`` leaves a fixed-point result at its higher scale (2f + k), for a
-        :meth:`sum_of_products` that truncates once; float and CKKS backends ignore it."""
+        :meth:`sum_of_products` that truncates once; float and CKKS backends ignore it, and
+        so does MPC under the optional probabilistic truncation (whose failure rate grows
+        with the scale a later product would reach)."""
         ...
 
     # ---- products -------------------------------------------------------------------
@@ -147,14 +163,19 @@ class SecureOps(Protocol[T]):
         projections of one input)."""
         ...
 
-    def sum_of_products(self, pairs: Sequence[tuple[T, T]]) -> T:
+    def sum_of_products(self, pairs: Sequence[tuple[T, T]], dim: int | None = None) -> T:
         """sum_j x_j * y_j (broadcasting) in one pass: under MPC the local products are
-        summed before the one reshare, with one (fused) truncation for the whole sum."""
+        summed before the one reshare, with one (fused) truncation for the whole sum. With
+        ``dim`` the sum also runs over that dimension (kept, size 1) before the truncation:
+        ``sum_k sum_j x_jk y_jk``, one rounding per row instead of one per element."""
         ...
 
     # ---- comparisons ----------------------------------------------------------------
-    def less_than_public(self, x: T, thresholds: Sequence[float]) -> list[T]:
-        """[1{x < c} for c in thresholds] as 0/1 values, all in one pass of rounds."""
+    def less_than_public(self, x: T, thresholds: Sequence[float], magnitude: float | None = None) -> list[T]:
+        """[1{x < c} for c in thresholds] as 0/1 values, all in one pass of rounds.
+
+        ``magnitude``: a bound on |x| that the structure guarantees (never one calibrated on
+        data); under MPC it lets the comparisons read fewer bits (one round fewer at 32)."""
         ...
 
     def less_than(self, x: T, y: T) -> T:
@@ -200,7 +221,9 @@ class SecureOps(Protocol[T]):
     def frexp_segments(self, x: T, exponent_fn: Callable[[int], float], segments: int = 1,
                        tables: Sequence[Callable[[int], float]] = (), times: T | Callable[[], T] | None = None,
                        bounds: tuple[float, float] | None = None,
-                       mantissa_tables: Sequence[Callable[[int], float]] = ()) -> tuple[T, T, list[T]]:
+                       mantissa_tables: Sequence[Callable[[int], float]] = (),
+                       factor_tables: Sequence[Callable[[int], float]] = (),
+                       times_table: Callable[[int], float] | None = None) -> tuple[T, T, list[T]]:
         """:meth:`frexp` on finer pieces: for x > 0 with x = m * 2**e (m in [0.5, 1)) and j
         the segment of m, ``2**(j / segments) <= 2m < 2**((j + 1) / segments)``, returns
         ``(m, times * exponent_fn(e), [table(j) for table in tables])`` (``exponent_fn(e)``
@@ -211,7 +234,10 @@ class SecureOps(Protocol[T]):
         ``[m * table(j)]`` to the values, also formed in that pass; under MPC they need
         ``bounds`` (a narrow window leaves room for the table's precision). ``times`` may
         be a function that computes it: it then runs :func:`concurrently` with the
-        comparisons, so a value needed only at the product pass costs no rounds of its own."""
+        comparisons, so a value needed only at the product pass costs no rounds of its own.
+        ``factor_tables`` append ``[exponent_fn(e) * table(j)]`` (local, like the tables), and
+        ``times_table`` makes the second result ``times * exponent_fn(e) * times_table(j)``:
+        a polynomial in m scaled by the exponent factor needs no product for its scaling."""
         ...
 
 Form = Callable[..., T]

@@ -219,6 +219,11 @@ RSQRT_SEGMENTS: int = 2
 on floats, 3.3e-5 measured through frexp (one piece: 4.8e-4; SPU's quartic, which needs one
 more product pass: 8.2e-5)."""
 
+MUL_RSQRT_SEGMENTS: int = 6
+"""Pieces per octave of :func:`mul_rsqrt`'s quadratic in m: max relative error 1.5e-5 on
+floats (four pieces: 5.3e-5; eight: 6.5e-6). A quadratic, not the cubic, because its
+scaling by the numerator then fits two product passes after frexp's (see mul_rsqrt)."""
+
 DIVIDE_SEGMENTS: int = 8
 """Pieces per octave of the reciprocal's quadratic in m: max relative error 2.0e-5 on floats
 (four pieces: 1.6e-4; PUMA's Goldschmidt with 2 iterations, three product passes: 5.4e-5)."""
@@ -301,25 +306,46 @@ def rsqrt(ops: SecureOps[T], x: T, newton_iterations: int = 0) -> T:
 
 
 def mul_rsqrt(ops: SecureOps[T], numerator: T, x: T, newton_iterations: int = 0, gain: float = 1.0) -> T:
-    """gain * numerator / sqrt(x) for x > 0, one product pass cheaper than
-    ``numerator * rsqrt(x)``.
+    """gain * numerator / sqrt(x) for x > 0, two product passes after frexp's.
 
-    Same math as :func:`rsqrt`; ``numerator * s`` (times the public ``gain``, folded into
-    the exponent factor's table for free) is formed in frexp's own product pass, beside m,
-    so the product with the mantissa's cubic is the only extra one. ``numerator``
-    broadcasts against ``x`` (``[..., n]`` over ``[..., 1]``). Error: as :func:`rsqrt`
-    (relative, 3.1e-5 with 0 Newton steps).
+    Math: ``frexp_segments`` gives ``x = m 2^e`` and the piece j of m (one of
+    :data:`MUL_RSQRT_SEGMENTS` per octave); with ``s = gain 2^(-(e+1)/2)`` and the piece's
+    quadratic ``sqrt(2/m) ~ d_0 + d_1 u + d_2 u^2`` in ``u = m - mu`` (:func:`mantissa_fits`),
 
-    Cost: 1 ``frexp_segments`` (with ``times``); ``3 + 2 * newton_iterations`` product
-    calls: under MPC 10 + 6 = 16 rounds with no Newton step (18 with SPU's quartic seed,
-    which needed ``numerator * s`` in a pass of its own).
+        gain * N / sqrt(x) = N s d_0 + (N u) (s d_1 + (s d_2) u).
+
+    ``s d_k`` are public functions of (e, j), so local one-hot sums (``factor_tables``), and
+    ``N s d_0`` is formed in frexp's own product pass beside m (``times_table``); then one
+    pass forms ``N u`` and ``(s d_2) u``, and one the last product. ``numerator`` broadcasts
+    against ``x`` (``[..., n]`` over ``[..., 1]``). Measured on FloatOps (x log-spaced on
+    [1e-3, 1e4]): max relative error 1.5e-5 (the fit's); through LayerNorm on three parties
+    see :func:`secure.approx.norms.layer_norm`.
+
+    With ``newton_iterations`` > 0 it is :func:`rsqrt`'s cubic on two pieces per octave,
+    refined, times ``N s`` formed in frexp's pass.
+
+    Cost: 1 ``frexp_segments`` (with ``times``) and 2 product calls: under MPC 10 + 4 = 14
+    rounds (16 with the cubic, whose scaling by N needed a pass of its own; 18 with SPU's
+    quartic seed), one product per element of N more than the cubic's and three times its
+    comparisons; with Newton steps ``3 + 2 * newton_iterations`` product calls.
     """
     if newton_iterations < 0:
         raise ValueError(f"newton_iterations must be >= 0, got {newton_iterations}")
-    m, ns, tables = ops.frexp_segments(x, lambda e: gain * _rsqrt_exponent_factor(e), RSQRT_SEGMENTS,
-                                       _rsqrt_tables(), times=numerator)
-    z = _newton_rsqrt(ops, m, _cubic_in_mantissa(ops, m, tables), newton_iterations)
-    return ops.mul(ns, z)
+    def exponent(e: int) -> float:
+        return gain * _rsqrt_exponent_factor(e)
+
+    if newton_iterations:
+        m, ns, tables = ops.frexp_segments(x, exponent, RSQRT_SEGMENTS, _rsqrt_tables(), times=numerator)
+        z = _newton_rsqrt(ops, m, _cubic_in_mantissa(ops, m, tables), newton_iterations)
+        return ops.mul(ns, z)
+    pieces = mantissa_fits("rsqrt", MUL_RSQRT_SEGMENTS, 2)
+    m, scaled, (mu, p1, p2) = ops.frexp_segments(
+        x, exponent, MUL_RSQRT_SEGMENTS, [_table(pieces, lambda p: p[0])], times=numerator,
+        factor_tables=[_table(pieces, lambda p: p[2]), _table(pieces, lambda p: p[3])],
+        times_table=_table(pieces, lambda p: p[1]))
+    u = ops.sub(m, mu)
+    nu, p2u = ops.mul_many([(numerator, u), (p2, u)])
+    return ops.add(scaled, ops.mul(nu, ops.add(p1, p2u)))
 
 
 def divide(ops: SecureOps[T], numerator: T | Callable[[], T], x: T, bounds: tuple[float, float]) -> T:

@@ -141,7 +141,7 @@ def evaluate(model: torch.nn.Module, recipe: Recipe, batches: Sequence[Batch], b
         if seq not in graphs:
             graph, w = capture(model, batch)
             weights = weights or w
-            graphs[seq] = (graph, rewrite(graph, recipe), layer_outputs(graph))
+            graphs[seq] = (graph, rewrite(graph, recipe, weights=w), layer_outputs(graph))
         graph, secure_graph, layers = graphs[seq]
         if reference_model is not None and seq not in references:
             ref_graph, ref_weights = capture(reference_model, batch)

@@ -26,7 +26,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from secure.approx.softmax import power_softmax_range
+from secure.graph.bounds import bound_activation_inputs
 from secure.graph.ir import Graph, Node, Ref, Spec
 
 
@@ -551,10 +554,14 @@ def check_supported(graph: Graph) -> Graph:
     return graph
 
 
-def rewrite(graph: Graph, recipe: Recipe, fuse_linears: bool = True) -> Graph:
+def rewrite(graph: Graph, recipe: Recipe, fuse_linears: bool = True,
+            weights: dict[str, torch.Tensor] | None = None) -> Graph:
     """All passes in order; the result records the recipe in ``meta``. ``fuse_linears``
     (:func:`fuse_parallel_linears`) is for the share engine; the CKKS engine encodes each
-    linear layer's weights on their own and keeps them apart."""
+    linear layer's weights on their own and keeps them apart. With the model owner's
+    plaintext ``weights``, activations fed by a norm's linear layer carry the bound on their
+    input that the weights guarantee (:func:`secure.graph.bounds.bound_activation_inputs`),
+    so their comparisons read 32 bits under MPC."""
     g = positions_from_mask(graph)
     g = rewrite_embedding(g)
     g = decompose_attention(g, recipe.softmax)
@@ -568,5 +575,7 @@ def rewrite(graph: Graph, recipe: Recipe, fuse_linears: bool = True) -> Graph:
     if fuse_linears:
         g = fuse_parallel_linears(g)
     g = check_supported(g)
+    if weights is not None:
+        g = bound_activation_inputs(g, weights)
     g.meta = {**graph.meta, "recipe": recipe.to_dict()}
     return g

@@ -116,8 +116,9 @@ _SOFTMAX_KWARGS: tuple[Param, ...] = (
 :class:`secure.graph.passes.SoftmaxRecipe`, with the attention's causal flag, scale and bias)."""
 
 _SECURE: tuple[OpSpec, ...] = (
-    OpSpec("secure.gelu", None, (_x(), _kw("form", "str"), _kw("bound", "number"), _kw("degree", "int"))),
-    OpSpec("secure.silu", None, (_x(), _kw("form", "str"))),
+    OpSpec("secure.gelu", None, (_x(), _kw("form", "str"), _kw("bound", "number"), _kw("degree", "int"),
+                                 _kw("magnitude", "number"))),
+    OpSpec("secure.silu", None, (_x(), _kw("form", "str"), _kw("magnitude", "number"))),
     OpSpec("secure.tanh", None, (_x(),)),
     OpSpec("secure.rsqrt", None, (_x(),)),
     OpSpec("secure.layer_norm", None, (_x(), Param("gamma", "ref?"), Param("beta", "ref?"),

@@ -265,12 +265,12 @@ class HeOps:
     def mul(self, x: Value, y: Value) -> Value:
         return self._binary(x, y, "mul")
 
-    def sum_of_products(self, pairs: Sequence[tuple[Value, Value]]) -> Value:
+    def sum_of_products(self, pairs: Sequence[tuple[Value, Value]], dim: int | None = None) -> Value:
         prods = self.mul_many(pairs)
         out = prods[0]
         for p in prods[1:]:
             out = self.add(out, p)
-        return out
+        return out if dim is None else self.sum(out, dim, keepdim=True)
 
     def mul_many(self, pairs: Sequence[tuple[Value, Value]]) -> list[Value]:
         self.session.ensure_levels([v for pair in pairs for v in pair])  # every tired operand in one client trip
@@ -378,7 +378,7 @@ class HeOps:
         Adds no cost."""
         return None
 
-    def less_than_public(self, x: Value, thresholds: Sequence[float]) -> list[Value]:
+    def less_than_public(self, x: Value, thresholds: Sequence[float], magnitude: float | None = None) -> list[Value]:
         raise HeUnsupportedError("comparisons have no CKKS form; use the HE recipe (polynomial forms)")
 
     def less_than(self, x: Value, y: Value) -> Value:
@@ -398,7 +398,9 @@ class HeOps:
                        tables: Sequence[Callable[[int], float]] = (),
                        times: Value | Callable[[], Value] | None = None,
                        bounds: tuple[float, float] | None = None,
-                       mantissa_tables: Sequence[Callable[[int], float]] = ()) -> tuple[Value, Value, list[Value]]:
+                       mantissa_tables: Sequence[Callable[[int], float]] = (),
+                       factor_tables: Sequence[Callable[[int], float]] = (),
+                       times_table: Callable[[int], float] | None = None) -> tuple[Value, Value, list[Value]]:
         raise HeUnsupportedError("frexp has no CKKS form; calibrate LayerNorm's variance range")
 
 

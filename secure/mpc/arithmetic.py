@@ -419,12 +419,14 @@ def mul_trunc_many(party: Party, pairs: Sequence[tuple[AShare, AShare]], matmul:
 
 
 @protocol("sum_of_products")
-def sum_of_products(party: Party, pairs: Sequence[tuple[AShare, AShare]]) -> AShare:
+def sum_of_products(party: Party, pairs: Sequence[tuple[AShare, AShare]], dim: int | None = None) -> AShare:
     """[sum_j x_j * y_j] (broadcasting): the 3-out-of-3 local products, each brought to the
     largest product scale S by a public shift, are summed locally, so the whole sum costs
     what one product does: one reshare (S <= f), or the exact truncation fused into it
-    (two rounds, the dealt masks once for the sum instead of once per product).
-    The value at scale S must stay below 2^62 in magnitude (exact truncation's range)."""
+    (two rounds, the dealt masks once for the sum instead of once per product). With
+    ``dim`` the local sum also runs over that dimension (kept), so a row's sum of products
+    is reshared and truncated once. The value at scale S must stay below 2^62 in magnitude
+    (exact truncation's range)."""
     scales = [scale.product_scale(x.frac_bits, y.frac_bits) for x, y in pairs]
     top = scale.sum_of_products_scale(scales)
     total: torch.Tensor | None = None
@@ -432,6 +434,8 @@ def sum_of_products(party: Party, pairs: Sequence[tuple[AShare, AShare]]) -> ASh
         part = local_product(party, x, y) << (top - sc)
         total = part if total is None else total + part
     assert total is not None
+    if dim is not None:
+        total = total.sum(dim=dim, keepdim=True)
     f = party.fp.frac_bits
     if scale.excess_bits(top, f) and party.fp.truncation == "exact":
         like = [AShare(total, total, party.id, top)]

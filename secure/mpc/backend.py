@@ -89,7 +89,11 @@ class MpcOps:
             acc = term if acc is None else sh.add(acc, term)
         assert acc is not None
         acc = sh.add_ring_public(acc, self._encode(bias, scale), self.party.id)
-        return ar.to_scale(self.party, [acc])[0] if truncate else acc
+        # the optional probabilistic truncation fails at a rate that grows with the value's
+        # scale: a later product of this term would sit at 3f + k, so it truncates now
+        if truncate or self.party.fp.truncation == "probabilistic":
+            return ar.to_scale(self.party, [acc])[0]
+        return acc
 
     def mul(self, x: AShare, y: AShare) -> AShare:
         return ar.mul(self.party, x, y)
@@ -103,15 +107,16 @@ class MpcOps:
     def matmul_many(self, pairs: Sequence[tuple[AShare, AShare]]) -> list[AShare]:
         return ar.matmul_many(self.party, pairs)
 
-    def sum_of_products(self, pairs: Sequence[tuple[AShare, AShare]]) -> AShare:
-        return ar.sum_of_products(self.party, pairs)
+    def sum_of_products(self, pairs: Sequence[tuple[AShare, AShare]], dim: int | None = None) -> AShare:
+        return ar.sum_of_products(self.party, pairs, dim)
 
     def concurrently(self, branches: Sequence[Callable[[], object]]) -> list[object]:
         """Independent branches of a form in merged rounds (:meth:`Party.concurrently`)."""
         return self.party.concurrently(branches)
 
-    def less_than_public(self, x: AShare, thresholds: Sequence[float]) -> list[AShare]:
-        return cmp.less_than_public(self.party, x, thresholds)
+    def less_than_public(self, x: AShare, thresholds: Sequence[float],
+                         magnitude: float | None = None) -> list[AShare]:
+        return cmp.less_than_public(self.party, x, thresholds, magnitude)
 
     def less_than(self, x: AShare, y: AShare) -> AShare:
         return cmp.less_than(self.party, x, y)
@@ -142,6 +147,9 @@ class MpcOps:
                        tables: Sequence[Callable[[int], float]] = (),
                        times: AShare | Callable[[], AShare] | None = None,
                        bounds: tuple[float, float] | None = None,
-                       mantissa_tables: Sequence[Callable[[int], float]] = ()) -> tuple[AShare, AShare, list[AShare]]:
+                       mantissa_tables: Sequence[Callable[[int], float]] = (),
+                       factor_tables: Sequence[Callable[[int], float]] = (),
+                       times_table: Callable[[int], float] | None = None) -> tuple[AShare, AShare, list[AShare]]:
         return cmp.frexp_segments(self.party, x, exponent_fn, segments, tables, times, bounds=bounds,
-                                  mantissa_tables=mantissa_tables)
+                                  mantissa_tables=mantissa_tables, factor_tables=factor_tables,
+                                  times_table=times_table)

@@ -192,8 +192,9 @@ class FrexpPieces:
     thresholds ``T_0 < ... < T_P`` (ring values) and, per table, its ring value for each
     piece and the scale it is held at. Tables in order: ``2^-e`` (the ring value
     2^(last - k) at scale ``last + 1 - s``, so that X times it is m at scale last + 1),
-    ``exponent_fn(e)`` (at f), each of ``tables`` (at f), each of ``mantissa_tables`` (X
-    times it is ``m * table(j)``: :func:`frexp_mantissa_products`)."""
+    ``exponent_fn(e)`` (at f; times ``times_table(j)`` when given), each of ``tables`` (at
+    f), each of ``factor_tables`` (``exponent_fn(e) * table(j)`` at f), each of
+    ``mantissa_tables`` (X times it is ``m * table(j)``: :func:`frexp_mantissa_products`)."""
 
     thresholds: tuple[int, ...]
     values: list[torch.Tensor]
@@ -203,17 +204,24 @@ class FrexpPieces:
 def frexp_pieces(fp: FixedPoint, exponent_fn: Callable[[int], float], s: int, first: int, last: int,
                  segments: int, tables: Sequence[Callable[[int], float]],
                  mantissa_tables: Sequence[Callable[[int], float]],
-                 device: torch.device | str | None = None) -> FrexpPieces:
+                 device: torch.device | str | None = None,
+                 factor_tables: Sequence[Callable[[int], float]] = (),
+                 times_table: Callable[[int], float] | None = None) -> FrexpPieces:
     """The pieces of ``frexp_segments`` on the window [first, last] at input scale s (see
     :class:`FrexpPieces`): one description for the protocol and its simulation."""
     f = fp.frac_bits
     thresholds, octave, segment = frexp_intervals(first, last, segments)
     piece_octave = torch.tensor(octave, device=device) - first
-    values = [frexp_inverse_powers(first, last, device)[piece_octave],
-              frexp_factors(fp, exponent_fn, s, first, last, device)[piece_octave]]
+    factor = frexp_factors(fp, exponent_fn, s, first, last, device)[piece_octave]
+    if times_table is not None:
+        factor = frexp_piece_factors(fp, exponent_fn, s, octave, segment, times_table, device)
+    values = [frexp_inverse_powers(first, last, device)[piece_octave], factor]
     frac_bits = [last + 1 - s, f]
     for table in tables:
         values.append(fp.encode(torch.tensor([float(table(j)) for j in segment], dtype=torch.float64), device))
+        frac_bits.append(f)
+    for table in factor_tables:
+        values.append(frexp_piece_factors(fp, exponent_fn, s, octave, segment, table, device))
         frac_bits.append(f)
     for table in mantissa_tables:
         ring, frac = frexp_mantissa_products([float(table(j)) for j in segment], octave, first, last, s, f, device)
@@ -237,6 +245,19 @@ def frexp_mantissa_products(values: Sequence[float], octave: Sequence[int], firs
                          f"only {p} bits of precision are left at window end 2^{last + 1}")
     ring = [round(float(c) * 2.0 ** (last - k + p)) for c, k in zip(values, octave)]
     return torch.tensor(ring, dtype=RING_DTYPE, device=device), last + 1 - s + p
+
+
+def frexp_piece_factors(fp: FixedPoint, exponent_fn: Callable[[int], float], s: int, octave: Sequence[int],
+                        segment: Sequence[int], table: Callable[[int], float],
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """For each piece (highest set bit ``octave[i]``, segment ``segment[i]``):
+    ``exponent_fn(e) * table(j)`` clamped to ``+-fp.max_abs / 4`` and encoded at f."""
+    limit = fp.max_abs / 4
+    def clamp(v: float) -> float:
+        return min(max(v, -limit), limit)
+
+    values = [clamp(clamp(exponent_fn(k + 1 - s)) * float(table(j))) for k, j in zip(octave, segment)]
+    return fp.encode(torch.tensor(values, dtype=torch.float64), device)
 
 
 def frexp_factors(fp: FixedPoint, exponent_fn: Callable[[int], float], s: int, first: int, last: int,

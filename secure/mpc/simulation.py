@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from secure.approx.interface import Public, RangeError, check_range_arguments
+from secure.approx.interface import Public, RangeError, check_magnitude, check_range_arguments
 from secure.mpc import scale
 from secure.mpc.matmul import ring_matmul
 from secure.mpc.randomness import KEY_BYTES, PrfStream, random_key
@@ -246,14 +246,18 @@ class FixedPointOps:
     def mul_many(self, pairs: Sequence[tuple[Fixed, Fixed]]) -> list[Fixed]:
         return [self.mul(x, y) for x, y in pairs]
 
-    def sum_of_products(self, pairs: Sequence[tuple[Fixed, Fixed]]) -> Fixed:
-        """sum_j x_j * y_j: ring products brought to the largest scale, one truncation (as MpcOps)."""
+    def sum_of_products(self, pairs: Sequence[tuple[Fixed, Fixed]], dim: int | None = None) -> Fixed:
+        """sum_j x_j * y_j: ring products brought to the largest scale (and summed over ``dim``),
+        one truncation (as MpcOps)."""
         scales = [scale.product_scale(x.frac_bits, y.frac_bits) for x, y in pairs]
         top = scale.sum_of_products_scale(scales)
         acc = None
         for (x, y), sc in zip(pairs, scales):
             term = (x.ring * y.ring) << (top - sc)
             acc = term if acc is None else acc + term
+        assert acc is not None
+        if dim is not None:
+            acc = acc.sum(dim=dim, keepdim=True)
         return self._to_scale(Fixed(acc, top))
 
     def matmul(self, x: Fixed, y: Fixed) -> Fixed:
@@ -264,10 +268,13 @@ class FixedPointOps:
         return [self.matmul(x, y) for x, y in pairs]
 
     # ---- comparisons ----------------------------------------------------------------------
-    def less_than_public(self, x: Fixed, thresholds: Sequence[float]) -> list[Fixed]:
+    def less_than_public(self, x: Fixed, thresholds: Sequence[float], magnitude: float | None = None) -> list[Fixed]:
         """[1{x_ring < round(c * 2^s)}] as scale-0 bits at ``scale.comparison_scale`` s (x's
-        own; an integral x compared with a fractional c is lifted to f first)."""
+        own; an integral x compared with a fractional c is lifted to f first). A
+        ``magnitude`` bound is checked (:class:`~secure.approx.interface.MagnitudeError`)."""
         x = self._lift(x, scale.comparison_scale(x.frac_bits, thresholds, self.frac_bits))
+        if magnitude is not None and x.ring.numel():
+            check_magnitude(float(x.ring.abs().max()) * 2.0**-x.frac_bits, magnitude)
         self.fp.encode(torch.tensor(list(thresholds), dtype=torch.float64))  # range check
         return [Fixed((x.ring < self._const(c, x.frac_bits, x.device)).to(RING_DTYPE), 0) for c in thresholds]
 
@@ -326,7 +333,9 @@ class FixedPointOps:
                        tables: Sequence[Callable[[int], float]] = (),
                        times: Fixed | Callable[[], Fixed] | None = None,
                        bounds: tuple[float, float] | None = None,
-                       mantissa_tables: Sequence[Callable[[int], float]] = ()) -> tuple[Fixed, Fixed, list[Fixed]]:
+                       mantissa_tables: Sequence[Callable[[int], float]] = (),
+                       factor_tables: Sequence[Callable[[int], float]] = (),
+                       times_table: Callable[[int], float] | None = None) -> tuple[Fixed, Fixed, list[Fixed]]:
         """As ``secure.mpc.compare.frexp_segments``: the piece of X among the thresholds of
         ``scale.frexp_pieces`` picks each table's value (m's power of two, the factor, the
         tables' values at f); ``times * factor`` is a product truncated to f, and
@@ -338,7 +347,7 @@ class FixedPointOps:
         x = self._lift(x, max(x.frac_bits, f))
         first, last = scale.frexp_window(f, x.frac_bits, FREXP_EXTRA_BITS, bounds)
         pieces = scale.frexp_pieces(self.fp, exponent_fn, x.frac_bits, first, last, segments, tables,
-                                    mantissa_tables, x.device)
+                                    mantissa_tables, x.device, factor_tables, times_table)
         ring = x.ring
         bounds_ring = torch.tensor(pieces.thresholds, dtype=ring.dtype, device=ring.device)
         in_domain = (ring >= bounds_ring[0]) & (ring < bounds_ring[-1])
@@ -346,11 +355,12 @@ class FixedPointOps:
         piece = torch.where(in_domain, piece, torch.zeros_like(piece))
         zero = torch.zeros_like(ring)
         picked = [torch.where(in_domain, v[piece], zero) for v in pieces.values]
-        inv, factor, *plain = picked[:2 + len(tables)]
+        local = 2 + len(tables) + len(factor_tables)
+        inv, factor, *plain = picked[:local]
         m = self._to_scale(Fixed(ring * inv, x.frac_bits + pieces.frac_bits[0]))
         values = [Fixed(v, f) for v in plain]
         values += [self._to_scale(Fixed(ring * v, x.frac_bits + fb))  # X times the scaled table: m * table(j)
-                   for v, fb in zip(picked[2 + len(tables):], pieces.frac_bits[2 + len(tables):])]
+                   for v, fb in zip(picked[local:], pieces.frac_bits[local:])]
         factor_f = Fixed(factor, f)
         return m, (self.mul(times, factor_f) if times is not None else factor_f), values
 

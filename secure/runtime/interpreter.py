@@ -220,18 +220,18 @@ class Interpreter:
         if form == "poly":
             return poly_gelu(self.ops, val[0], node.kwargs["bound"], node.kwargs["degree"])
         if form == "even":
-            return even_gelu(self.ops, val[0])
+            return even_gelu(self.ops, val[0], node.kwargs.get("magnitude"))
         if form == "puma":
-            return puma_gelu(self.ops, val[0])
+            return puma_gelu(self.ops, val[0], node.kwargs.get("magnitude"))
         raise InterpreterError(f"node {node.name}: unknown GeLU form {form!r} (puma, even or poly)")
 
     @_secret_op("secure.silu")
     def _silu(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
         form = node.kwargs.get("form", "puma")  # graphs dealt before forms existed: PUMA's
         if form == "even":
-            return even_silu(self.ops, val[0])
+            return even_silu(self.ops, val[0], node.kwargs.get("magnitude"))
         if form == "puma":
-            return puma_silu(self.ops, val[0])
+            return puma_silu(self.ops, val[0], node.kwargs.get("magnitude"))
         raise InterpreterError(f"node {node.name}: unknown SiLU form {form!r} (puma or even)")
 
     @_secret_op("secure.tanh")
