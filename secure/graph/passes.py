@@ -457,9 +457,10 @@ def rewrite_embedding(graph: Graph) -> Graph:
     return eliminate_dead_nodes(_map_nodes(graph, fn))
 
 
-REWRITE_VERSION: int = 3
+REWRITE_VERSION: int = 4
 """Bumped whenever a pass changes the graphs it writes for a recipe (2: the polynomial exp,
-the softmax scale, fused linear layers and RMSNorm; 3: ours' softmax divides piecewise). A
+the softmax scale, fused linear layers and RMSNorm; 3: ours' softmax divides piecewise; 4:
+activation inputs bounded by the weights, ``secure.graph.bounds``). A
 deal records it; a cached deal of another version is dealt again by the launchers instead of
 serving yesterday's forms."""
 
