@@ -14,7 +14,7 @@ so the secure ``u`` has ``sum_j u_j^2 <= n`` up to the rsqrt's relative error; t
 rounding of the numerator (an ulp, at most ``floor``), amplified at most
 ``sqrt(n / floor)`` times, adds ``||W_i||_1 sqrt(n floor)`` (:func:`linear_of_norm_bound`). A relative
 margin of :data:`RELATIVE_MARGIN` and an absolute one of :data:`ABSOLUTE_MARGIN` cover the
-rest (the rsqrt's 3.3e-5, the fixed-point encoding of the weights, the product's truncation).
+rest (the rsqrt's 1.5e-5, the fixed-point encoding of the weights, the product's truncation).
 
 :func:`bound_activation_inputs` writes the bound as the node's ``magnitude``. Under MPC the
 comparisons of the activation's form then look at the low 32 bits of x only when

@@ -311,7 +311,7 @@ def fuse_rms_norm(graph: Graph) -> Graph:
     (aten pow, mean, add, rsqrt, mul, mul; either order of each product's factors), on a
     secret x with a weight w of the graph -> ``secure.rms_norm(x, w, eps)``, when nothing
     else reads the intermediate values. The form (``secure.approx.norms.rms_norm``) takes the
-    root of the sum with ``x^2`` and ``x w`` in one pass and no division to truncate: 18
+    root of the sum with ``x^2`` and ``x w`` in one pass and no division to truncate: 16
     rounds where the captured chain takes 24 (pow, mean's truncation, the rsqrt form, two
     products)."""
     by_name = {n.name: n for n in graph.nodes}

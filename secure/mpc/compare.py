@@ -65,8 +65,13 @@ def comparison_width(magnitude: float | None, thresholds: Sequence[float], s: in
         return 64
     if not math.isfinite(magnitude) or magnitude < 0:
         raise ValueError(f"a comparison's magnitude bound must be finite and >= 0, got {magnitude}")
-    reach = (magnitude + max((abs(float(c)) for c in thresholds), default=0.0)) * 2.0**s + 2
-    return next((w for w in (16, 32) if reach < 2.0 ** (w - 1)), 64)
+    return msb_width((magnitude + max((abs(float(c)) for c in thresholds), default=0.0)) * 2.0**s + 2)
+
+
+def msb_width(reach: float) -> int:
+    """The narrowest MSB width (16, 32 or 64) whose sign bit is a difference's sign for
+    every difference below ``reach`` in ring units: ``reach <= 2^(w-1)``."""
+    return next((w for w in (16, 32) if reach <= 2.0 ** (w - 1)), 64)
 
 
 @protocol("range_check")
@@ -390,7 +395,7 @@ def frexp_segments(party: Party, x: AShare, exponent_fn: Callable[[int], float],
     stacked = x.map(lambda t: t.unsqueeze(0).expand(len(thresholds), *t.shape))
     diffs = [sh.add_ring_public(stacked, -ring_thresholds, party.id)]
     # with bounds, |X - T_i| < 2^(last + 1): the sign of the low bits is the sign
-    width = next((w for w in (16, 32) if bounds is not None and last + 2 <= w), 64)
+    width = msb_width(2.0 ** (last + 1)) if bounds is not None else 64
     if callable(times):
         (below,), times = party.concurrently([lambda: msb_many(party, diffs, width), times])
     else:

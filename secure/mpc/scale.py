@@ -212,10 +212,8 @@ def frexp_pieces(fp: FixedPoint, exponent_fn: Callable[[int], float], s: int, fi
     f = fp.frac_bits
     thresholds, octave, segment = frexp_intervals(first, last, segments)
     piece_octave = torch.tensor(octave, device=device) - first
-    factor = frexp_factors(fp, exponent_fn, s, first, last, device)[piece_octave]
-    if times_table is not None:
-        factor = frexp_piece_factors(fp, exponent_fn, s, octave, segment, times_table, device)
-    values = [frexp_inverse_powers(first, last, device)[piece_octave], factor]
+    values = [frexp_inverse_powers(first, last, device)[piece_octave],
+              frexp_piece_factors(fp, exponent_fn, s, octave, segment, times_table, device)]
     frac_bits = [last + 1 - s, f]
     for table in tables:
         values.append(fp.encode(torch.tensor([float(table(j)) for j in segment], dtype=torch.float64), device))
@@ -248,22 +246,16 @@ def frexp_mantissa_products(values: Sequence[float], octave: Sequence[int], firs
 
 
 def frexp_piece_factors(fp: FixedPoint, exponent_fn: Callable[[int], float], s: int, octave: Sequence[int],
-                        segment: Sequence[int], table: Callable[[int], float],
+                        segment: Sequence[int], table: Callable[[int], float] | None = None,
                         device: torch.device | str | None = None) -> torch.Tensor:
-    """For each piece (highest set bit ``octave[i]``, segment ``segment[i]``):
-    ``exponent_fn(e) * table(j)`` clamped to ``+-fp.max_abs / 4`` and encoded at f."""
+    """For each piece (highest set bit ``octave[i]`` of X at scale s, so e = k + 1 - s;
+    segment ``segment[i]``): ``exponent_fn(e)``, times ``table(j)`` when given, each
+    clamped to ``+-fp.max_abs / 4`` and encoded at f."""
     limit = fp.max_abs / 4
+
     def clamp(v: float) -> float:
         return min(max(v, -limit), limit)
 
-    values = [clamp(clamp(exponent_fn(k + 1 - s)) * float(table(j))) for k, j in zip(octave, segment)]
+    values = [clamp(clamp(exponent_fn(k + 1 - s)) * (1.0 if table is None else float(table(j))))
+              for k, j in zip(octave, segment)]
     return fp.encode(torch.tensor(values, dtype=torch.float64), device)
-
-
-def frexp_factors(fp: FixedPoint, exponent_fn: Callable[[int], float], s: int, first: int, last: int,
-                  device: torch.device | str | None = None) -> torch.Tensor:
-    """For each highest set bit k of X in [first, last] (x at scale s, so e = k + 1 - s):
-    ``exponent_fn(e)`` clamped to ``+-fp.max_abs / 4`` and encoded at f."""
-    limit = fp.max_abs / 4
-    table = [min(max(exponent_fn(k + 1 - s), -limit), limit) for k in range(first, last + 1)]
-    return fp.encode(torch.tensor(table, dtype=torch.float64), device)
