@@ -503,8 +503,8 @@ class OpaqueOps:
     def max(self, x: Box, dim: int = -1, keepdim: bool = True) -> Box:
         return Box(self.f.max(x.v, dim, keepdim))
 
-    def max_and_below(self, x: Box, gap: float) -> tuple[Box, Box]:
-        top, below = self.f.max_and_below(x.v, gap)
+    def max_and_below(self, x: Box, gap: float, magnitude: float | None = None) -> tuple[Box, Box]:
+        top, below = self.f.max_and_below(x.v, gap, magnitude)
         return Box(top), Box(below)
 
     def frexp(self, x: Box, exponent_fn: Callable[[int], float],

@@ -17,16 +17,18 @@ from secure.approx.float_backend import FloatOps
 from secure.approx.gelu import even_gelu, puma_gelu
 from secure.approx.interface import MagnitudeError
 from secure.approx.norms import SQUARES_FLOOR, layer_norm
-from secure.graph.bounds import linear_of_norm_bound
+from secure.graph.bounds import ABSOLUTE_MARGIN, RELATIVE_MARGIN, block_norm_bounds, linear_of_norm_bound
 from secure.graph.capture import capture
 from secure.graph.ir import Graph, GraphValidationError
 from secure.graph.passes import OURS, PUMA, rewrite
+from secure.models import CausalLM, SentenceEncoder, tiny_bert, tiny_llama
 from secure.mpc.backend import MpcOps
-from secure.mpc.compare import comparison_width
+from secure.mpc.compare import comparison_width, max_plan
 from secure.mpc.engine import LocalCluster
 from secure.mpc.shares import reconstruct
 from secure.mpc.simulation import FixedPointOps
-from secure.runtime.execute import deal_weights, run_fixed, run_float
+from secure.runtime.execute import deal_inputs, deal_weights, run_fixed, run_float, run_mpc
+from secure.runtime.interpreter import InterpreterError
 
 WIDTH = 48
 
@@ -230,7 +232,9 @@ def test_bounded_comparisons_read_the_same_bits(cluster: LocalCluster) -> None:
 @pytest.mark.parametrize(("form", "rounds"), [(even_gelu, (9, 8)), (puma_gelu, (10, 9))])
 def test_a_bounded_gelu_costs_fewer_rounds_and_bytes(cluster: LocalCluster, form, rounds) -> None:
     """Three parties: the same output with and without the bound (up to the truncations'
-    ulps), in the pinned rounds, with 24 bytes fewer per comparison and element."""
+    ulps), in the pinned rounds, with 36 bytes fewer per comparison and element (102 over
+    the three parties at 64 bits, 66 at 32: the carry tree's 24 and the narrow binary words'
+    12)."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 40, generator=g, dtype=torch.float64) * 6
     x[0, :4] = torch.tensor([-60.0, 60.0, -4.0, 3.0])
@@ -245,4 +249,109 @@ def test_a_bounded_gelu_costs_fewer_rounds_and_bytes(cluster: LocalCluster, form
     assert float((outs[1] - form(FloatOps(), x)).abs().max()) < 1e-3
     assert (costs[0][0], costs[1][0]) == rounds
     comparisons = (2 if form is even_gelu else 3) * x.numel()
-    assert costs[0][1] - costs[1][1] == 24 * comparisons
+    assert costs[0][1] - costs[1][1] == 36 * comparisons
+
+
+# ---- attention scores --------------------------------------------------------------------
+
+def _encoder(layers: int = 2, hidden: int = 32, heads: int = 2, seq: int = 12, scale: float = 1.0):
+    """A tiny BERT sentence encoder (weights scaled by ``scale``), its captured graph and weights."""
+    model = tiny_bert(vocab_size=60, layers=layers, hidden=hidden, heads=heads, seed=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    encoder = SentenceEncoder(model)
+    ids = torch.randint(1, 60, (1, seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, seq, dtype=torch.long)
+    mask[0, -3:] = 0  # padding: the mask bias -1e4 in the scores the maximum compares
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    graph, weights = capture(encoder, inputs)
+    return model, graph, weights, inputs
+
+
+def _score_magnitudes(graph: Graph) -> list[float | None]:
+    return [n.kwargs.get("magnitude") for n in graph.nodes if n.op in ("secure.attention", "secure.softmax")]
+
+
+def test_the_scores_bound_is_the_largest_q_block_times_the_largest_k_block() -> None:
+    model, graph, weights, _ = _encoder()
+    bounded = rewrite(graph, OURS, weights=weights)
+    magnitudes = _score_magnitudes(bounded)
+    assert len(magnitudes) == 2 and all(m is not None for m in magnitudes)
+    norms = [model.embeddings.LayerNorm, model.encoder.layer[0].output.LayerNorm]
+    for layer, norm, magnitude in zip(model.encoder.layer, norms, magnitudes):
+        attention = layer.attention.self
+        q, k = (block_norm_bounds(lin.weight, lin.bias, norm.weight, norm.bias, block=16)
+                for lin in (attention.query, attention.key))
+        assert magnitude == pytest.approx(float(q.max() * k.max()) * RELATIVE_MARGIN + ABSOLUTE_MARGIN)
+    assert _score_magnitudes(rewrite(graph, PUMA, weights=weights)) == [pytest.approx(m) for m in magnitudes]
+    assert _score_magnitudes(rewrite(graph, OURS)) == [None, None]  # no weights, no bound
+    assert _score_magnitudes(Graph.from_json(bounded.to_json())) == [pytest.approx(m) for m in magnitudes]
+
+
+def test_a_block_norm_bound_is_reached_by_the_aligned_row() -> None:
+    """Per block, the operator norm's top right singular vector, scaled to sum u^2 = n,
+    attains sqrt(n) ||W_h diag(gamma)||_2 (beta = b = 0, and no rounding term): the bound
+    is tight."""
+    torch.manual_seed(5)
+    n, block = 24, 8
+    w, gamma = torch.randn(3 * block, n, dtype=torch.float64), torch.rand(n, dtype=torch.float64) + 0.5
+    bounds = block_norm_bounds(w, None, gamma, None, block=block, squares_floor=0.0)
+    for h in range(3):
+        a = w[h * block:(h + 1) * block] * gamma
+        u = torch.linalg.svd(a).Vh[0] * math.sqrt(n)
+        reached = float((a @ u).norm())
+        assert reached <= float(bounds[h]) <= reached * RELATIVE_MARGIN * 1.001 + ABSOLUTE_MARGIN
+    with pytest.raises(ValueError, match="blocks of 5"):
+        block_norm_bounds(w, None, gamma, None, block=5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 6.0])
+def test_the_scores_stay_within_their_bound_for_any_tokens(scale: float) -> None:
+    """Float and fixed-point runs check every bounded maximum's input (MagnitudeError), so
+    a run over random tokens on weights scaled up 6x (scores near 200, bound 1560) is the test;
+    a bound set too small is caught the same way."""
+    _, graph, weights, inputs = _encoder(scale=scale)
+    bounded = rewrite(graph, OURS, weights=weights)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        ids = torch.randint(1, 60, inputs["input_ids"].shape, generator=g)
+        run_float(bounded, weights, {**inputs, "input_ids": ids})
+        run_fixed(bounded, weights, {**inputs, "input_ids": ids})
+    tight = Graph.from_json(bounded.to_json())
+    for node in tight.nodes:
+        if node.op == "secure.attention":
+            node.kwargs["magnitude"] = 0.01
+    with pytest.raises(InterpreterError, match="MagnitudeError: a maximum's input"):
+        run_float(tight, weights, inputs)
+
+
+def test_rotary_positions_leave_the_scores_unbounded() -> None:
+    """LLaMA's q and k pass a rotary embedding (products with public cos and sin, a sum of
+    halves) before the matmul: not a split or a move, so no bound."""
+    model = tiny_llama(vocab_size=40, layers=1, hidden=32, heads=2, seed=1)
+    ids = torch.randint(1, 40, (1, 6), generator=torch.Generator().manual_seed(0))
+    graph, weights = capture(CausalLM(model), {"input_ids": ids, "attention_mask": torch.ones(1, 6, dtype=torch.long)})
+    magnitudes = _score_magnitudes(rewrite(graph, OURS, weights=weights))
+    assert magnitudes and all(m is None for m in magnitudes)
+
+
+def test_bounded_scores_on_three_parties_cost_fewer_rounds(cluster: LocalCluster) -> None:
+    """The same answer within the forms' error, one round fewer per tournament level."""
+    _, graph, weights, inputs = _encoder(seq=20)
+    reference = run_float(rewrite(graph, OURS, weights=weights), weights, inputs)[0][0]
+    shares = deal_weights(weights, cluster.fp)
+    outs, rounds = [], []
+    for w in (None, weights):
+        secure = rewrite(graph, OURS, weights=w)
+        r0 = cluster.rounds
+        outs.append(run_mpc(cluster, secure, shares, deal_inputs(secure, inputs, cluster.fp))[0][0])
+        rounds.append(cluster.rounds - r0)
+    def max_rounds(width: int, msb_rounds: int) -> int:
+        plan, fused = max_plan(2 * 20, 20, True, width=width)  # 2 heads x 20 rows of 20 scores
+        return sum(msb_rounds + math.ceil(math.log2(g)) for g in plan) + (0 if fused else msb_rounds)
+
+    saved_per_layer = max_rounds(64, 8) - max_rounds(32, 7) + 1  # and the GeLU's comparison pass
+    assert saved_per_layer >= 2 and rounds[0] - rounds[1] == 2 * saved_per_layer
+    for out in outs:
+        assert float((out - reference).abs().max()) < 2e-3

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from secure.mpc import arithmetic as ar
 from secure.mpc import compare as cmp
 from secure.mpc import shares as sh
-from secure.mpc.boolean import msb_many
+from secure.mpc.boolean import msb_many, msb_of_differences
 from secure.mpc.engine import LocalCluster, PartyFailure
 from secure.mpc.party import ShareOwnershipError
 from secure.mpc.ring import FixedPoint, FixedPointOverflowError
@@ -388,3 +388,110 @@ def test_max_and_below_gives_the_clip_bits_in_the_max_rounds(runner, n, gap, dat
         plain = runner.share(x)
         assert runner.rounds_of(lambda p, a: cmp.max_and_below(p, a, gap), plain) == \
             runner.rounds_of(lambda p, a: cmp.max_along(p, a), plain)
+
+
+# ---- bounded maxima: comparisons read to a resolution (msb_of_differences) --------------
+
+def _ring(runner, x: torch.Tensor) -> torch.Tensor:
+    return runner.fp.encode(x)
+
+
+@given(st.sampled_from([(32, 0), (32, 4), (32, 9), (16, 2)]), st.data())
+def test_msb_of_differences_reads_every_difference_beyond_its_tolerance(runner, reading, data):
+    """1{X - Y < c} with X, Y the readings at 2^shift ring units: right wherever
+    x - y - c 2^shift is further than 2^(shift + 1) ring units from 0 (the floor and the
+    dropped carry), whatever the sharing; inside the reach the caller guarantees."""
+    width, shift = reading
+    reach = 2.0 ** (width - 1) * 2.0 ** (shift - runner.fp.frac_bits) / 4  # |x - y| well inside
+    x = data.draw(tensors(st.just((4, 9)), -reach / 2, reach / 2))
+    y = data.draw(tensors(st.just((4, 9)), -reach / 2, reach / 2))
+    y[0] = x[0]  # ties
+    y[1] = x[1] + 2.0 ** (shift - runner.fp.frac_bits) * 0.5  # within the tolerance
+    c = data.draw(st.integers(-3, 3))
+    got = runner.cluster.run(
+        lambda p, a, b: ar.open_many(p, msb_of_differences(p, [(a, b, c)], width, shift)),
+        [(sx, sy) for sx, sy in zip(runner.share(x), runner.share(y))])[0][0]
+    gap = _ring(runner, x) - _ring(runner, y) - c * 2**shift
+    clear = gap.abs() > 2 ** (shift + 1)
+    assert set(got.unique().tolist()) <= {0, 1}
+    assert torch.equal(got[clear], (gap[clear] < 0).to(torch.int64))
+    if shift == 0:  # an exact reading: every entry, ties included
+        assert torch.equal(got, (gap < 0).to(torch.int64))
+
+
+def test_msb_of_differences_refuses_a_width_or_shift_it_cannot_read(runner):
+    x = runner.share(torch.zeros(3))
+    for width, shift in ((64, 1), (32, 33), (32, -1), (8, 0)):
+        with pytest.raises(PartyFailure, match="width|shift"):
+            runner.cluster.run(lambda p, a, w=width, s=shift: msb_of_differences(p, [(a, a, 0)], w, s),
+                               [(s,) for s in x])
+
+
+def test_max_reading():
+    f = 18
+    assert cmp.max_reading(None, -14.0, f) == (64, 0)
+    assert cmp.max_reading(0.01, None, f) == (16, 0)  # 2 * 0.01 * 2^18 < 2^15: exact at 16 bits
+    assert cmp.max_reading(1000.0, None, f) == (32, 0)  # 2000 * 2^18 < 2^31: exact at 32 bits
+    # a MiniLM layer: scores within 8206, the mask bias -1e4 at scale 1/sqrt(32), the clip
+    assert cmp.max_reading(8206 + 1e4 * 32**0.5, -14 * 32**0.5, f) == (32, 4)
+    width, shift = cmp.max_reading(4e5, None, f)
+    assert width == 32 and 2.0 ** (shift + 1 - f) <= cmp.MAX_TOLERANCE
+    assert cmp.max_reading(1e7, None, f) == (64, 0)  # beyond the tolerance: exact, 64 bits
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="magnitude"):
+            cmp.max_reading(bad, None, f)
+
+
+@given(st.integers(2, 40), st.sampled_from([2, 3, 4, 8, 32]), st.sampled_from([50.0, 3e4]), st.data())
+def test_a_bounded_max_is_one_candidate_within_its_tolerance(runner, n, group, magnitude, data):
+    """Near-ties (values within the reading's resolution) and exact ties in every group:
+    still exactly one winner per group, so the result is one of the candidates (ring-exact),
+    and it falls short of the maximum by at most the tolerance per level."""
+    width, shift = cmp.max_reading(magnitude, None, runner.fp.frac_bits)
+    assert width == 32
+    step = 2.0 ** (shift - runner.fp.frac_bits)
+    base = data.draw(st.floats(-magnitude / 2, magnitude / 2))
+    offsets = data.draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))
+    x = torch.tensor([[base + k * step / 2 for k in offsets], [base - k * step for k in offsets]],
+                     dtype=torch.float64)
+    x[1, 0] = -magnitude  # the bound itself
+    shares = runner.share(x)
+    out = runner.cluster.run(lambda p, a: ar.open_many(p, [cmp.max_along(p, a, group=group, magnitude=magnitude)]),
+                             [(s,) for s in shares])[0][0]
+    ring = _ring(runner, x)
+    levels = len(cmp.max_plan(1, n, False, group, width)[0])
+    for r in range(2):
+        assert bool((ring[r] == out[r]).any()), "the maximum is not one of the candidates"
+        assert int(ring[r].max() - out[r, 0]) <= levels * 2 ** (shift + 1)
+
+
+def test_a_bounded_max_costs_one_round_fewer_per_level_and_fewer_bytes(runner):
+    """A query's 12 x 32 x 32 scores (with the clip): 8, 4 at 64 bits (21 rounds) and at 32
+    bits (19); bytes down by the comparisons' 36 of 102 over the three parties."""
+    x = torch.randn(1, 384, 32, dtype=torch.float64) * 5
+    shares = runner.share(x)
+    cluster = runner.cluster
+    costs = []
+    for magnitude in (None, 30.0):
+        r0, b0 = cluster.rounds, sum(cluster.bytes_sent())
+        cluster.run(lambda p, a, m=magnitude: cmp.max_and_below(p, a, -14.0, magnitude=m), [(s,) for s in shares])
+        costs.append((cluster.rounds - r0, sum(cluster.bytes_sent()) - b0))
+    assert cmp.max_plan(384, 32, True) == cmp.max_plan(384, 32, True, width=32) == ((8, 4), True)
+    assert (costs[0][0], costs[1][0]) == (21, 19)
+    comparisons = 384 * (4 * 28 + 6 + 32 * 4)  # level 1: 4 groups of 8; level 2: 1 of 4 and the clip's
+    assert costs[0][1] - costs[1][1] == 36 * comparisons
+
+
+@given(st.integers(2, 40), st.sampled_from([-14.0, -3.25]), st.data())
+def test_a_bounded_max_and_below_reads_the_clip_beyond_its_tolerance(runner, n, gap, data):
+    magnitude = 1e4
+    x = data.draw(tensors(st.just((3, n)), -20, 20))
+    top, below = runner.run(lambda p, a: list(cmp.max_and_below(p, a, gap, magnitude=magnitude)), runner.share(x))
+    width, shift = cmp.max_reading(magnitude, gap, runner.fp.frac_bits)
+    tolerance = 2.0 ** (shift + 1 - runner.fp.frac_bits)
+    fx = runner.fp.decode(runner.fp.encode(x))
+    ref_top = fx.amax(-1, keepdim=True)
+    levels = len(cmp.max_plan(3, n, True, width=width)[0])
+    assert bool(((ref_top - top) <= levels * tolerance + ULP).all()) and bool((top <= ref_top).all())
+    clear = ((fx - top) - gap).abs() > 2 * tolerance
+    assert torch.equal(below[clear], ((fx - top) < gap).double()[clear])

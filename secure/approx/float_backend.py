@@ -94,7 +94,10 @@ class FloatOps:
     def max(self, x: torch.Tensor, dim: int = -1, keepdim: bool = True) -> torch.Tensor:
         return x.amax(dim=dim, keepdim=keepdim)
 
-    def max_and_below(self, x: torch.Tensor, gap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def max_and_below(self, x: torch.Tensor, gap: float,
+                      magnitude: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if magnitude is not None and x.numel():
+            check_magnitude(float(x.abs().max()), magnitude, "a maximum's input")
         top = x.amax(dim=-1, keepdim=True)
         return top, (x - top < gap).to(x.dtype)
 

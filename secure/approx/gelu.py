@@ -19,7 +19,7 @@ exact truncation: the comparison pass (8 rounds) overlaps the three power steps 
 each), then 2 for the sum: 10 rounds (16 one after the other) and 606 bytes per element
 over the three parties (306 of them for the three comparisons). With a ``magnitude``
 bound on |x| the structure guarantees (:mod:`secure.graph.bounds`) the comparisons read
-32 bits: 9 rounds and 534 bytes.
+32 bits: 9 rounds and 498 bytes.
 Coefficients: PUMA (Dong et al. 2023), sec. 4.2, as quoted in ``shared/DESIGN.md`` sec. 4.
 
 **The even forms** (:func:`even_gelu`, :func:`even_silu`, the ``ours`` recipe): two
@@ -313,7 +313,7 @@ def even_activation(ops: SecureOps[T], x: T, form: EvenForm, magnitude: float | 
     product, truncated by 2f + k bits, sends its top bit's share in 8 bytes, not 4; PUMA's
     form: 10 rounds, 606 bytes). With a ``magnitude`` (a bound on |x| the structure
     guarantees, :mod:`secure.graph.bounds`) the comparisons read 32 bits: 7 rounds, so 8 in
-    all, and 364 bytes. The first product holds ``z`` at scale 3f + k before its
+    all, and 340 bytes. The first product holds ``z`` at scale 3f + k before its
     truncation (k = 3 for GeLU's kappa^2, 4 for SiLU's): exact under the default
     truncation, since inside the bound z <= 1.1 (GeLU), 1.5 (SiLU) keeps ``z 2^(3f + k)``
     under its 2^62 (outside, ``inside`` drops whatever comes out); the optional

@@ -186,10 +186,15 @@ class SecureOps(Protocol[T]):
         """Maximum along ``dim`` (a tournament of comparisons under MPC)."""
         ...
 
-    def max_and_below(self, x: T, gap: float) -> tuple[T, T]:
+    def max_and_below(self, x: T, gap: float, magnitude: float | None = None) -> tuple[T, T]:
         """(maximum over the last dimension, kept; ``1{x - max < gap}`` as 0/1 values) for a
         public ``gap`` < 0: under MPC the bits ride in the maximum's last comparison pass,
-        so they cost no rounds of their own (a softmax's clip)."""
+        so they cost no rounds of their own (a softmax's clip).
+
+        ``magnitude``: a bound on |x| that the structure guarantees; under MPC the passes
+        then read x to a resolution that bound allows, at 32 bits (one round fewer per
+        level), and the maximum may fall short of the exact one by a tolerance
+        (:func:`secure.mpc.compare.max_along`: at most 2^-10 per tournament level)."""
         ...
 
     def check_range(self, x: T, lower: float | None, upper: float | None, what: str) -> None:

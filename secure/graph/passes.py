@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from secure.approx.softmax import power_softmax_range
-from secure.graph.bounds import bound_activation_inputs
+from secure.graph.bounds import bound_activation_inputs, bound_attention_scores
 from secure.graph.ir import Graph, Node, Ref, Spec
 
 
@@ -457,10 +457,11 @@ def rewrite_embedding(graph: Graph) -> Graph:
     return eliminate_dead_nodes(_map_nodes(graph, fn))
 
 
-REWRITE_VERSION: int = 4
+REWRITE_VERSION: int = 5
 """Bumped whenever a pass changes the graphs it writes for a recipe (2: the polynomial exp,
 the softmax scale, fused linear layers and RMSNorm; 3: ours' softmax divides piecewise; 4:
-activation inputs bounded by the weights, ``secure.graph.bounds``). A
+activation inputs bounded by the weights, ``secure.graph.bounds``; 5: attention scores
+bounded too). A
 deal records it; a cached deal of another version is dealt again by the launchers instead of
 serving yesterday's forms."""
 
@@ -562,7 +563,9 @@ def rewrite(graph: Graph, recipe: Recipe, fuse_linears: bool = True,
     linear layer's weights on their own and keeps them apart. With the model owner's
     plaintext ``weights``, activations fed by a norm's linear layer carry the bound on their
     input that the weights guarantee (:func:`secure.graph.bounds.bound_activation_inputs`),
-    so their comparisons read 32 bits under MPC."""
+    and PUMA-kind softmaxes of ``q @ k^T`` the bound on their scores
+    (:func:`secure.graph.bounds.bound_attention_scores`), so their comparisons read 32 bits
+    under MPC."""
     g = positions_from_mask(graph)
     g = rewrite_embedding(g)
     g = decompose_attention(g, recipe.softmax)
@@ -577,6 +580,6 @@ def rewrite(graph: Graph, recipe: Recipe, fuse_linears: bool = True,
         g = fuse_parallel_linears(g)
     g = check_supported(g)
     if weights is not None:
-        g = bound_activation_inputs(g, weights)
+        g = bound_attention_scores(bound_activation_inputs(g, weights), weights)
     g.meta = {**graph.meta, "recipe": recipe.to_dict()}
     return g

@@ -111,9 +111,11 @@ def _kw(name: str, kind: Kind, required: bool = False) -> Param:
 _SOFTMAX_KWARGS: tuple[Param, ...] = (
     _kw("bias", "ref?"), _kw("causal", "bool"), _kw("kind", "str", required=True), _kw("t", "int"),
     _kw("exp_order", "int"), _kw("exp", "str"), _kw("division", "str"), _kw("scale", "number"), _kw("p", "int"),
-    _kw("eps", "number"), _kw("upper", "number"), _kw("iterations", "int"), _kw("normalize", "bool"))
+    _kw("eps", "number"), _kw("upper", "number"), _kw("iterations", "int"), _kw("normalize", "bool"),
+    _kw("magnitude", "number"))
 """The keyword arguments of ``secure.softmax`` and ``secure.attention`` (a
-:class:`secure.graph.passes.SoftmaxRecipe`, with the attention's causal flag, scale and bias)."""
+:class:`secure.graph.passes.SoftmaxRecipe`, with the attention's causal flag, scale and bias,
+and the scores' bound of :mod:`secure.graph.bounds`)."""
 
 _SECURE: tuple[OpSpec, ...] = (
     OpSpec("secure.gelu", None, (_x(), _kw("form", "str"), _kw("bound", "number"), _kw("degree", "int"),

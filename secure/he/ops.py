@@ -387,7 +387,7 @@ class HeOps:
     def max(self, x: Value, dim: int = -1, keepdim: bool = True) -> Value:
         raise HeUnsupportedError("max has no CKKS form; use Power-Softmax (the power recipe)")
 
-    def max_and_below(self, x: Value, gap: float) -> tuple[Value, Value]:
+    def max_and_below(self, x: Value, gap: float, magnitude: float | None = None) -> tuple[Value, Value]:
         raise HeUnsupportedError("max has no CKKS form; use Power-Softmax (the power recipe)")
 
     def frexp(self, x: Value, exponent_fn: Callable[[int], float],

@@ -124,9 +124,9 @@ class MpcOps:
     def max(self, x: AShare, dim: int = -1, keepdim: bool = True) -> AShare:
         return cmp.max_along(self.party, x, dim, keepdim)
 
-    def max_and_below(self, x: AShare, gap: float) -> tuple[AShare, AShare]:
+    def max_and_below(self, x: AShare, gap: float, magnitude: float | None = None) -> tuple[AShare, AShare]:
         self.party.fp.encode(torch.tensor(gap, dtype=torch.float64))  # range check
-        return cmp.max_and_below(self.party, x, gap)
+        return cmp.max_and_below(self.party, x, gap, magnitude=magnitude)
 
     def check_range(self, x: AShare, lower: float | None, upper: float | None, what: str) -> None:
         """RangeError if any element of x is outside ``[lower, upper]``: one comparison pass

@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from secure.mpc import scale
 from secure.mpc import shares as sh
 from secure.mpc.arithmetic import mul_many, mul_untruncated_many, open_many
-from secure.mpc.boolean import msb_many
+from secure.mpc.boolean import msb_many, msb_of_differences
 from secure.mpc.matmul import ring_matmul
 from secure.mpc.party import Party
 from secure.mpc.shares import AShare
@@ -45,7 +46,7 @@ def less_than_public(party: Party, x: AShare, thresholds: Sequence[float],
     An integral x (a bit, a count) compared with a fractional c is lifted to scale f first
     (``secure.mpc.scale.comparison_scale``); each c is encoded at x's scale. ``magnitude``,
     a bound on |x| that the structure guarantees (:mod:`secure.graph.bounds`), lets the pass
-    look at the low bits only (:func:`comparison_width`): 7 rounds and 78 bytes per
+    look at the low bits only (:func:`comparison_width`): 7 rounds and 66 bytes per
     comparison over the three parties at 32 bits, instead of 8 and 102.
     """
     s = scale.comparison_scale(x.frac_bits, thresholds, party.fp.frac_bits)
@@ -157,37 +158,69 @@ link time but is worth only about 30 kB of compute; the WAN, where rounds decide
 the price.) :func:`max_plan` picks the maximum's group sizes, and whether the softmax clip
 rides in its last level, by this price."""
 
-_COMPARISON_BYTES = 34  # per element and party (102 over the three: secure.mpc.boolean)
+MSB_ROUNDS: dict[int, int] = {64: 8, 32: 7, 16: 6}
+"""Rounds of one MSB pass by width (:func:`secure.mpc.boolean.msb_many`)."""
+MSB_BYTES: dict[int, int] = {64: 34, 32: 22, 16: 16}
+"""Bytes per element and party of one MSB pass by width (102, 66 and 48 over the three)."""
 _PRODUCT_BYTES = 8  # per element and party: an untruncated product's reshare
+
+MAX_TOLERANCE: float = 2.0**-10
+"""The most a bounded maximum's comparisons may misread per tournament level, in real
+units (:func:`max_reading`): each level's winner is within it of its group's maximum."""
+
+
+def max_reading(magnitude: float | None, gap: float | None, s: int) -> tuple[int, int]:
+    """(MSB width, shift) for the comparisons of a maximum over values with
+    ``|x| <= magnitude`` at scale s (and, with ``gap``, its clip ``x - max < gap``):
+    the narrowest width (16 or 32; 64 without a magnitude) at which some shift keeps
+    every difference readable, ``(2 magnitude + |gap|) 2^(s - shift) + 3 < 2^(width - 1)``
+    (:func:`secure.mpc.boolean.msb_of_differences`), with the smallest such shift whose
+    tolerance ``2^(shift + 1 - s)`` stays within :data:`MAX_TOLERANCE`. Shift 0 reads
+    exactly."""
+    if magnitude is None:
+        return 64, 0
+    if not math.isfinite(magnitude) or magnitude < 0:
+        raise ValueError(f"a maximum's magnitude bound must be finite and >= 0, got {magnitude}")
+    reach = (2.0 * magnitude + abs(gap or 0.0)) * 2.0**s
+    for width in (16, 32):
+        room = 2.0 ** (width - 1) - 3
+        shift = max(0, math.ceil(math.log2(reach / room))) if reach > room else 0
+        if 2.0 ** (shift + 1 - s) <= MAX_TOLERANCE:
+            return width, shift
+    return 64, 0
 
 
 @functools.cache
-def max_plan(rows: int, n: int, with_gap: bool, group: int = MAX_GROUP) -> tuple[tuple[int, ...], bool]:
+def max_plan(rows: int, n: int, with_gap: bool, group: int = MAX_GROUP,
+             width: int = 64) -> tuple[tuple[int, ...], bool]:
     """(group size of each level, whether the clip's bits ride in the last level) for the
-    maximum over rows of n candidates (``rows`` per item of the batch dimension), minimising
-    ``rounds * ROUND_WORTH_BYTES + bytes per party``.
+    maximum over rows of n candidates (``rows`` per item of the batch dimension), its
+    comparisons ``width`` bits wide, minimising ``rounds * ROUND_WORTH_BYTES + bytes per
+    party``.
 
-    A level with groups of g costs ``8 + ceil(log2 g)`` rounds (one comparison pass, then
-    the product trees) and, per group, ``g (g - 1) / 2`` comparisons and ``g (g - 1)``
-    products; the clip's bits cost, per element of the row and finalist, one comparison and
-    one product in the last level, or a pass of their own (8 rounds, one comparison per
-    element). For 12 x 32 x 32 scores: groups 8, 4 with the clip fused (21 rounds, about
-    4.2 MB; 4, 4, 2 took 29 rounds and 2.1 MB); for 12 x 128 x 128: 2, 2, 4, 8 and the clip
-    in a pass of its own (47 rounds); for one decode row per head, one group of up to 32."""
-    width = n
+    A level with groups of g costs ``MSB_ROUNDS[width] + ceil(log2 g)`` rounds (one
+    comparison pass, then the product trees) and, per group, ``g (g - 1) / 2`` comparisons
+    and ``g (g - 1)`` products; the clip's bits cost, per element of the row and finalist,
+    one comparison and one product in the last level, or a pass of their own (one
+    comparison per element). For 12 x 32 x 32 scores at 64 bits: groups 8, 4 with the
+    clip fused (21 rounds, about 4.2 MB; 4, 4, 2 took 29 rounds and 2.1 MB); for
+    12 x 128 x 128: 2, 2, 4, 8 and the clip in a pass of its own (47 rounds); for one
+    decode row per head, one group of up to 32."""
+    row_length = n
+    pass_rounds, comparison = MSB_ROUNDS[width], MSB_BYTES[width]
 
     @functools.cache
-    def best(m: int) -> tuple[int, tuple[int, ...], bool]:
+    def best(m: int) -> tuple[float, tuple[int, ...], bool]:
         if m == 1:
             return 0, (), False
         options = []
         for g in range(2, min(group, m) + 1):
             k = -(-m // g)
-            level = (8 + math.ceil(math.log2(g))) * ROUND_WORTH_BYTES \
-                + rows * k * g * (g - 1) * (_COMPARISON_BYTES // 2 + _PRODUCT_BYTES)
+            level = (pass_rounds + math.ceil(math.log2(g))) * ROUND_WORTH_BYTES \
+                + rows * k * g * (g - 1) * (comparison / 2 + _PRODUCT_BYTES)
             if k == 1:
-                fused = rows * width * (g * _COMPARISON_BYTES + (g - 1) * _PRODUCT_BYTES)
-                alone = 8 * ROUND_WORTH_BYTES + rows * width * _COMPARISON_BYTES
+                fused = rows * row_length * (g * comparison + (g - 1) * _PRODUCT_BYTES)
+                alone = pass_rounds * ROUND_WORTH_BYTES + rows * row_length * comparison
                 if not with_gap:
                     options.append((level, (g,), False))
                 else:
@@ -204,7 +237,8 @@ def max_plan(rows: int, n: int, with_gap: bool, group: int = MAX_GROUP) -> tuple
 
 
 @protocol("max")
-def max_along(party: Party, x: AShare, dim: int = -1, keepdim: bool = True, group: int = MAX_GROUP) -> AShare:
+def max_along(party: Party, x: AShare, dim: int = -1, keepdim: bool = True, group: int = MAX_GROUP,
+              magnitude: float | None = None) -> AShare:
     """Maximum along ``dim`` by a tournament of all-against-all groups.
 
     Each level splits the row into groups of g candidates (the last candidate repeated to
@@ -219,13 +253,23 @@ def max_along(party: Party, x: AShare, dim: int = -1, keepdim: bool = True, grou
     come from :func:`max_plan`, which weighs the rounds saved against the bytes by
     :data:`ROUND_WORTH_BYTES`, per item of the leading (batch) dimension: a query's
     12 x 32 x 32 attention scores go 8, 4 (21 rounds; 45 as a binary tree).
+
+    ``magnitude``, a bound on |x| that the structure guarantees
+    (:mod:`secure.graph.bounds`), lets each pass read the candidates to a resolution of
+    ``2^shift`` ring units at 32 (or 16) bits (:func:`max_reading`,
+    :func:`~secure.mpc.boolean.msb_of_differences`): one round (two) fewer per level and
+    66 (48) bytes per comparison over the three parties instead of 102. A pass compares
+    the candidates' readings exactly, so each group still has exactly one winner, and it
+    is within ``2^(shift + 1)`` ring units of the group's maximum: the result is a
+    candidate within ``levels * 2^(shift + 1 - s)`` of the row's maximum (at most
+    :data:`MAX_TOLERANCE` a level; 2^-13 = 1.2e-4 for a MiniLM query's scores, read at shift 4).
     """
-    return _tournament(party, x, dim, keepdim, group, None)[0]
+    return _tournament(party, x, dim, keepdim, group, None, magnitude)[0]
 
 
 @protocol("max")
 def max_and_below(party: Party, x: AShare, gap: float, dim: int = -1, keepdim: bool = True,
-                  group: int = MAX_GROUP) -> tuple[AShare, AShare]:
+                  group: int = MAX_GROUP, magnitude: float | None = None) -> tuple[AShare, AShare]:
     """(max along ``dim``, ``[1{x - max < gap}]``) for a public ``gap`` < 0, in the rounds of
     :func:`max_along` alone where :func:`max_plan` finds it worth the bytes.
 
@@ -234,15 +278,16 @@ def max_and_below(party: Party, x: AShare, gap: float, dim: int = -1, keepdim: b
     ``x_i - max < gap`` iff ``x_i - c_j < gap`` for some j, i.e.
     ``1 - prod_j (1 - 1{x_i - c_j < gap})``, a product tree no deeper than the winner's.
     Bytes: g comparisons and g - 1 products per element of the row where a pass of their
-    own (8 more rounds) takes one comparison.
+    own (8 more rounds) takes one comparison. With ``magnitude`` (see :func:`max_along`)
+    the clip is read to the same resolution as the maximum.
     """
-    out, below = _tournament(party, x, dim, keepdim, group, gap)
+    out, below = _tournament(party, x, dim, keepdim, group, gap, magnitude)
     assert below is not None
     return out, below
 
 
-def _tournament(party: Party, x: AShare, dim: int, keepdim: bool, group: int, gap: float | None
-                ) -> tuple[AShare, AShare | None]:
+def _tournament(party: Party, x: AShare, dim: int, keepdim: bool, group: int, gap: float | None,
+                magnitude: float | None) -> tuple[AShare, AShare | None]:
     if group < 2:
         raise ValueError(f"max_along: group must be >= 2, got {group}")
     dim = dim % len(x.shape)
@@ -251,11 +296,12 @@ def _tournament(party: Party, x: AShare, dim: int, keepdim: bool, group: int, ga
         raise ValueError("max over an empty dimension")
     if gap is not None and x.frac_bits < party.fp.frac_bits:
         x = sh.lift(x, party.fp.frac_bits)  # the gap is a real
+    reading = _Reading.of(magnitude, gap, x.frac_bits)
     row = x.map(lambda t: t.movedim(dim, -1))
     # the plan follows one item of the leading (batch) dimension, so that a query in a batched
     # execution costs what it costs alone and its bytes do not tell that it was batched
     items = x.shape[0] if len(x.shape) > 1 and dim != 0 else 1
-    plan, fuse_gap = max_plan(row.a.numel() // items // n, n, gap is not None, group)
+    plan, fuse_gap = max_plan(row.a.numel() // items // n, n, gap is not None, group, reading.width)
     cur, below = row, None
     for level, g in enumerate(plan):
         groups = -(-n // g)
@@ -264,14 +310,41 @@ def _tournament(party: Party, x: AShare, dim: int, keepdim: bool, group: int, ga
             cur = cur.map(lambda t, pad=pad: torch.cat([t, t[..., -1:].expand(*t.shape[:-1], pad)], -1))
         cur = cur.map(lambda t, g=g, k=groups: t.reshape(*t.shape[:-1], k, g))
         last = level == len(plan) - 1 and fuse_gap
-        cur, below = _group_max(party, cur, g, (row, gap) if last else None)  # type: ignore[arg-type]
+        cur, below = _group_max(party, cur, g, reading, (row, gap) if last else None)  # type: ignore[arg-type]
         n = groups
-    if gap is not None and not fuse_gap:  # a pass of its own: x - max - gap < 0
-        below = msb_many(party, [_minus_public(party, sh.sub(row, cur), gap)])[0]
+    if gap is not None and not fuse_gap:  # a pass of its own: x - max < gap
+        below = reading.less_than(party, [(row, cur, gap)])[0]
     out = cur.map(lambda t: t.movedim(-1, dim))
     if below is not None:
         below = below.map(lambda t: t.movedim(-1, dim))
     return (out if keepdim else out.map(lambda t: t.squeeze(dim))), below
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """How a maximum's passes read ``x - y < c``: exactly at 64 bits (shift 0), or from
+    the candidates read to ``2^shift`` ring units at a narrower width (:func:`max_reading`)."""
+
+    width: int
+    shift: int
+
+    @classmethod
+    def of(cls, magnitude: float | None, gap: float | None, s: int) -> _Reading:
+        return cls(*max_reading(magnitude, gap, s))
+
+    def less_than(self, party: Party, triples: Sequence[tuple[AShare, AShare, float]]) -> list[AShare]:
+        """``[1{x - y < c}]`` for each ``(x, y, c)`` (broadcasting; c a public real, x and y
+        at one scale s >= f when c is not 0), all in one pass."""
+        if self.width == 64:
+            return msb_many(party, [_minus_public(party, sh.sub(x, y), c) if c else sh.sub(x, y)
+                                    for x, y, c in triples])
+        return msb_of_differences(party, [(x, y, _reading_units(c, x.frac_bits, self.shift))
+                                          for x, y, c in triples], self.width, self.shift)
+
+
+def _reading_units(c: float, s: int, shift: int) -> int:
+    """A public real c in units of ``2^shift`` ring units at scale s."""
+    return round(c * 2.0 ** (s - shift))
 
 
 def _minus_public(party: Party, x: AShare, c: float) -> AShare:
@@ -279,19 +352,19 @@ def _minus_public(party: Party, x: AShare, c: float) -> AShare:
     return sh.add_ring_public(x, -scale.encode_public(c, x.frac_bits, x.device), party.id)
 
 
-def _group_max(party: Party, x: AShare, g: int, gap_of: tuple[AShare, float] | None
+def _group_max(party: Party, x: AShare, g: int, reading: _Reading, gap_of: tuple[AShare, float] | None
                ) -> tuple[AShare, AShare | None]:
     """[..., k, g] -> [..., k]: the maximum of each group of g (see :func:`max_along`); with
     ``gap_of = (row, gap)`` (k = 1) also ``1{row_i - max < gap}`` (:func:`max_and_below`)."""
     pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
     lo = torch.tensor([i for i, _ in pairs], device=x.device)
     hi = torch.tensor([j for _, j in pairs], device=x.device)
-    diffs = [sh.sub(x.map(lambda t: t.index_select(-1, lo)), x.map(lambda t: t.index_select(-1, hi)))]
+    triples = [(x.map(lambda t: t.index_select(-1, lo)), x.map(lambda t: t.index_select(-1, hi)), 0.0)]
     if gap_of is not None:
         row, gap = gap_of
-        # [..., n, g]: row_i - c_j - gap, the candidates broadcast over the row
-        diffs.append(_minus_public(party, sh.sub(row.map(lambda t: t.unsqueeze(-1)), x), gap))
-    bits = msb_many(party, diffs)
+        # [..., n, g]: row_i - c_j < gap, the candidates broadcast over the row
+        triples.append((row.map(lambda t: t.unsqueeze(-1)), x, gap))
+    bits = reading.less_than(party, triples)
     # candidate i's factors, over the other candidates j in order: c_ji for j < i (x_j < x_i:
     # i beats the earlier j), 1 - c_ij for j > i (x_i >= x_j: i beats the later j)
     index = {pair: p for p, pair in enumerate(pairs)}

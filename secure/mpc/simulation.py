@@ -289,9 +289,13 @@ class FixedPointOps:
             raise ValueError("max over an empty dimension")
         return Fixed(x.ring.amax(dim=dim, keepdim=keepdim), x.frac_bits)
 
-    def max_and_below(self, x: Fixed, gap: float) -> tuple[Fixed, Fixed]:
+    def max_and_below(self, x: Fixed, gap: float, magnitude: float | None = None) -> tuple[Fixed, Fixed]:
         """(exact row maximum, ``1{x_ring - max_ring < round(gap 2^s)}``) at x's scale s >= f
-        (lifted when below), as ``secure.mpc.compare.max_and_below``."""
+        (lifted when below), as ``secure.mpc.compare.max_and_below`` reads it without a
+        ``magnitude`` (with one, MPC's maximum may fall short by its tolerance); the
+        ``magnitude`` bound is checked (:class:`~secure.approx.interface.MagnitudeError`)."""
+        if magnitude is not None and x.ring.numel():
+            check_magnitude(float(x.ring.abs().max()) * 2.0**-x.frac_bits, magnitude, "a maximum's input")
         x = self._lift(x, max(x.frac_bits, self.frac_bits))
         self.fp.encode(torch.tensor(gap, dtype=torch.float64))  # range check
         top = x.ring.amax(dim=-1, keepdim=True)

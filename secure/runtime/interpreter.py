@@ -325,28 +325,33 @@ class Interpreter:
     # ---- secret handlers: softmax ----------------------------------------------------
     @_secret_op("secure.softmax")
     def _softmax(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
-        x, keep = self._masked_scores(node, val[0], val[1], env)
+        x, keep, magnitude = self._masked_scores(node, val[0], val[1], env)
         kw = node.kwargs
         if kw["kind"] == "power":
             return power_softmax(self.ops, x, p=kw["p"], eps=kw["eps"],
                                  mask=None if keep is None else keep.to(torch.float64),
                                  upper=kw["upper"], iterations=kw["iterations"],
                                  normalize=kw.get("normalize", False))
-        return puma_softmax(self.ops, x, mask_bias=_mask_bias(keep), **_puma_kwargs(kw))
+        return puma_softmax(self.ops, x, mask_bias=_mask_bias(keep), magnitude=magnitude, **_puma_kwargs(kw))
 
     @_secret_op("secure.attention")
     def _attention(self, node: Node, val: list[Any], env: dict[str, Any]) -> Any:
         """softmax(scores) @ values in one form (the rows normalised after the product)."""
-        x, keep = self._masked_scores(node, val[0], val[1], env)
+        x, keep, magnitude = self._masked_scores(node, val[0], val[1], env)
         if node.kwargs["kind"] != "puma":
             raise InterpreterError(f"node {node.name}: secure.attention takes PUMA's softmax, "
                                    f"not {node.kwargs['kind']!r}")
-        return puma_softmax(self.ops, x, mask_bias=_mask_bias(keep), values=val[2], **_puma_kwargs(node.kwargs))
+        return puma_softmax(self.ops, x, mask_bias=_mask_bias(keep), values=val[2], magnitude=magnitude,
+                            **_puma_kwargs(node.kwargs))
 
-    def _masked_scores(self, node: Node, x: Any, mask: Any, env: dict[str, Any]) -> tuple[Any, torch.Tensor | None]:
-        """The scores with any finite additive bias added, and the public keep mask (the
-        mask input, the causal triangle and the bias's masked entries together)."""
+    def _masked_scores(self, node: Node, x: Any, mask: Any, env: dict[str, Any]
+                       ) -> tuple[Any, torch.Tensor | None, float | None]:
+        """The scores with any finite additive bias added, the public keep mask (the mask
+        input, the causal triangle and the bias's masked entries together), and a bound on
+        the returned scores' magnitude: the node's ``magnitude`` (:mod:`secure.graph.bounds`)
+        plus the largest finite bias added, or None without one."""
         kw = node.kwargs
+        magnitude = kw.get("magnitude")
         shape = self.ops.shape(x)
         keep = None if mask is None else torch.as_tensor(mask).to(torch.bool)
         if kw.get("causal"):
@@ -360,7 +365,9 @@ class Interpreter:
             finite = bias.masked_fill(~allowed, 0.0)
             if bool(finite.any()):  # a bias of the scaled scores
                 x = self.ops.add_public(x, finite / float(kw.get("scale", 1.0)))
-        return x, keep
+                if magnitude is not None:
+                    magnitude = float(magnitude) + float(finite.abs().max()) / float(kw.get("scale", 1.0))
+        return x, keep, None if magnitude is None else float(magnitude)
 
 
 def _mask_bias(keep: torch.Tensor | None) -> torch.Tensor | None:
