@@ -355,3 +355,51 @@ def test_bounded_scores_on_three_parties_cost_fewer_rounds(cluster: LocalCluster
     assert saved_per_layer >= 2 and rounds[0] - rounds[1] == 2 * saved_per_layer
     for out in outs:
         assert float((out - reference).abs().max()) < 2e-3
+
+
+class _NormedAttention(nn.Module):
+    """LayerNorm, then softmax scores of q and k (linear layers of it) in one of several
+    layouts: heads split with a view and a transpose or a permute (a bound), or a
+    contraction over tokens instead of features (none)."""
+
+    def __init__(self, layout: str, width: int = 24, heads: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.layout, self.heads = layout, heads
+        self.norm = nn.LayerNorm(width)
+        self.q, self.k = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        h = self.norm(hidden_states)
+        q, k = self.q(h), self.k(h)
+        b, t, f = q.shape
+        if self.layout == "transpose":
+            q = q.view(b, t, self.heads, f // self.heads).transpose(1, 2)
+            k = k.view(b, t, self.heads, f // self.heads).transpose(1, 2)
+            scores = q @ k.transpose(-2, -1)
+        elif self.layout == "permute":
+            q = q.view(b, t, self.heads, f // self.heads).permute(0, 2, 1, 3)
+            k = k.view(b, t, self.heads, f // self.heads).permute(0, 2, 3, 1)
+            scores = q @ k
+        elif self.layout == "whole":  # one head: the whole feature axis
+            scores = q @ k.transpose(-2, -1)
+        else:  # "tokens": q^T k contracts over the tokens, not over a row's features
+            scores = q.transpose(-2, -1) @ k
+        return torch.softmax(scores, dim=-1)
+
+
+@pytest.mark.parametrize(("layout", "bounded"), [("transpose", True), ("permute", True), ("whole", True),
+                                                  ("tokens", False)])
+def test_the_scores_pass_bounds_feature_contractions_only(layout: str, bounded: bool) -> None:
+    module = _NormedAttention(layout)
+    x = torch.randn(1, 5, 24) * 40 + 7  # the norm makes the input's scale irrelevant
+    graph, weights = capture(module, {"hidden_states": x}, secret_inputs=["hidden_states"])
+    secure = rewrite(graph, PUMA, weights=weights)
+    (magnitude,) = _score_magnitudes(secure)
+    assert (magnitude is not None) == bounded
+    if bounded:
+        block = 24 if layout == "whole" else 8
+        q, k = (block_norm_bounds(lin.weight, lin.bias, module.norm.weight, module.norm.bias, block=block)
+                for lin in (module.q, module.k))
+        assert magnitude == pytest.approx(float(q.max() * k.max()) * RELATIVE_MARGIN + ABSOLUTE_MARGIN)
+        run_float(secure, weights, {"hidden_states": x})  # within the bound (MagnitudeError otherwise)
