@@ -84,8 +84,8 @@ def puma_softmax(
     32 bits (:meth:`SecureOps.max_and_below`: one round fewer per tournament level, 35%
     fewer bytes per comparison), and may fall short of the exact maximum by its tolerance
     (at most 2^-10 per level; 1.2e-4 per level for a MiniLM query), so the largest ``z``
-    may exceed 0 by that much: the exp's forms hold there (``t`` of :func:`poly_exp` up to
-    1 + 4e-4).
+    may exceed 0 by that much: the exp's forms hold there (``t`` of :func:`poly_exp` at most
+    1 + 1e-3, seven levels at the largest tolerance and scale 1; 1 + 1e-5 for MiniLM).
 
     ``values`` (attention): ``(e @ values) * (1 / sum_j e)``, the same values (the reciprocal
     is one per row), where the product with the values no longer waits for the reciprocal.
