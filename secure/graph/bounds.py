@@ -22,7 +22,7 @@ comparisons of the activation's form then look at the low 32 bits of x only when
 ``(magnitude + |threshold|) 2^f < 2^31`` (:func:`secure.mpc.compare.comparison_width`):
 one round and 36 bytes per comparison fewer. It is derived from the model owner's plaintext
 weights when the graph is rewritten (the parties only ever see the number in the graph), and
-it is data: a party cannot be made to run anything by it. It reveals one number per layer,
+it is data: a party cannot be made to run anything by it. It reveals one number per FFN,
 a function of the weights alone (no query).
 
 The same normalised rows bound attention scores: q and k are linear layers of them, so each
