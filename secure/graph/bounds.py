@@ -64,17 +64,7 @@ def linear_of_norm_bound(weight: torch.Tensor, bias: torch.Tensor | None, gamma:
         max_i  RELATIVE_MARGIN (sqrt(n) ||W_i * gamma||_2 + |W_i . beta + b_i|
                                 + ||W_i||_1 sqrt(n squares_floor)) + ABSOLUTE_MARGIN.
     """
-    w = weight.detach().double()
-    n = w.shape[-1]
-    g = torch.ones(n, dtype=torch.float64) if gamma is None else gamma.detach().double()
-    shift = torch.zeros(w.shape[0], dtype=torch.float64)
-    if beta is not None:
-        shift = shift + w @ beta.detach().double()
-    if bias is not None:
-        shift = shift + bias.detach().double()
-    rounding = w.abs().sum(dim=-1) * math.sqrt(n * squares_floor)
-    per_output = math.sqrt(n) * (w * g).norm(dim=-1) + shift.abs() + rounding
-    return float(per_output.max()) * RELATIVE_MARGIN + ABSOLUTE_MARGIN
+    return float(block_norm_bounds(weight, bias, gamma, beta, block=1, squares_floor=squares_floor).max())
 
 
 def bound_activation_inputs(graph: Graph, weights: dict[str, torch.Tensor]) -> Graph:
@@ -195,7 +185,7 @@ def bound_attention_scores(graph: Graph, weights: dict[str, torch.Tensor]) -> Gr
     The graph must show that: from each linear layer only splits of the feature axis,
     transposes and permutes reach the matmul, and it contracts q's and k's blocks of the
     same size (or the whole feature axis). Anything else (a rotary embedding, a cache, a
-    repeat of k's heads) leaves the node without a bound. MiniLM's: 1010 to 5480 by layer."""
+    repeat of k's heads) leaves the node without a bound. MiniLM's: 1680 to 8206 by layer."""
     out = copy.deepcopy(graph)
     producers = {n.name: n for n in out.nodes}
     for node in out.nodes:

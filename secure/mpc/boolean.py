@@ -115,7 +115,7 @@ def _generate_propagate(party: Party, word: torch.Tensor, dabits: DaBits,
     g = u & v and p = u xor v (bits above ``width`` then meaningless).
     """
     rotation = party.rounds % 3
-    role = (party.id - rotation) % 3  # 0: S, 1: N, 2: P
+    role = a2b_role(party)  # 0: S, 1: N, 2: P
     s_id, n_id, p_id = rotation, (rotation + 1) % 3, (rotation + 2) % 3
     n, device = word.numel(), word.device
     r_bit_a, r_bit_b = dabits.binary.a, dabits.binary.b
