@@ -158,7 +158,7 @@ def _wire(width: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Words whose low ``width`` bits alone matter, cast to the narrowest type that holds
     them for the wire (the cast keeps the low bits; the high bits it brings back on the
     other side are never read)."""
-    dtype = _WIRE_DTYPES[max(8, width)] if width < 64 else None
+    dtype = _WIRE_DTYPES[max(8, 1 << (max(width, 1) - 1).bit_length())] if width < 64 else None
     return (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
 
 
@@ -202,8 +202,7 @@ def _and_narrow(party: Party, x: BShare, y: BShare, width: int) -> BShare:
     part = and_local(party, x, y)
     mask = -1 if width == 64 else (1 << width) - 1
     part = part & mask
-    wire = _WIRE_DTYPES[max(8, 1 << (max(width, 1) - 1).bit_length())]
-    (got,) = reshare_parts(party, [part.to(wire)])
+    (got,) = reshare_parts(party, [_wire(width)(part)])
     return BShare(part, got.to(torch.int64) & mask, party.id)
 
 
